@@ -1,0 +1,1 @@
+"""The fabric every service plugs into: wire contract, subjects, bus, telemetry, config."""

@@ -1,0 +1,126 @@
+"""What every hardware family exposes: one pure, synchronous ``appraise`` call.
+
+A family runs parse -> verify -> appraise on raw evidence bytes and always returns an
+:class:`Appraisal`; malformed or untrusted input becomes a contraindicated appraisal carrying
+machine-readable reasons rather than an exception, so one bad message never stops a worker.
+Clock, trust anchors and collateral arrive in :class:`VerifyOptions`, which keeps verification
+deterministic and free of I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from services.verifier.trust import TrustStore
+
+
+class Status(enum.StrEnum):
+    """EAR status tiers, ordered from best to worst by :data:`SEVERITY`."""
+
+    AFFIRMING = "affirming"
+    WARNING = "warning"
+    CONTRAINDICATED = "contraindicated"
+    NONE = "none"
+
+
+SEVERITY: dict[Status, int] = {
+    Status.AFFIRMING: 0,
+    Status.WARNING: 1,
+    Status.NONE: 2,
+    Status.CONTRAINDICATED: 3,
+}
+
+# AR4SI trustworthiness-vector claim names and the EAR values used for them.
+TRUST_CLAIMS = (
+    "instance-identity",
+    "configuration",
+    "executables",
+    "file-system",
+    "hardware",
+    "runtime-opaque",
+    "storage-opaque",
+    "sourced-data",
+)
+TV_NO_CLAIM = 0
+TV_AFFIRMING = 2
+TV_WARNING = 32
+TV_CONTRAINDICATED = 96
+
+
+def worst(statuses: list[Status]) -> Status:
+    """The most severe of ``statuses`` (affirming when empty)."""
+    return max(statuses, key=SEVERITY.__getitem__, default=Status.AFFIRMING)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One finding: a stable ``code`` (``snp.debug_enabled``) and a human message."""
+
+    code: str
+    message: str
+    status: Status = Status.CONTRAINDICATED
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification step for the human-readable report: name, outcome, detail."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class Appraisal:
+    """The outcome of appraising one piece of evidence, ready to become an EAR verdict."""
+
+    family: str
+    status: Status
+    claims: dict[str, Any] = field(default_factory=dict)
+    trust_vector: dict[str, int] = field(default_factory=dict)
+    reasons: list[Reason] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    verified: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` shape of DESIGN.md §6."""
+        return {
+            "status": str(self.status),
+            "family": self.family,
+            "verified": self.verified,
+            "claims": self.claims,
+            "trust_vector": self.trust_vector,
+            "reasons": [{"code": r.code, "message": r.message} for r in self.reasons],
+            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
+        }
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """Everything from outside that verification depends on, injected.
+
+    ``expected_report_data`` is what the evidence must bind (SHA-512(nonce || key) for SNP/TDX);
+    ``None`` means the caller does not check the binding. ``collateral`` maps file names of the
+    vectors' collateral layout (``vcek.der``, ``tcb_info.json``...) to bytes.
+    """
+
+    now: datetime
+    trust: TrustStore
+    collateral: Mapping[str, bytes] = field(default_factory=dict)
+    expected_report_data: bytes | None = None
+    offline: bool = True
+
+
+class FamilyVerifier(Protocol):
+    """One hardware family's verifier; see the module docstring for the contract."""
+
+    family: ClassVar[str]
+
+    def appraise(self, evidence: bytes, options: VerifyOptions) -> Appraisal:
+        """Parse, verify and appraise ``evidence``; never raises for bad input."""
+        ...
