@@ -12,6 +12,8 @@ never on message text. Messages must never contain secret material.
     ├── PolicyError           appraisal policy cannot be loaded or evaluated
     ├── SealingError          sealed state cannot be opened (wrong key, tampered, rolled back)
     ├── ReleaseError          a secret request is refused
+    ├── Rejected              a well-formed message refused on security grounds (replayed
+    │                         nonce, unknown signer): dead-lettered, never retried
     ├── BusError              NATS/JetStream failures, mapped at the boundary
     └── ConfigError           bad configuration or CLI usage
 """
@@ -54,6 +56,10 @@ class SealingError(AttestmeshError):
 
 class ReleaseError(AttestmeshError):
     """A secret release is refused."""
+
+
+class Rejected(AttestmeshError):
+    """A well-formed message that must not be acted on; retrying cannot change that."""
 
 
 class BusError(AttestmeshError):

@@ -1,0 +1,131 @@
+"""Service entry points: build one service from a :class:`Config` and run it until stopped.
+
+Each function is what ``attestmesh <service>`` runs in its own process (and what Kubernetes
+runs per pod); they hold no logic of their own beyond wiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from services.broker.sealing import KeyFileSource
+from services.broker.service import BrokerService
+from services.mesh import telemetry
+from services.mesh.bus import Bus
+from services.mesh.config import Config
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.policy.service import PolicyService
+from services.verifier import registry
+from services.verifier.trust import TrustStore, default_roots_dir
+from services.verifier.worker import VerifierWorker
+
+log = telemetry.logger("app")
+
+DEMO_RESOURCE = "default/workload-key"
+
+
+def load_collateral(directory: str | None) -> dict[str, bytes]:
+    """Collateral files given to every verification (``vcek.der``, ``tcb_info.json``...)."""
+    if not directory:
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def trust_store(config: Config) -> TrustStore:
+    roots = Path(config.roots_dir) if config.roots_dir else default_roots_dir()
+    test = Path(config.test_roots_dir) if config.test_roots_dir else None
+    return TrustStore.load(roots, test_dir=test)
+
+
+async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
+    family_verifier = registry.get(family)
+    bus = await Bus.connect(config.nats_url, f"verifier-{family}")
+    try:
+        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        worker = VerifierWorker(
+            bus,
+            family,
+            family_verifier,
+            SigningKey.load_or_create(f"verifier-{family}", config.keys_path),
+            trust_store(config),
+            collateral=load_collateral(config.collateral_dir),
+            verdict_ttl=config.verdict_ttl_s,
+            offline=config.offline,
+        )
+        log.info("verifier.started", family=family)
+        await worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+    finally:
+        await bus.close()
+
+
+async def policy(config: Config, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(config.nats_url, "policy")
+    try:
+        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        service = PolicyService(
+            bus,
+            SigningKey.load_or_create("policy", config.keys_path),
+            TrustedKeys.load(config.trusted_keys_path),
+            settings={
+                "allow_warning": config.allow_warning,
+                "allow_simulated": config.allow_simulated,
+            },
+            nonce_ttl=config.nonce_ttl_s,
+            decision_ttl=config.decision_ttl_s,
+        )
+        await service.start()
+        log.info("policy.started", trusted=service.trusted.names())
+        await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+    finally:
+        await bus.close()
+
+
+async def broker(config: Config, stop: asyncio.Event, *, seed_demo: bool = False) -> None:
+    bus = await Bus.connect(config.nats_url, "broker")
+    try:
+        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        service = BrokerService(
+            bus,
+            TrustedKeys.load(config.trusted_keys_path),
+            KeyFileSource.in_data_dir(Path(config.data_dir)),
+        )
+        await service.start(seed={DEMO_RESOURCE: os.urandom(32)} if seed_demo else None)
+        log.info("broker.started")
+        await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+    finally:
+        await bus.close()
+
+
+def run(service: str, config: Config, main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run ``main`` until SIGINT/SIGTERM, then shut down cleanly; return an exit code."""
+    telemetry.configure(service, level=config.log_level, otlp_endpoint=config.otlp_endpoint)
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(main(stop))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stopper.cancel()
+            task.result()
+            return
+        try:
+            await asyncio.wait_for(task, 10.0)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    try:
+        asyncio.run(runner())
+    finally:
+        telemetry.shutdown()
+    return 0

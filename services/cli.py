@@ -1,0 +1,266 @@
+"""The ``attestmesh`` command (contract: README, DESIGN.md §6).
+
+Exit codes: 0 success (for ``verify``: affirming or warning), 1 contraindicated or a failed
+run, 2 usage, configuration or I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services import __version__
+from services.mesh import config as config_mod
+from services.mesh.errors import AttestmeshError, ConfigError
+from services.verifier import registry
+from services.verifier.families.base import Appraisal, Status, VerifyOptions
+
+EXIT_OK = 0
+EXIT_CONTRAINDICATED = 1
+EXIT_USAGE = 2
+MAX_EVIDENCE_BYTES = 1024 * 1024
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attestmesh", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"attestmesh {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole mesh locally with simulated TEE nodes")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--rounds", type=int, default=None)
+    up.add_argument("--interval", type=float, default=5.0, help="seconds between re-attestations")
+    up.add_argument("--json", action="store_true")
+    up.add_argument("--data-dir", type=Path, default=Path(".attestmesh"))
+    up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
+
+    verify = sub.add_parser("verify", help="verify one evidence file offline")
+    verify.add_argument("evidence", type=Path)
+    verify.add_argument("--family", required=True, choices=registry.families())
+    verify.add_argument("--collateral", type=Path)
+    verify.add_argument("--roots", type=Path)
+    verify.add_argument("--test-roots", type=Path, help="also trust this test PKI (never default)")
+    verify.add_argument("--at", help="verification time, RFC 3339 (default: now)")
+    verify.add_argument("--nonce", help="hex; REPORT_DATA must equal it, zero-padded")
+    verify.add_argument("--json", action="store_true")
+
+    for name in ("policy", "broker"):
+        service = sub.add_parser(name, help=f"run the {name} service")
+        service.add_argument("--config", type=Path)
+    verifier = sub.add_parser("verifier", help="run one family's verifier worker")
+    verifier.add_argument("--family", required=True, choices=registry.families())
+    verifier.add_argument("--config", type=Path)
+    collector = sub.add_parser("collector", help="run a node's collector")
+    collector.add_argument("--node", required=True)
+    collector.add_argument("--family", default="snp", choices=registry.families())
+    collector.add_argument("--simulate", action="store_true", help="use a simulated TEE")
+    collector.add_argument("--config", type=Path)
+
+    secret = sub.add_parser("secret", help="provision secrets into the broker's sealed store")
+    secret.add_argument("action", choices=["put", "list"])
+    secret.add_argument("resource", nargs="?")
+    secret.add_argument("--file", type=Path)
+    secret.add_argument("--config", type=Path)
+
+    refs = sub.add_parser("refvalues", help="provision reference values for a family")
+    refs.add_argument("family", choices=registry.families())
+    refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
+    refs.add_argument("--config", type=Path)
+    return parser
+
+
+def _parse_time(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError("cli.bad_time", f"--at {text!r} is not RFC 3339") from None
+    if moment.tzinfo is None:
+        raise ConfigError("cli.bad_time", "--at needs a time zone (e.g. Z)")
+    return moment
+
+
+def _read_bounded(path: Path) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_EVIDENCE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("cli.unreadable", f"{path}: {exc.strerror}") from None
+    if len(data) > MAX_EVIDENCE_BYTES:
+        raise ConfigError("cli.too_large", f"{path} exceeds {MAX_EVIDENCE_BYTES} bytes")
+    return data
+
+
+def verify(args: argparse.Namespace) -> int:
+    from services.app import load_collateral
+    from services.verifier.trust import TrustStore, default_roots_dir
+
+    evidence = _read_bounded(args.evidence)
+    expected = None
+    if args.nonce is not None:
+        try:
+            nonce = bytes.fromhex(args.nonce)
+        except ValueError:
+            raise ConfigError("cli.bad_nonce", "--nonce must be hex") from None
+        if len(nonce) > 64:
+            raise ConfigError("cli.bad_nonce", "--nonce is at most 64 bytes")
+        expected = nonce.ljust(64, b"\0")
+    trust = TrustStore.load(args.roots or default_roots_dir(), test_dir=args.test_roots)
+    collateral = {}
+    if args.collateral is not None:
+        try:
+            collateral = load_collateral(str(args.collateral))
+        except OSError as exc:
+            raise ConfigError("cli.unreadable", f"{args.collateral}: {exc.strerror}") from None
+    options = VerifyOptions(
+        now=_parse_time(args.at),
+        trust=trust,
+        collateral=collateral,
+        expected_report_data=expected,
+    )
+    appraisal = registry.get(args.family).appraise(evidence, options)
+    if args.json:
+        print(json.dumps(appraisal.to_json(), indent=2, sort_keys=True))
+    else:
+        print(_human(appraisal))
+    return EXIT_CONTRAINDICATED if appraisal.status == Status.CONTRAINDICATED else EXIT_OK
+
+
+def _human(appraisal: Appraisal) -> str:
+    lines = [f"family: {appraisal.family}", f"status: {appraisal.status}"]
+    for check in appraisal.checks:
+        mark = "pass" if check.ok else "FAIL"
+        lines.append(f"  [{mark}] {check.name}" + (f": {check.detail}" if check.detail else ""))
+    for reason in appraisal.reasons:
+        lines.append(f"  reason {reason.code}: {reason.message}")
+    return "\n".join(lines)
+
+
+def _config(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(getattr(args, "config", None))
+
+
+def _secret(args: argparse.Namespace) -> int:
+    from services.broker.sealing import KeyFileSource
+    from services.broker.store import SecretStore
+    from services.mesh import subjects
+    from services.mesh.bus import Bus
+    from services.mesh.natskv import NatsKeyValue
+
+    config = _config(args)
+
+    async def main() -> None:
+        bus = await Bus.connect(config.nats_url, "attestmesh-cli", wait=5.0)
+        try:
+            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+            store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
+            if args.action == "list":
+                for name in await store.list():
+                    print(name)
+                return
+            if not args.resource or args.file is None:
+                raise ConfigError("cli.usage", "secret put needs RESOURCE and --file")
+            version = await store.put(args.resource, _read_bounded(args.file))
+            print(f"{args.resource} stored (version {version})")
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def _refvalues(args: argparse.Namespace) -> int:
+    from services.mesh import subjects
+    from services.mesh.bus import Bus
+    from services.mesh.natskv import NatsKeyValue
+    from services.policy import refvalues
+
+    config = _config(args)
+    values = refvalues.validate(_read_bounded(args.file))
+
+    async def main() -> None:
+        bus = await Bus.connect(config.nats_url, "attestmesh-cli", wait=5.0)
+        try:
+            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+            await refvalues.store(kv, args.family, values)
+        finally:
+            await bus.close()
+
+    asyncio.run(main())
+    print(f"reference values for {args.family} stored")
+    return EXIT_OK
+
+
+def _collector(args: argparse.Namespace) -> int:
+    from services import app
+    from services.collector.service import CollectorNode
+    from services.collector.simulator.node import simulated_source, test_pki
+    from services.mesh.bus import Bus
+
+    config = _config(args)
+    if not args.simulate:
+        raise ConfigError(
+            "collector.no_source", f"no hardware evidence source for {args.family} on this node"
+        )
+    source = simulated_source(args.family, test_pki(Path(config.data_dir) / "test-pki"))
+
+    async def main(stop: asyncio.Event) -> None:
+        bus = await Bus.connect(config.nats_url, f"collector-{args.node}")
+        try:
+            node = CollectorNode(bus, args.node, source)
+            await node.run(stop, interval=config.reattest_interval_s)
+        finally:
+            await bus.close()
+
+    return app.run("collector", config, main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "verify":
+            return verify(args)
+        if args.command == "up":
+            from services.embedded import up
+
+            return up(
+                nodes=args.nodes,
+                rounds=args.rounds,
+                as_json=args.json,
+                data_dir=args.data_dir,
+                nats_url=args.nats,
+                interval=args.interval,
+            )
+        if args.command == "secret":
+            return _secret(args)
+        if args.command == "refvalues":
+            return _refvalues(args)
+        if args.command == "collector":
+            return _collector(args)
+        from services import app
+
+        config = _config(args)
+        if args.command == "verifier":
+            return app.run(
+                f"verifier-{args.family}", config, lambda s: app.verifier(config, args.family, s)
+            )
+        if args.command == "policy":
+            return app.run("policy", config, lambda s: app.policy(config, s))
+        return app.run("broker", config, lambda s: app.broker(config, s))
+    except AttestmeshError as exc:
+        print(f"attestmesh: {exc.reason}: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

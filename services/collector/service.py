@@ -1,0 +1,158 @@
+"""The collector: one node's attestation round, from nonce to unwrapped secret.
+
+Each round uses a fresh X25519 key pair whose public half the evidence binds, so the secret
+the broker releases can be opened only by this round's TEE-held key; the private key never
+leaves the process and is dropped when the round ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nats.aio.msg import Msg
+
+from services.broker import release
+from services.collector.sources.base import EvidenceSource
+from services.mesh import events, subjects, telemetry
+from services.mesh.bus import Bus
+from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
+from services.verifier.worker import expected_report_data
+
+log = telemetry.logger("collector")
+tracer = telemetry.tracer("collector")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one attestation round achieved (never the secret itself)."""
+
+    node: str
+    status: str
+    allowed: bool
+    released: bool
+    latency_ms: float
+    reason: str = ""
+
+
+class CollectorNode:
+    def __init__(
+        self,
+        bus: Bus,
+        node: str,
+        source: EvidenceSource,
+        *,
+        resource: str = "default/workload-key",
+        decision_timeout: float = 30.0,
+        on_secret: Callable[[str, bytes], None] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.node = subjects.token(node)
+        self.source = source
+        self.resource = resource
+        self.decision_timeout = decision_timeout
+        self.on_secret = on_secret
+
+    async def attest_once(self) -> RoundResult:
+        started = time.perf_counter()
+        with tracer.start_as_current_span("collector.attest") as span:
+            span.set_attribute("attestmesh.node", self.node)
+            span.set_attribute("attestmesh.family", self.source.family)
+            try:
+                return await self._round(started)
+            except AttestmeshError as exc:
+                span.set_attribute("attestmesh.error", exc.reason)
+                log.warning("round.failed", node=self.node, reason=exc.reason)
+                return RoundResult(
+                    self.node, "none", False, False, _ms(started), reason=exc.reason
+                )
+
+    async def _round(self, started: float) -> RoundResult:
+        challenge = await self.bus.request(
+            subjects.NONCE, events.NonceRequest(node=self.node), events.NonceChallenge
+        )
+        private = X25519PrivateKey.generate()
+        public = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        report_data = expected_report_data(challenge.nonce, public)
+        evidence = await asyncio.to_thread(self.source.collect, report_data)
+        event = events.EvidenceEvent(
+            node=self.node,
+            nonce=challenge.nonce,
+            public_key=public,
+            evidence=evidence,
+            simulated=self.source.simulated,
+        )
+        decisions: asyncio.Queue[events.Decision] = asyncio.Queue()
+
+        async def on_decision(msg: Msg) -> None:
+            try:
+                decision = events.decode(msg.data, events.Decision)
+            except ParseError:
+                return
+            if decision.evidence_id == event.id:
+                decisions.put_nowait(decision)
+
+        sub = await self.bus.nc.subscribe(subjects.decision(self.node), cb=on_decision)
+        try:
+            await self.bus.publish(subjects.evidence(self.source.family, self.node), event)
+            try:
+                decision = await asyncio.wait_for(decisions.get(), self.decision_timeout)
+            except TimeoutError:
+                raise BusError("collector.decision_timeout", "no decision arrived") from None
+        finally:
+            await sub.unsubscribe()
+        log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
+        if not decision.allow:
+            return RoundResult(self.node, decision.status, False, False, _ms(started))
+        secret = await self._fetch_secret(private, public, decision)
+        if self.on_secret is not None:
+            self.on_secret(self.resource, secret)
+        return RoundResult(self.node, decision.status, True, True, _ms(started))
+
+    async def _fetch_secret(
+        self, private: X25519PrivateKey, public: bytes, decision: events.Decision
+    ) -> bytes:
+        """Ask the broker; it may not have recorded the decision yet, so retry briefly."""
+        deadline = time.monotonic() + self.decision_timeout
+        while True:
+            request = events.SecretRequest(node=self.node, resource=self.resource, public_key=public)
+            response = await self.bus.request(
+                subjects.secret(self.node), request, events.SecretResponse
+            )
+            if response.ok:
+                wrapped = release.Wrapped(enc=response.enc, ciphertext=response.ciphertext)
+                return release.unwrap(
+                    wrapped,
+                    private,
+                    info=release.release_info(self.node, self.resource),
+                    aad=request.id.encode(),
+                )
+            if response.reason != "broker.no_decision" or time.monotonic() > deadline:
+                raise Rejected(response.reason or "broker.refused", "secret not released")
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event, *, interval: float, rounds: int | None = None,
+                  results: asyncio.Queue[RoundResult] | None = None) -> None:
+        """Attest every ``interval`` seconds (continuous attestation) until ``stop``."""
+        done = 0
+        while not stop.is_set() and (rounds is None or done < rounds):
+            result = await self.attest_once()
+            done += 1
+            if results is not None:
+                results.put_nowait(result)
+            if rounds is not None and done >= rounds:
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0

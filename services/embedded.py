@@ -1,0 +1,257 @@
+"""``attestmesh up``: the whole mesh on one machine, for trying it out and for demos.
+
+It starts the real ``nats-server`` (unless ``--nats`` names one), runs the verifier, policy
+and broker each as its own OS process, and drives N simulated TEE nodes in this process.
+The simulated nodes sign with the project's test PKI, which only this deployment trusts (via
+``test_roots_dir``), and the release policy accepts them only because ``allow_simulated`` is
+set here. Ctrl-C (or the end of ``--rounds``) stops everything; children also get SIGTERM if
+this process dies, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from services.broker.sealing import KeyFileSource
+from services.broker.store import SecretStore
+from services.collector.service import CollectorNode, RoundResult
+from services.collector.simulator.node import simulated_source, test_pki
+from services.mesh import config as config_mod
+from services.mesh import subjects, telemetry
+from services.mesh.bus import Bus
+from services.mesh.config import Config
+from services.mesh.keys import SigningKey
+from services.mesh.natskv import NatsKeyValue
+from services.mesh.server import NatsServer
+
+DEMO_RESOURCE = "default/workload-key"
+FAMILIES = ("snp",)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the child if ``up`` itself dies, so no process is left behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Summary:
+    nodes: int
+    results: list[RoundResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        latencies = sorted(r.latency_ms for r in self.results if r.released)
+        return {
+            "nodes": self.nodes,
+            "attestations": len(self.results),
+            "verdicts": dict(Counter(r.status for r in self.results)),
+            "decisions": sum(1 for r in self.results if r.status != "none"),
+            "secrets_released": sum(1 for r in self.results if r.released),
+            "latency_ms": {
+                "p50": round(_percentile(latencies, 50), 2),
+                "p99": round(_percentile(latencies, 99), 2),
+            },
+        }
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+
+
+class Mesh:
+    """The child processes of one ``up``."""
+
+    def __init__(self, config: Config, config_path: Path, log_dir: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        commands = {f"verifier-{f}": ["verifier", "--family", f] for f in FAMILIES}
+        commands["policy"] = ["policy"]
+        commands["broker"] = ["broker"]
+        for name, args in commands.items():
+            log = (self.log_dir / f"{name}.log").open("ab")
+            self._logs.append(log)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+            )
+
+    def failed(self) -> list[str]:
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self._logs:
+            log.close()
+
+
+def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
+    """Keys, test PKI and the shared config file for a simulated deployment."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys_dir = data_dir / "keys"
+    for name in [*(f"verifier-{f}" for f in FAMILIES), "policy"]:
+        SigningKey.load_or_create(name, keys_dir).publish_to(keys_dir / "trusted")
+    pki = test_pki(data_dir / "test-pki")
+    config = config_mod.load(
+        None,
+        nats_url=nats_url,
+        data_dir=str(data_dir),
+        keys_dir=str(keys_dir),
+        test_roots_dir=str(pki.roots_dir),
+        allow_simulated=True,
+        nonce_ttl_s=120.0,
+        decision_ttl_s=300.0,
+    )
+    path = data_dir / "config.json"
+    config_mod.save(config, path)
+    return config, path
+
+
+async def seed_secret(config: Config, resource: str) -> None:
+    """Create the demo secret (random, sealed) unless it already exists."""
+    bus = await Bus.connect(config.nats_url, "up-seed")
+    try:
+        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+        store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
+        if resource not in await store.list():
+            await store.put(resource, os.urandom(32))
+    finally:
+        await bus.close()
+
+
+def _line(result: RoundResult) -> str:
+    outcome = "secret released" if result.released else f"denied {result.reason}".strip()
+    return f"{result.node:<10} {result.status:<16} {outcome:<28} {result.latency_ms:8.1f} ms"
+
+
+async def drive(
+    config: Config,
+    *,
+    nodes: int,
+    rounds: int | None,
+    interval: float,
+    quiet: bool,
+    stop: asyncio.Event,
+    mesh: Mesh,
+) -> Summary:
+    pki = test_pki(Path(config.data_dir) / "test-pki")
+    summary = Summary(nodes=nodes)
+    results: asyncio.Queue[RoundResult] = asyncio.Queue()
+    bus = await Bus.connect(config.nats_url, "up-nodes")
+    try:
+        collectors = [
+            CollectorNode(bus, f"node-{i + 1}", simulated_source("snp", pki, seed=i))
+            for i in range(nodes)
+        ]
+        tasks = [
+            asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))
+            for c in collectors
+        ]
+        expected = None if rounds is None else rounds * nodes
+        while expected is None or len(summary.results) < expected:
+            try:
+                result = await asyncio.wait_for(results.get(), 1.0)
+            except TimeoutError:
+                if stop.is_set():
+                    break
+                dead = mesh.failed()
+                if dead:
+                    raise RuntimeError(f"service(s) exited: {', '.join(dead)}") from None
+                continue
+            summary.results.append(result)
+            if not quiet:
+                print(_line(result), flush=True)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await bus.close()
+    return summary
+
+
+def up(
+    *,
+    nodes: int,
+    rounds: int | None,
+    as_json: bool,
+    data_dir: Path,
+    nats_url: str | None,
+    interval: float = 5.0,
+) -> int:
+    server = None if nats_url else NatsServer(data_dir / "nats")
+    if server is not None:
+        server.start()
+        nats_url = server.url
+    assert nats_url is not None
+    config, config_path = prepare(data_dir, nats_url)
+    telemetry.configure("up", level="warning", stream=open(os.devnull, "w"))  # noqa: SIM115
+    mesh = Mesh(config, config_path, data_dir / "logs")
+    quiet = as_json
+    summary = Summary(nodes=nodes)
+    code = 0
+    try:
+        asyncio.run(seed_secret(config, DEMO_RESOURCE))
+        mesh.start()
+        if not quiet:
+            print(f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "
+                  f"logs in {mesh.log_dir}; Ctrl-C stops", flush=True)
+
+        async def main() -> Summary:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            return await drive(
+                config, nodes=nodes, rounds=rounds, interval=interval, quiet=quiet, stop=stop,
+                mesh=mesh,
+            )
+
+        summary = asyncio.run(main())
+    except RuntimeError as exc:
+        print(f"attestmesh up: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        mesh.stop()
+        if server is not None:
+            server.stop()
+    if rounds is not None and len(summary.results) < rounds * nodes:
+        code = 1
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    elif summary.results:
+        print(json.dumps(summary.to_json(), indent=2))
+    return code

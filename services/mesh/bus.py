@@ -1,0 +1,319 @@
+"""The bus: connect, declare streams and KV buckets, publish, request and consume.
+
+Guarantees the services build on:
+
+* Streams and buckets are declared idempotently at start-up by every service, so start order
+  does not matter and a restarted server with file storage comes back with all of them.
+* ``publish`` sets ``Nats-Msg-Id`` and retries with the same id until the server answers, so
+  a retry after a lost ack is de-duplicated by JetStream instead of processed twice.
+* ``consume`` runs a durable pull consumer with explicit ack and bounded redelivery. A message
+  that cannot be decoded, or still fails on its last delivery, goes to ``attest.dlq.<stream>``
+  with the reason before it is terminated: nothing is dropped silently.
+* The connection reconnects forever; consumers and responders resume by themselves.
+
+NATS errors are mapped to :class:`BusError` at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from services.mesh import events, subjects, telemetry
+from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
+
+M = TypeVar("M", bound=events.Message)
+
+log = telemetry.logger("bus")
+
+_TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    asyncio.TimeoutError,
+)
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    max_age: float
+
+
+STREAMS = (
+    StreamSpec(subjects.STREAM_EVIDENCE, [subjects.EVIDENCE_ALL], DAY),
+    StreamSpec(subjects.STREAM_VERDICTS, [subjects.VERDICT_ALL], DAY),
+    StreamSpec(subjects.STREAM_DECISIONS, [subjects.DECISION_ALL, subjects.REVOKED_ALL], DAY),
+    StreamSpec(subjects.STREAM_DLQ, [subjects.DLQ_ALL], 7 * DAY),
+)
+
+
+class Bus:
+    """One service's connection to NATS and JetStream."""
+
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=5.0)
+        self.name = name
+
+    @classmethod
+    async def connect(cls, url: str, name: str, *, wait: float = 30.0) -> Bus:
+        """Connect, retrying for ``wait`` seconds so services may start before the server."""
+        deadline = time.monotonic() + wait
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats.error", error=type(exc).__name__, detail=str(exc)[:200])
+
+        async def on_disconnect() -> None:
+            log.info("nats.disconnected")
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected")
+
+        while True:
+            nc = Client()
+            try:
+                await nc.connect(
+                    servers=[url],
+                    name=name,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                )
+                return cls(nc, name)
+            except (OSError, nats.errors.NoServersError, *_TRANSIENT) as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                if time.monotonic() >= deadline:
+                    raise BusError("bus.connect_failed", f"{url}: {exc}") from None
+                await asyncio.sleep(0.25)
+
+    async def close(self) -> None:
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def setup(self, *, nonce_ttl: float = 120.0) -> None:
+        """Declare every stream and bucket; safe to run concurrently and repeatedly."""
+        for spec in STREAMS:
+            config = api.StreamConfig(
+                name=spec.name,
+                subjects=spec.subjects,
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                max_age=spec.max_age,
+                max_msg_size=events.MAX_MESSAGE_BYTES,
+                max_bytes=1024 * 1024 * 1024,
+                duplicate_window=120.0,
+            )
+            await self._retry(functools.partial(self._declare_stream, config))
+        buckets = [
+            api.KeyValueConfig(bucket=subjects.BUCKET_NONCES, ttl=nonce_ttl, history=1),
+            api.KeyValueConfig(bucket=subjects.BUCKET_REFVALUES, history=5),
+            api.KeyValueConfig(bucket=subjects.BUCKET_POLICIES, history=5),
+            api.KeyValueConfig(bucket=subjects.BUCKET_COLLATERAL, history=1),
+            api.KeyValueConfig(bucket=subjects.BUCKET_BROKER, history=1),
+        ]
+        for kv in buckets:
+            kv.storage = api.StorageType.FILE
+            kv.max_value_size = events.MAX_MESSAGE_BYTES
+            await self._retry(functools.partial(self.js.create_key_value, kv))
+
+    async def _declare_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+
+    async def _retry(self, op: Callable[[], Awaitable[Any]], retry_for: float = 30.0) -> Any:
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return await op()
+            except _TRANSIENT as exc:
+                if time.monotonic() >= deadline:
+                    raise BusError("bus.unavailable", f"{type(exc).__name__}") from None
+                await asyncio.sleep(0.2)
+            except nats.js.errors.APIError as exc:
+                if exc.code == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                raise BusError("bus.api_error", f"{exc.code}: {exc.description}") from None
+
+    async def publish(
+        self,
+        subject: str,
+        message: events.Message,
+        *,
+        msg_id: str | None = None,
+        retry_for: float = 30.0,
+    ) -> api.PubAck:
+        """Publish to a stream with de-duplication, retrying until acknowledged."""
+        headers = telemetry.inject({"Nats-Msg-Id": msg_id or message.id})
+        payload = events.encode(message)
+        ack: api.PubAck = await self._retry(
+            lambda: self.js.publish(subject, payload, headers=headers, timeout=2.0), retry_for
+        )
+        return ack
+
+    async def notify(self, subject: str, message: events.Message) -> None:
+        """Core publish for replies and best-effort notifications (no stream)."""
+        await self.nc.publish(subject, events.encode(message), headers=telemetry.inject())
+
+    async def request(
+        self,
+        subject: str,
+        message: events.Message,
+        reply: type[M],
+        *,
+        timeout: float = 5.0,
+        retry_for: float = 30.0,
+    ) -> M:
+        """Request/reply with retries while nobody answers (a responder restarting).
+
+        A :class:`~services.mesh.events.Refusal` reply raises :class:`Rejected`.
+        """
+        payload = events.encode(message)
+        msg: Msg = await self._retry(
+            lambda: self.nc.request(subject, payload, timeout=timeout, headers=telemetry.inject()),
+            retry_for,
+        )
+        try:
+            return events.decode(msg.data, reply)
+        except ParseError:
+            refusal = events.decode(msg.data, events.Refusal)
+            raise Rejected(refusal.reason, f"{subject} refused the request") from None
+
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[Msg], Awaitable[events.Message]],
+        *,
+        queue: str,
+    ) -> Any:
+        """Answer requests on ``subject`` in queue group ``queue`` (load-balanced replicas)."""
+
+        async def on_request(msg: Msg) -> None:
+            reply = await handler(msg)
+            if msg.reply:
+                await self.nc.publish(msg.reply, events.encode(reply))
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+
+    async def key_value(self, bucket: str) -> Any:
+        return await self._retry(lambda: self.js.key_value(bucket))
+
+    async def consume(
+        self,
+        *,
+        stream: str,
+        durable: str,
+        subject: str,
+        handler: Callable[[Msg], Awaitable[None]],
+        stop: asyncio.Event,
+        max_deliver: int = 5,
+        ack_wait: float = 30.0,
+        batch: int = 16,
+    ) -> None:
+        """Run a durable pull consumer until ``stop`` is set.
+
+        ``handler`` raising :class:`ParseError` or :class:`Rejected` marks the message as
+        poison (dead-lettered at once); any other failure is retried with back-off until ``max_deliver``, then
+        dead-lettered.
+        """
+        config = api.ConsumerConfig(
+            durable_name=durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            filter_subject=subject,
+            max_ack_pending=1024,
+        )
+        psub = await self._retry(
+            lambda: self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        )
+        while not stop.is_set():
+            try:
+                msgs = await psub.fetch(batch, timeout=1.0)
+            except _TRANSIENT:
+                continue
+            except nats.js.errors.APIError as exc:
+                log.warning("consume.fetch_failed", stream=stream, code=exc.code)
+                await asyncio.sleep(0.5)
+                continue
+            await asyncio.gather(
+                *(self._deliver(m, stream, handler, max_deliver) for m in msgs)
+            )
+
+    async def _deliver(
+        self,
+        msg: Msg,
+        stream: str,
+        handler: Callable[[Msg], Awaitable[None]],
+        max_deliver: int,
+    ) -> None:
+        deliveries = msg.metadata.num_delivered
+        try:
+            await handler(msg)
+        except (ParseError, Rejected) as exc:
+            await self._dead_letter(msg, stream, exc.reason, deliveries)
+            return
+        except AttestmeshError as exc:
+            await self._retry_or_dead_letter(msg, stream, exc.reason, deliveries, max_deliver)
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the consumer
+            log.error("consume.handler_crashed", stream=stream, error=type(exc).__name__)
+            await self._retry_or_dead_letter(
+                msg, stream, f"internal.{type(exc).__name__}", deliveries, max_deliver
+            )
+            return
+        with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+            await msg.ack()
+
+    async def _retry_or_dead_letter(
+        self, msg: Msg, stream: str, reason: str, deliveries: int, max_deliver: int
+    ) -> None:
+        if deliveries >= max_deliver:
+            await self._dead_letter(msg, stream, reason, deliveries)
+            return
+        log.info("consume.retry", stream=stream, reason=reason, deliveries=deliveries)
+        with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+            await msg.nak(delay=min(0.2 * 2**deliveries, 10.0))
+
+    async def _dead_letter(self, msg: Msg, stream: str, reason: str, deliveries: int) -> None:
+        letter = events.DeadLetter(
+            stream=stream,
+            subject=msg.subject,
+            reason=reason,
+            deliveries=deliveries,
+            payload=msg.data[: events.MAX_MESSAGE_BYTES // 2],
+        )
+        await self.publish(subjects.dlq(stream), letter)
+        log.warning("consume.dead_lettered", stream=stream, reason=reason, deliveries=deliveries)
+        with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+            await msg.term()

@@ -1,0 +1,82 @@
+"""Service configuration: one typed struct, read from a JSON file and the environment.
+
+Configuration is read once at the edge (the CLI) and passed down explicitly; nothing deeper
+in the code looks at the environment, so every service is testable with a hand-built config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from services.mesh.errors import ConfigError
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything a service needs from outside.
+
+    ``test_roots_dir`` is the only way the project's test PKI becomes trusted, and
+    ``allow_simulated`` the only way the release policy accepts simulated evidence: both are
+    off unless a simulated deployment (``attestmesh up``) or a test sets them explicitly.
+    """
+
+    nats_url: str = DEFAULT_NATS_URL
+    data_dir: str = ".attestmesh"
+    roots_dir: str | None = None
+    test_roots_dir: str | None = None
+    collateral_dir: str | None = None
+    keys_dir: str | None = None
+    offline: bool = True
+    nonce_ttl_s: float = 120.0
+    decision_ttl_s: float = 300.0
+    verdict_ttl_s: float = 300.0
+    reattest_interval_s: float = 60.0
+    max_deliver: int = 5
+    ack_wait_s: float = 30.0
+    allow_warning: bool = False
+    allow_simulated: bool = False
+    otlp_endpoint: str | None = None
+    log_level: str = "info"
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.keys_dir) if self.keys_dir else Path(self.data_dir) / "keys"
+
+    @property
+    def trusted_keys_path(self) -> Path:
+        """Public keys of the verifiers and the policy service that others accept."""
+        return self.keys_path / "trusted"
+
+
+def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
+    """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides."""
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            raw = msgspec.json.decode(Path(path).read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError("config.unreadable", f"{path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("config.invalid", f"{path}: expected a JSON object")
+    env_map = {
+        "ATTESTMESH_NATS_URL": "nats_url",
+        "ATTESTMESH_DATA_DIR": "data_dir",
+        "ATTESTMESH_ROOTS": "roots_dir",
+        "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
+    }
+    for env, field in env_map.items():
+        if env in os.environ and field not in raw:
+            raw[field] = os.environ[env]
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError("config.invalid", str(exc)) from None
+
+
+def save(config: Config, path: str | os.PathLike[str]) -> None:
+    Path(path).write_bytes(msgspec.json.format(msgspec.json.encode(config)))

@@ -1,0 +1,260 @@
+"""The wire contract: every message that crosses the bus, as versioned msgspec Structs.
+
+Evolution rules: a new field always gets a default; a field's type never changes; removing
+or retyping a field means a new ``SCHEMA_VERSION``. Decoders reject unknown fields and
+messages whose ``schema_version`` they do not speak, so a mismatch fails loudly at the edge
+instead of deep inside a service. Byte fields travel base64-encoded in JSON.
+
+Evidence is a tagged union keyed by ``family``; a verdict and a decision carry a signed JWT
+(the EAR and the release decision) and a few unsigned routing fields. Consumers act only on
+the signed content; the routing fields let them drop messages early.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+
+from services.mesh.errors import ParseError
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+ResourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_.-]{1,128}$")]
+Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
+PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+Blob = Annotated[bytes, msgspec.Meta(max_length=512 * 1024)]
+Jws = Annotated[str, msgspec.Meta(max_length=256 * 1024)]
+StatusName = Literal["affirming", "warning", "contraindicated", "none"]
+
+
+def new_id() -> str:
+    """A random message id: also the JetStream ``Nats-Msg-Id`` de-duplication key."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Fields every message has."""
+
+    schema_version: int = SCHEMA_VERSION
+    id: str = msgspec.field(default_factory=new_id)
+
+
+class _Evidence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
+                tag_field="family"):
+    """Base of the evidence union; the tag is the family name."""
+
+
+class SnpEvidence(_Evidence, frozen=True, tag="snp"):
+    """A raw 1184-byte ATTESTATION_REPORT plus the extended-report certificate table."""
+
+    report: Blob
+    certificates: Blob | None = None
+
+
+class TdxEvidence(_Evidence, frozen=True, tag="tdx"):
+    """A raw DCAP TDX quote (v4 or v5)."""
+
+    quote: Blob
+
+
+class SgxEvidence(_Evidence, frozen=True, tag="sgx"):
+    """A raw DCAP SGX quote (v3)."""
+
+    quote: Blob
+
+
+class NitroEvidence(_Evidence, frozen=True, tag="nitro"):
+    """An untagged COSE_Sign1 attestation document from the Nitro Secure Module."""
+
+    document: Blob
+
+
+class TpmEvidence(_Evidence, frozen=True, tag="tpm"):
+    """TPM quote evidence in the JSON shape Confidential Containers' agent emits."""
+
+    document: Blob
+
+
+class AzSnpVtpmEvidence(_Evidence, frozen=True, tag="az-snp-vtpm"):
+    """Azure CVM evidence: HCL report with embedded SNP report, vTPM quote, VCEK."""
+
+    document: Blob
+
+
+class AzTdxVtpmEvidence(_Evidence, frozen=True, tag="az-tdx-vtpm"):
+    """Azure CVM evidence: HCL report with embedded TD report, vTPM quote, TD quote."""
+
+    document: Blob
+
+
+class CcaEvidence(_Evidence, frozen=True, tag="cca"):
+    """An Arm CCA attestation token (CBOR tag 399)."""
+
+    token: Blob
+
+
+Evidence = (
+    SnpEvidence
+    | TdxEvidence
+    | SgxEvidence
+    | NitroEvidence
+    | TpmEvidence
+    | AzSnpVtpmEvidence
+    | AzTdxVtpmEvidence
+    | CcaEvidence
+)
+
+
+def family_of(evidence: Evidence) -> str:
+    """The union tag of ``evidence`` (``snp``, ``tdx``...)."""
+    tag = type(evidence).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def evidence_bytes(evidence: Evidence) -> bytes:
+    """The raw bytes a family verifier takes."""
+    match evidence:
+        case SnpEvidence(report=b):
+            return b
+        case TdxEvidence(quote=b) | SgxEvidence(quote=b):
+            return b
+        case CcaEvidence(token=b):
+            return b
+        case NitroEvidence(document=b) | TpmEvidence(document=b):
+            return b
+        case AzSnpVtpmEvidence(document=b) | AzTdxVtpmEvidence(document=b):
+            return b
+    raise ParseError("wire.unknown_family", type(evidence).__name__)
+
+
+class NonceRequest(Message, frozen=True, kw_only=True):
+    """attest.nonce request: a node asks for a fresh challenge."""
+
+    node: NodeId
+
+
+class NonceChallenge(Message, frozen=True, kw_only=True):
+    """attest.nonce reply: the challenge the node must bind into its evidence."""
+
+    node: NodeId
+    nonce: Nonce
+    expires_at: datetime
+
+
+class EvidenceEvent(Message, frozen=True, kw_only=True):
+    """attest.evidence.<family>.<node>: evidence bound to ``nonce`` and ``public_key``."""
+
+    node: NodeId
+    nonce: Nonce
+    public_key: PublicKey
+    evidence: Evidence
+    collected_at: datetime = msgspec.field(default_factory=utcnow)
+    simulated: bool = False
+
+
+class Verdict(Message, frozen=True, kw_only=True):
+    """attest.verdict.<family>.<node>: the signed EAR (JWT ES256) for one evidence event."""
+
+    node: NodeId
+    family: str
+    evidence_id: str
+    status: StatusName
+    ear: Jws
+
+
+class Decision(Message, frozen=True, kw_only=True):
+    """attest.decision.<node>: the policy's signed release decision (JWT ES256)."""
+
+    node: NodeId
+    evidence_id: str
+    status: StatusName
+    allow: bool
+    expires_at: datetime
+    token: Jws
+
+
+class Revocation(Message, frozen=True, kw_only=True):
+    """attest.revoked.<node>: earlier decisions for the node no longer hold."""
+
+    node: NodeId
+    reason: str
+    revoked_at: datetime = msgspec.field(default_factory=utcnow)
+
+
+class SecretRequest(Message, frozen=True, kw_only=True):
+    """attest.secret.<node> request: release ``resource`` wrapped to ``public_key``."""
+
+    node: NodeId
+    resource: ResourceName
+    public_key: PublicKey
+
+
+class SecretResponse(Message, frozen=True, kw_only=True):
+    """attest.secret.<node> reply: either the HPKE-wrapped secret or a refusal reason."""
+
+    node: NodeId
+    resource: str
+    ok: bool
+    reason: str = ""
+    enc: bytes = b""
+    ciphertext: bytes = b""
+    audit_id: str = ""
+
+
+class Refusal(Message, frozen=True, kw_only=True):
+    """A reply saying a request was refused, with the reason code."""
+
+    reason: str
+
+
+class DeadLetter(Message, frozen=True, kw_only=True):
+    """attest.dlq.<stream>: a message a consumer gave up on, kept with the reason."""
+
+    stream: str
+    subject: str
+    reason: str
+    deliveries: int
+    payload: bytes
+
+
+T = TypeVar("T", bound=Message)
+
+_decoders: dict[type[Message], msgspec.json.Decoder[Message]] = {}
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Decode one message of ``kind``; any malformed input becomes a ``ParseError``."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ParseError("wire.too_large", f"{len(data)} bytes")
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    try:
+        message = decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ParseError("wire.invalid", f"{kind.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ParseError("wire.malformed", f"{kind.__name__}: {exc}") from None
+    if message.schema_version != SCHEMA_VERSION:
+        raise ParseError(
+            "wire.schema_version",
+            f"{kind.__name__} has schema_version {message.schema_version}, "
+            f"this build speaks {SCHEMA_VERSION}",
+        )
+    assert isinstance(message, kind)
+    return message

