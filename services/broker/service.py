@@ -148,8 +148,9 @@ class BrokerService:
             log.info("decision.recorded", node=decision.node, allow=held.allow)
             if not held.allow:
                 revocation = events.Revocation(node=decision.node, reason="policy.denied")
-                await self.bus.publish(subjects.revoked(decision.node), revocation,
-                                       msg_id=f"revoke-{held.decision_id}")
+                await self.bus.publish(
+                    subjects.revoked(decision.node), revocation, msg_id=f"revoke-{held.decision_id}"
+                )
 
     async def current_decision(self, node: str) -> HeldDecision | None:
         assert self.state is not None
@@ -184,7 +185,9 @@ class BrokerService:
                 )
             return response
 
-    async def _release(self, request: events.SecretRequest, span: trace.Span) -> events.SecretResponse:
+    async def _release(
+        self, request: events.SecretRequest, span: trace.Span
+    ) -> events.SecretResponse:
         assert self.store is not None
         held = await self.current_decision(request.node)
         if held is None:

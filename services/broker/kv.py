@@ -1,0 +1,84 @@
+"""The key-value seam the broker's sealed state is written through.
+
+The broker keeps all of its state in one bucket (NATS JetStream KV in production,
+:class:`services.testing.memkv.MemoryKeyValue` in unit tests), so this module draws the
+smallest interface both can honour: revisioned reads plus create-if-absent and
+compare-and-set writes. Those two conditional writes are what let several broker replicas
+share one bucket without clobbering each other; nothing here knows about sealing.
+
+Keys use only ``[A-Za-z0-9_=.-]`` with dots as separators, the subset NATS KV accepts
+without escaping, so a key that works in memory also works on the bus.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+from services.mesh.errors import BusError
+
+MAX_KEY_LENGTH = 512
+_KEY_RE = re.compile(r"[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*")
+
+KEY_EXISTS = "kv.key_exists"
+REVISION_CONFLICT = "kv.revision_conflict"
+INVALID_KEY = "kv.invalid_key"
+
+
+class WriteConflictError(BusError):
+    """A conditional write lost a race; callers re-read and retry.
+
+    ``reason`` is :data:`KEY_EXISTS` for a ``create`` of a present key and
+    :data:`REVISION_CONFLICT` for an ``update``/``delete`` whose revision is stale. It is a
+    separate type because retrying is the one decision callers must make on it.
+    """
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if NATS KV can store it verbatim, else raise ``kv.invalid_key``.
+
+    Validating at the seam means a bad key fails identically in tests and in production,
+    instead of only when the JetStream client rejects it.
+    """
+    if len(key) > MAX_KEY_LENGTH or _KEY_RE.fullmatch(key) is None:
+        raise BusError(INVALID_KEY, f"key of length {len(key)} is not NATS-KV safe")
+    return key
+
+
+class KeyValue(Protocol):
+    """A revisioned key-value bucket with conditional writes.
+
+    Revisions are positive and increase with every write to the bucket, as JetStream
+    stream sequences do. A deleted key reads as absent and may be created again.
+    """
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        """The value and revision of ``key``, or ``None`` if absent or deleted."""
+        ...
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write ``key`` only if absent; return the new revision.
+
+        Raises :class:`WriteConflictError` (``kv.key_exists``) if the key is present.
+        """
+        ...
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        """Write ``key`` only if its current revision is ``last_revision``.
+
+        Raises :class:`WriteConflictError` (``kv.revision_conflict``) otherwise, including
+        when the key is absent.
+        """
+        ...
+
+    async def delete(self, key: str, last_revision: int | None = None) -> None:
+        """Delete ``key``; with ``last_revision``, only if that is still its revision.
+
+        Deleting an absent key without ``last_revision`` is not an error. A stale
+        ``last_revision`` raises :class:`WriteConflictError` (``kv.revision_conflict``).
+        """
+        ...
+
+    async def keys(self) -> list[str]:
+        """All present keys, in no particular order."""
+        ...
