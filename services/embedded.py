@@ -227,8 +227,11 @@ def up(
         asyncio.run(seed_secret(config, DEMO_RESOURCE))
         mesh.start()
         if not quiet:
-            print(f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "
-                  f"logs in {mesh.log_dir}; Ctrl-C stops", flush=True)
+            print(
+                f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "
+                f"logs in {mesh.log_dir}; Ctrl-C stops",
+                flush=True,
+            )
 
         async def main() -> Summary:
             stop = asyncio.Event()
@@ -236,7 +239,12 @@ def up(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             return await drive(
-                config, nodes=nodes, rounds=rounds, interval=interval, quiet=quiet, stop=stop,
+                config,
+                nodes=nodes,
+                rounds=rounds,
+                interval=interval,
+                quiet=quiet,
+                stop=stop,
                 mesh=mesh,
             )
 

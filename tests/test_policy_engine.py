@@ -75,6 +75,6 @@ def test_a_broken_policy_fails_to_compile_with_a_reason() -> None:
 
 
 def test_a_policy_that_answers_badly_denies() -> None:
-    weird = "package attestmesh.release\nimport rego.v1\ndecision := {\"allow\": \"yes\"}"
+    weird = 'package attestmesh.release\nimport rego.v1\ndecision := {"allow": "yes"}'
     with pytest.raises(PolicyError, match="policy.bad_output"):
         PolicyEngine(weird, {}).evaluate(GOOD)

@@ -8,6 +8,7 @@ leaves the process and is dropped when the round ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,9 +68,7 @@ class CollectorNode:
             except AttestmeshError as exc:
                 span.set_attribute("attestmesh.error", exc.reason)
                 log.warning("round.failed", node=self.node, reason=exc.reason)
-                return RoundResult(
-                    self.node, "none", False, False, _ms(started), reason=exc.reason
-                )
+                return RoundResult(self.node, "none", False, False, _ms(started), reason=exc.reason)
 
     async def _round(self, started: float) -> RoundResult:
         challenge = await self.bus.request(
@@ -121,7 +120,9 @@ class CollectorNode:
         """Ask the broker; it may not have recorded the decision yet, so retry briefly."""
         deadline = time.monotonic() + self.decision_timeout
         while True:
-            request = events.SecretRequest(node=self.node, resource=self.resource, public_key=public)
+            request = events.SecretRequest(
+                node=self.node, resource=self.resource, public_key=public
+            )
             response = await self.bus.request(
                 subjects.secret(self.node), request, events.SecretResponse
             )
@@ -137,8 +138,14 @@ class CollectorNode:
                 raise Rejected(response.reason or "broker.refused", "secret not released")
             await asyncio.sleep(0.05)
 
-    async def run(self, stop: asyncio.Event, *, interval: float, rounds: int | None = None,
-                  results: asyncio.Queue[RoundResult] | None = None) -> None:
+    async def run(
+        self,
+        stop: asyncio.Event,
+        *,
+        interval: float,
+        rounds: int | None = None,
+        results: asyncio.Queue[RoundResult] | None = None,
+    ) -> None:
         """Attest every ``interval`` seconds (continuous attestation) until ``stop``."""
         done = 0
         while not stop.is_set() and (rounds is None or done < rounds):
@@ -148,10 +155,8 @@ class CollectorNode:
                 results.put_nowait(result)
             if rounds is not None and done >= rounds:
                 break
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
 
 
 def _ms(started: float) -> float:

@@ -243,8 +243,8 @@ class Bus:
         """Run a durable pull consumer until ``stop`` is set.
 
         ``handler`` raising :class:`ParseError` or :class:`Rejected` marks the message as
-        poison (dead-lettered at once); any other failure is retried with back-off until ``max_deliver``, then
-        dead-lettered.
+        poison (dead-lettered at once); any other failure is retried with back-off until
+        ``max_deliver``, then dead-lettered.
         """
         config = api.ConsumerConfig(
             durable_name=durable,
@@ -266,9 +266,7 @@ class Bus:
                 log.warning("consume.fetch_failed", stream=stream, code=exc.code)
                 await asyncio.sleep(0.5)
                 continue
-            await asyncio.gather(
-                *(self._deliver(m, stream, handler, max_deliver) for m in msgs)
-            )
+            await asyncio.gather(*(self._deliver(m, stream, handler, max_deliver) for m in msgs))
 
     async def _deliver(
         self,

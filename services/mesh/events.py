@@ -48,8 +48,9 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     id: str = msgspec.field(default_factory=new_id)
 
 
-class _Evidence(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
-                tag_field="family"):
+class _Evidence(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="family"
+):
     """Base of the evidence union; the tag is the family name."""
 
 

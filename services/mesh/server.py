@@ -56,10 +56,14 @@ class NatsServer:
         args = [
             str(binary()),
             "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", self.host,
-            "--port", str(self.port),
-            "--log", str(self.log_path),
+            "--store_dir",
+            str(self.store_dir),
+            "--addr",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log",
+            str(self.log_path),
         ]
         self._proc = subprocess.Popen(
             args,

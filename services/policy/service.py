@@ -97,7 +97,7 @@ class PolicyService:
             for i, watcher in enumerate(watchers):
                 try:
                     entry = await watcher.updates(timeout=0.5)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 if entry is None:
                     initial_done[i] = True
@@ -106,7 +106,9 @@ class PolicyService:
             if changed:
                 await self.reload()
 
-    async def run(self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
+    ) -> None:
         await asyncio.gather(
             self.bus.consume(
                 stream=subjects.STREAM_VERDICTS,

@@ -73,7 +73,9 @@ class VerifierWorker:
         self.verdict_ttl = verdict_ttl
         self.offline = offline
 
-    async def run(self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
+    async def run(
+        self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
+    ) -> None:
         await self.bus.consume(
             stream=subjects.STREAM_EVIDENCE,
             durable=f"verifier-{self.family}",
