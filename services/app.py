@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,9 @@ async def broker(config: Config, stop: asyncio.Event, *, seed_demo: bool = False
         await bus.close()
 
 
-def run(service: str, config: Config, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+def run(
+    service: str, config: Config, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+) -> int:
     """Run ``main`` until SIGINT/SIGTERM, then shut down cleanly; return an exit code."""
     telemetry.configure(service, level=config.log_level, otlp_endpoint=config.otlp_endpoint)
 

@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.mesh import telemetry
 from services.mesh.bus import Bus
 from services.mesh.server import NatsServer
 
@@ -29,3 +32,11 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """Every span the in-process services finish, for trace-continuity assertions."""
+    exporter = InMemorySpanExporter()
+    telemetry.configure("tests", level="warning", extra_processor=SimpleSpanProcessor(exporter))
+    return exporter

@@ -31,7 +31,7 @@ def test_evidence_event_round_trip_keeps_the_family_tag() -> None:
     decoded = events.decode(raw, events.EvidenceEvent)
     assert decoded == event
     assert events.family_of(decoded.evidence) == "snp"
-    assert events.evidence_bytes(decoded.evidence) == b"r" * 1184
+    assert events.evidence_bytes(decoded.evidence) == b"r" * 1184 + b"c" * 10
 
 
 @pytest.mark.parametrize(

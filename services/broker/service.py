@@ -152,15 +152,18 @@ class BrokerService:
                     subjects.revoked(decision.node), revocation, msg_id=f"revoke-{held.decision_id}"
                 )
 
-    async def current_decision(self, node: str) -> HeldDecision | None:
+    async def current_decision(self, node: str) -> HeldDecision:
+        """The node's recorded decision, re-verified; refusals say why there is none."""
         assert self.state is not None
         found = await self.state.get(DECISION_PREFIX + node)
         if found is None:
-            return None
+            raise ReleaseError("broker.no_decision", "no decision recorded for this node")
         try:
             return self._read_token(found[0].decode())
-        except VerificationError:
-            return None
+        except VerificationError as exc:
+            if exc.reason == "token.expired":
+                raise ReleaseError("broker.decision_expired", "re-attest for a fresh one") from None
+            raise ReleaseError("broker.decision_invalid", exc.reason) from None
 
     async def on_secret_request(self, msg: Msg) -> events.Message:
         with tracer.start_as_current_span(
@@ -179,7 +182,8 @@ class BrokerService:
             except (ReleaseError, SealingError) as exc:
                 span.set_attribute("attestmesh.refused", exc.reason)
                 log.info("secret.refused", node=request.node, reason=exc.reason)
-                await self._audit(request, None, Outcome.REFUSED, exc.reason, span)
+                if exc.reason != "broker.decision_pending":  # a retry signal, not a refusal
+                    await self._audit(request, None, Outcome.REFUSED, exc.reason, span)
                 return events.SecretResponse(
                     node=request.node, resource=request.resource, ok=False, reason=exc.reason
                 )
@@ -190,12 +194,10 @@ class BrokerService:
     ) -> events.SecretResponse:
         assert self.store is not None
         held = await self.current_decision(request.node)
-        if held is None:
-            raise ReleaseError("broker.no_decision", "no valid decision for this node")
+        if not hmac.compare_digest(held.decision_id, request.decision_id):
+            raise ReleaseError("broker.decision_pending", "that decision is not the current one")
         if not held.allow:
             raise ReleaseError("broker.not_allowed", "the node's latest decision denies release")
-        if held.expires_at <= self.clock().timestamp():
-            raise ReleaseError("broker.decision_expired", "re-attest to get a fresh decision")
         if not hmac.compare_digest(held.public_key, request.public_key):
             raise ReleaseError("broker.key_mismatch", "key differs from the attested key")
         if not may_read(request.node, request.resource):

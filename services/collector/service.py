@@ -57,6 +57,8 @@ class CollectorNode:
         self.resource = resource
         self.decision_timeout = decision_timeout
         self.on_secret = on_secret
+        self.last_public_key = b""
+        self.last_decision_id = ""
 
     async def attest_once(self) -> RoundResult:
         started = time.perf_counter()
@@ -107,6 +109,7 @@ class CollectorNode:
         finally:
             await sub.unsubscribe()
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
+        self.last_public_key, self.last_decision_id = public, decision.id
         if not decision.allow:
             return RoundResult(self.node, decision.status, False, False, _ms(started))
         secret = await self._fetch_secret(private, public, decision)
@@ -121,7 +124,10 @@ class CollectorNode:
         deadline = time.monotonic() + self.decision_timeout
         while True:
             request = events.SecretRequest(
-                node=self.node, resource=self.resource, public_key=public
+                node=self.node,
+                resource=self.resource,
+                public_key=public,
+                decision_id=decision.id,
             )
             response = await self.bus.request(
                 subjects.secret(self.node), request, events.SecretResponse
@@ -134,7 +140,8 @@ class CollectorNode:
                     info=release.release_info(self.node, self.resource),
                     aad=request.id.encode(),
                 )
-            if response.reason != "broker.no_decision" or time.monotonic() > deadline:
+            pending = response.reason in ("broker.no_decision", "broker.decision_pending")
+            if not pending or time.monotonic() > deadline:
                 raise Rejected(response.reason or "broker.refused", "secret not released")
             await asyncio.sleep(0.05)
 

@@ -113,10 +113,12 @@ class Bus:
                 await asyncio.sleep(0.25)
 
     async def close(self) -> None:
+        """Flush what is buffered (acks, replies), then close without a long drain."""
+        if self.nc.is_closed:
+            return
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
-            await self.nc.drain()
-        if not self.nc.is_closed:
-            await self.nc.close()
+            await self.nc.flush(timeout=1)
+        await self.nc.close()
 
     async def setup(self, *, nonce_ttl: float = 120.0) -> None:
         """Declare every stream and bucket; safe to run concurrently and repeatedly."""

@@ -123,10 +123,10 @@ def family_of(evidence: Evidence) -> str:
 
 
 def evidence_bytes(evidence: Evidence) -> bytes:
-    """The raw bytes a family verifier takes."""
+    """The raw bytes a family verifier takes (SNP: the report, then its certificate table)."""
     match evidence:
-        case SnpEvidence(report=b):
-            return b
+        case SnpEvidence(report=b, certificates=certs):
+            return b + (certs or b"")
         case TdxEvidence(quote=b) | SgxEvidence(quote=b):
             return b
         case CcaEvidence(token=b):
@@ -193,11 +193,14 @@ class Revocation(Message, frozen=True, kw_only=True):
 
 
 class SecretRequest(Message, frozen=True, kw_only=True):
-    """attest.secret.<node> request: release ``resource`` wrapped to ``public_key``."""
+    """attest.secret.<node> request: release ``resource`` wrapped to ``public_key`` under the
+    decision ``decision_id`` (the broker answers ``broker.decision_pending`` until it has
+    recorded that decision)."""
 
     node: NodeId
     resource: ResourceName
     public_key: PublicKey
+    decision_id: Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class SecretResponse(Message, frozen=True, kw_only=True):

@@ -40,13 +40,6 @@ def derived_id(kind: str, source_id: str) -> str:
     return hashlib.sha256(f"{kind}:{source_id}".encode()).hexdigest()[:32]
 
 
-def evidence_collateral(evidence: events.Evidence) -> dict[str, bytes]:
-    """Collateral that travels inside the evidence event (the SNP certificate table)."""
-    if isinstance(evidence, events.SnpEvidence) and evidence.certificates:
-        return {"certificates": evidence.certificates}
-    return {}
-
-
 class VerifierWorker:
     """Consumes ``attest.evidence.<family>.*`` and publishes ``attest.verdict.<family>.<node>``."""
 
@@ -139,7 +132,7 @@ class VerifierWorker:
         options = VerifyOptions(
             now=self.clock(),
             trust=self.trust,
-            collateral={**self.collateral, **evidence_collateral(event.evidence)},
+            collateral=self.collateral,
             expected_report_data=expected_report_data(event.nonce, event.public_key),
             offline=self.offline,
         )

@@ -1,0 +1,167 @@
+"""An in-process mesh for integration tests: the real services on a real nats-server.
+
+Each service gets its own NATS connection and runs as an asyncio task, so a test can stop and
+restart one of them (or the server) mid-flow and watch what survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from services.broker.sealing import KeyFileSource
+from services.broker.service import BrokerService
+from services.broker.store import SecretStore
+from services.collector.service import CollectorNode
+from services.collector.simulator.node import TestPki, simulated_source, test_pki
+from services.mesh import events, subjects
+from services.mesh.bus import Bus
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.mesh.natskv import NatsKeyValue
+from services.mesh.server import NatsServer
+from services.policy.service import PolicyService
+from services.verifier import registry
+from services.verifier.trust import TrustStore
+from services.verifier.worker import VerifierWorker
+
+RESOURCE = "default/workload-key"
+
+
+class _Running:
+    def __init__(self, bus: Bus, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        self.bus, self.stop, self.task = bus, stop, task
+
+    async def halt(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self.task, 10)
+        await self.bus.close()
+
+
+class TestMesh:
+    """Verifier (snp), policy and broker as tasks; ``node()`` builds simulated collectors."""
+
+    __test__ = False
+
+    def __init__(
+        self,
+        server: NatsServer,
+        workdir: Path,
+        *,
+        settings: dict[str, bool] | None = None,
+        decision_ttl: float = 300.0,
+    ) -> None:
+        self.server = server
+        self.workdir = workdir
+        self.keys_dir = workdir / "keys"
+        self.pki: TestPki = test_pki(workdir / "test-pki")
+        self.settings = settings if settings is not None else {"allow_simulated": True}
+        self.decision_ttl = decision_ttl
+        self.verifier_key = SigningKey.load_or_create("verifier-snp", self.keys_dir)
+        self.verifier_key.publish_to(self.keys_dir / "trusted")
+        self.policy_key = SigningKey.load_or_create("policy", self.keys_dir)
+        self.policy_key.publish_to(self.keys_dir / "trusted")
+        self.running: dict[str, _Running] = {}
+        self.secret = os.urandom(32)
+
+    @property
+    def trusted(self) -> TrustedKeys:
+        return TrustedKeys.load(self.keys_dir / "trusted")
+
+    async def _launch(
+        self,
+        name: str,
+        build: Callable[[Bus], Awaitable[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]],
+    ) -> None:
+        bus = await Bus.connect(self.server.url, name)
+        await bus.setup(nonce_ttl=60.0)
+        run = await build(bus)
+        stop = asyncio.Event()
+        self.running[name] = _Running(bus, stop, asyncio.create_task(run(stop)))
+
+    async def start_verifier(self) -> None:
+        async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            trust = TrustStore.load(self.workdir / "no-vendor-roots", test_dir=self.pki.roots_dir)
+            worker = VerifierWorker(bus, "snp", registry.get("snp"), self.verifier_key, trust)
+            return lambda stop: worker.run(stop, max_deliver=3, ack_wait=5.0)
+
+        await self._launch("verifier-snp", build)
+
+    async def start_policy(self) -> None:
+        async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            service = PolicyService(
+                bus,
+                self.policy_key,
+                self.trusted,
+                settings=self.settings,
+                decision_ttl=self.decision_ttl,
+            )
+            await service.start()
+            return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
+
+        await self._launch("policy", build)
+
+    async def start_broker(self) -> None:
+        async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            service = BrokerService(bus, self.trusted, KeyFileSource.in_data_dir(self.workdir))
+            await service.start(seed={RESOURCE: self.secret})
+            return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
+
+        await self._launch("broker", build)
+
+    async def start(self) -> None:
+        await self.start_verifier()
+        await self.start_policy()
+        await self.start_broker()
+
+    async def halt(self, name: str) -> None:
+        await self.running.pop(name).halt()
+
+    async def stop(self) -> None:
+        for name in list(self.running):
+            await self.halt(name)
+
+    async def stored_secret(self, bus: Bus, resource: str = RESOURCE) -> bytes:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+        store = await SecretStore.open(kv, KeyFileSource.in_data_dir(self.workdir))
+        return await store.get(resource)
+
+    def node(
+        self,
+        bus: Bus,
+        name: str,
+        *,
+        tamper: Callable[[events.SnpEvidence], events.SnpEvidence] | None = None,
+        received: dict[str, bytes] | None = None,
+        decision_timeout: float = 20.0,
+    ) -> CollectorNode:
+        source = simulated_source("snp", self.pki, seed=hash(name) & 0xFFFF)
+        if tamper is not None:
+            source = _Tampering(source, tamper)
+
+        def keep(resource: str, secret: bytes) -> None:
+            if received is not None:
+                received[name] = secret
+
+        return CollectorNode(bus, name, source, decision_timeout=decision_timeout, on_secret=keep)
+
+
+class _Tampering:
+    """Wraps a simulated source and alters its evidence after signing."""
+
+    def __init__(
+        self, inner: object, tamper: Callable[[events.SnpEvidence], events.SnpEvidence]
+    ) -> None:
+        self.inner = inner
+        self.tamper = tamper
+        self.family = "snp"
+        self.simulated = True
+
+    def collect(self, report_data: bytes) -> events.Evidence:
+        evidence = self.inner.collect(report_data)  # type: ignore[attr-defined]
+        assert isinstance(evidence, events.SnpEvidence)
+        return self.tamper(evidence)

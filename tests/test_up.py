@@ -1,0 +1,59 @@
+"""`attestmesh up` as a user runs it: a subprocess with its own nats-server and services."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline and str(os.getpid()) != entry.name:
+            found.append(cmdline)
+    return found
+
+
+def test_up_runs_rounds_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    data_dir = tmp_path / "mesh-data"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "up",
+            "--rounds",
+            "2",
+            "--nodes",
+            "3",
+            "--json",
+            "--interval",
+            "0.1",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["nodes"] == 3
+    assert summary["attestations"] == 6
+    assert summary["verdicts"] == {"affirming": 6}
+    assert summary["decisions"] == 6
+    assert summary["secrets_released"] == 6
+    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+    assert _processes_mentioning(str(data_dir)) == []
+    # Secrets are sealed at rest: the demo secret's plaintext never appears in the data dir.
+    assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
