@@ -152,8 +152,7 @@ def test_tcb_reserved_bytes_must_be_zero() -> None:
 def test_turin_tcb_layout_has_the_fmc_first() -> None:
     tcb = TcbVersion(bootloader=2, tee=3, snp=4, microcode=5, fmc=1)
     assert tcb.encode() == bytes([1, 2, 3, 4, 0, 0, 0, 5])
-    data = _report(3, reported_tcb=tcb, current_tcb=tcb, committed_tcb=tcb, launch_tcb=tcb,
-                   **TURIN)
+    data = _report(3, reported_tcb=tcb, current_tcb=tcb, committed_tcb=tcb, launch_tcb=tcb, **TURIN)
     report = parse_report(data)
     assert report.tcb_layout is TcbLayout.TURIN and report.product_hint is Product.TURIN
     assert report.reported_tcb == tcb and report.reported_tcb.as_dict()["fmc"] == 1
@@ -241,8 +240,15 @@ def _entry(guid: uuid.UUID, offset: int, length: int) -> bytes:
         _entry(uuid.UUID(int=0), 48, 1) + bytes(24) + b"a",
         b"\x00" * 23,
     ],
-    ids=["no-terminator", "past-end", "into-header", "empty-entry", "duplicate", "zero-guid",
-         "short"],
+    ids=[
+        "no-terminator",
+        "past-end",
+        "into-header",
+        "empty-entry",
+        "duplicate",
+        "zero-guid",
+        "short",
+    ],
 )
 def test_malformed_cert_tables(table: bytes) -> None:
     with pytest.raises(ParseError) as info:
@@ -264,9 +270,14 @@ def test_evidence_size_bounds() -> None:
 _VALID = [
     _report(2),
     _report(3, **MILAN),
-    _report(5, **TURIN, reported_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
-            current_tcb=TcbVersion(1, 2, 3, 4, fmc=5), committed_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
-            launch_tcb=TcbVersion(1, 2, 3, 4, fmc=5)),
+    _report(
+        5,
+        **TURIN,
+        reported_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
+        current_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
+        committed_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
+        launch_tcb=TcbVersion(1, 2, 3, 4, fmc=5),
+    ),
 ]
 
 
@@ -311,8 +322,11 @@ def test_random_cert_tables_raise_only_parse_error(data: bytes) -> None:
 
 
 @settings(max_examples=200)
-@given(st.dictionaries(st.uuids().filter(lambda u: u.int != 0), st.binary(min_size=1, max_size=64),
-                       max_size=8))
+@given(
+    st.dictionaries(
+        st.uuids().filter(lambda u: u.int != 0), st.binary(min_size=1, max_size=64), max_size=8
+    )
+)
 def test_cert_table_encoding_roundtrips(entries: dict[uuid.UUID, bytes]) -> None:
     items = list(entries.items())
     assert parse_cert_table(encode_cert_table(items)).entries == tuple(items)

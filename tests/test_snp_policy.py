@@ -66,13 +66,26 @@ def test_policy_reports_every_violation(milan: tuple[AmdTestPki, TrustStore]) ->
     )
     assert appraisal.verified
     expected = {
-        "snp.debug_enabled", "snp.migration_agent_allowed", "snp.single_socket_not_required",
-        "snp.smt_enabled", "snp.provisional_firmware", "snp.vmpl_too_high",
-        "snp.guest_svn_below_minimum", "snp.firmware_below_minimum", "snp.tcb_below_minimum",
-        "snp.launch_tcb_below_minimum", "snp.measurement_not_allowed", "snp.host_data_not_allowed",
-        "snp.id_key_not_allowed", "snp.author_key_not_allowed", "snp.family_id_not_allowed",
-        "snp.image_id_not_allowed", "snp.chip_id_not_allowed", "snp.signing_key_not_allowed",
-        "snp.product_not_allowed", "snp.policy_reserved_bits",
+        "snp.debug_enabled",
+        "snp.migration_agent_allowed",
+        "snp.single_socket_not_required",
+        "snp.smt_enabled",
+        "snp.provisional_firmware",
+        "snp.vmpl_too_high",
+        "snp.guest_svn_below_minimum",
+        "snp.firmware_below_minimum",
+        "snp.tcb_below_minimum",
+        "snp.launch_tcb_below_minimum",
+        "snp.measurement_not_allowed",
+        "snp.host_data_not_allowed",
+        "snp.id_key_not_allowed",
+        "snp.author_key_not_allowed",
+        "snp.family_id_not_allowed",
+        "snp.image_id_not_allowed",
+        "snp.chip_id_not_allowed",
+        "snp.signing_key_not_allowed",
+        "snp.product_not_allowed",
+        "snp.policy_reserved_bits",
     }
     assert set(_codes(appraisal)) == expected
     assert appraisal.status is Status.CONTRAINDICATED
@@ -88,8 +101,9 @@ def test_default_policy_refuses_debug_only(milan: tuple[AmdTestPki, TrustStore])
     debug = _appraise(sim, store, policy=0x3_0000 | 1 << 19)
     assert _codes(debug) == ["snp.debug_enabled"] and debug.verified
     assert debug.claims["debug"] is True and debug.claims["policy_flags"]["debug"] is True
-    allowed = _appraise(sim, store, snp_policy=SnpPolicy(allow_debug=True),
-                        policy=0x3_0000 | 1 << 19)
+    allowed = _appraise(
+        sim, store, snp_policy=SnpPolicy(allow_debug=True), policy=0x3_0000 | 1 << 19
+    )
     assert allowed.status is Status.AFFIRMING
     reserved = _appraise(sim, store, policy=0x3_0000 | 1 << 40)
     assert reserved.status is Status.WARNING
@@ -97,19 +111,27 @@ def test_default_policy_refuses_debug_only(milan: tuple[AmdTestPki, TrustStore])
 
 
 def test_policy_from_mapping() -> None:
-    policy = SnpPolicy.from_mapping({
-        "allowed_measurements": ["00" * 48],
-        "allowed_products": ["Milan"],
-        "min_reported_tcb": {"snp": 8},
-        "min_firmware": [1, 55],
-        "max_vmpl": 0,
-        "allow_debug": False,
-    })
+    policy = SnpPolicy.from_mapping(
+        {
+            "allowed_measurements": ["00" * 48],
+            "allowed_products": ["Milan"],
+            "min_reported_tcb": {"snp": 8},
+            "min_firmware": [1, 55],
+            "max_vmpl": 0,
+            "allow_debug": False,
+        }
+    )
     assert policy.allowed_measurements == frozenset({bytes(48)})
     assert policy.allowed_products == frozenset({"milan"})
     assert policy.min_firmware == (1, 55) and policy.max_vmpl == 0
-    for bad in ({"nope": 1}, {"allowed_measurements": ["zz"]}, {"allow_debug": "yes"},
-                {"min_reported_tcb": {"bogus": 1}}, {"allowed_measurements": ["00" * 47]},
-                {"allowed_products": ["naples"]}, {"allowed_signing_keys": ["ark"]}):
+    for bad in (
+        {"nope": 1},
+        {"allowed_measurements": ["zz"]},
+        {"allow_debug": "yes"},
+        {"min_reported_tcb": {"bogus": 1}},
+        {"allowed_measurements": ["00" * 47]},
+        {"allowed_products": ["naples"]},
+        {"allowed_signing_keys": ["ark"]},
+    ):
         with pytest.raises(PolicyError):
             SnpPolicy.from_mapping(bad)

@@ -99,7 +99,7 @@ def test_every_byte_flip_of_the_vek_signature_breaks_the_chain(
     vector_id: str, reason: str, store: TrustStore
 ) -> None:
     vector = _vector(vector_id)
-    (name, der), = vector.collateral.items()
+    ((name, der),) = vector.collateral.items()
     verifier = SnpVerifier()
     signature_size = 512
     for offset in range(len(der) - signature_size, len(der)):

@@ -114,47 +114,101 @@ class Case:
 CASES = [
     Case("ask-wrong-key", "snp.vcek_chain_invalid", chain={"ask": CertOverride(wrong_key=True)}),
     Case("ask-expired", "snp.cert_expired", chain={"ask": CertOverride(expired=True)}),
-    Case("ask-not-yet-valid", "snp.cert_not_yet_valid",
-         chain={"ask": CertOverride(not_yet_valid=True)}),
+    Case(
+        "ask-not-yet-valid",
+        "snp.cert_not_yet_valid",
+        chain={"ask": CertOverride(not_yet_valid=True)},
+    ),
     Case("ark-expired", "snp.cert_expired", chain={"ark": CertOverride(expired=True)}),
     Case("vcek-wrong-issuer", "snp.vcek_chain_invalid", vek=CertOverride(wrong_issuer=True)),
     Case("vcek-wrong-key", "snp.report_signature_invalid", vek=CertOverride(wrong_key=True)),
     Case("vcek-expired", "snp.cert_expired", vek=CertOverride(expired=True)),
     Case("vcek-not-yet-valid", "snp.cert_not_yet_valid", vek=CertOverride(not_yet_valid=True)),
-    Case("vcek-missing-bl-spl", "snp.vcek_oid_invalid",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_BL_SPL}))),
-    Case("vcek-missing-ucode-spl", "snp.vcek_oid_invalid",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_UCODE_SPL}))),
-    Case("vcek-missing-product", "snp.vcek_oid_invalid",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_PRODUCT_NAME}))),
-    Case("vcek-missing-hwid", "snp.signing_key_mismatch",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_HWID}))),
-    Case("vcek-spl-wrong-type", "snp.vcek_oid_invalid",
-         vek=CertOverride(replace_oids={snp_certs.OID_SNP_SPL: der_ia5("8")})),
-    Case("vcek-spl-out-of-range", "snp.vcek_oid_invalid",
-         vek=CertOverride(replace_oids={snp_certs.OID_SNP_SPL: der_integer(256)})),
-    Case("vcek-wrong-product", "snp.product_mismatch",
-         vek=CertOverride(replace_oids={snp_certs.OID_PRODUCT_NAME: der_ia5("Genoa-B0")})),
+    Case(
+        "vcek-missing-bl-spl",
+        "snp.vcek_oid_invalid",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_BL_SPL})),
+    ),
+    Case(
+        "vcek-missing-ucode-spl",
+        "snp.vcek_oid_invalid",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_UCODE_SPL})),
+    ),
+    Case(
+        "vcek-missing-product",
+        "snp.vcek_oid_invalid",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_PRODUCT_NAME})),
+    ),
+    Case(
+        "vcek-missing-hwid",
+        "snp.signing_key_mismatch",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_HWID})),
+    ),
+    Case(
+        "vcek-spl-wrong-type",
+        "snp.vcek_oid_invalid",
+        vek=CertOverride(replace_oids={snp_certs.OID_SNP_SPL: der_ia5("8")}),
+    ),
+    Case(
+        "vcek-spl-out-of-range",
+        "snp.vcek_oid_invalid",
+        vek=CertOverride(replace_oids={snp_certs.OID_SNP_SPL: der_integer(256)}),
+    ),
+    Case(
+        "vcek-wrong-product",
+        "snp.product_mismatch",
+        vek=CertOverride(replace_oids={snp_certs.OID_PRODUCT_NAME: der_ia5("Genoa-B0")}),
+    ),
     Case("vcek-wrong-tcb", "snp.tcb_mismatch", vek=CertOverride(tcb=OTHER_TCB)),
     Case("vcek-wrong-hwid", "snp.chip_id_mismatch", vek=CertOverride(hwid=b"\x42" * 64)),
-    Case("asvk-wrong-key", "snp.vlek_chain_invalid", chain={"asvk": CertOverride(wrong_key=True)},
-         signing_key=SigningKey.VLEK),
-    Case("asvk-expired", "snp.cert_expired", chain={"asvk": CertOverride(expired=True)},
-         signing_key=SigningKey.VLEK),
-    Case("vlek-wrong-issuer", "snp.vlek_chain_invalid", vek=CertOverride(wrong_issuer=True),
-         signing_key=SigningKey.VLEK),
-    Case("vlek-wrong-key", "snp.report_signature_invalid", vek=CertOverride(wrong_key=True),
-         signing_key=SigningKey.VLEK),
-    Case("vlek-expired", "snp.cert_expired", vek=CertOverride(expired=True),
-         signing_key=SigningKey.VLEK),
-    Case("vlek-missing-csp-id", "snp.signing_key_mismatch",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_CSP_ID})),
-         signing_key=SigningKey.VLEK),
-    Case("vlek-missing-tee-spl", "snp.vlek_oid_invalid",
-         vek=CertOverride(drop_oids=frozenset({snp_certs.OID_TEE_SPL})),
-         signing_key=SigningKey.VLEK),
-    Case("vlek-wrong-tcb", "snp.tcb_mismatch", vek=CertOverride(tcb=OTHER_TCB),
-         signing_key=SigningKey.VLEK),
+    Case(
+        "asvk-wrong-key",
+        "snp.vlek_chain_invalid",
+        chain={"asvk": CertOverride(wrong_key=True)},
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "asvk-expired",
+        "snp.cert_expired",
+        chain={"asvk": CertOverride(expired=True)},
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-wrong-issuer",
+        "snp.vlek_chain_invalid",
+        vek=CertOverride(wrong_issuer=True),
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-wrong-key",
+        "snp.report_signature_invalid",
+        vek=CertOverride(wrong_key=True),
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-expired",
+        "snp.cert_expired",
+        vek=CertOverride(expired=True),
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-missing-csp-id",
+        "snp.signing_key_mismatch",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_CSP_ID})),
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-missing-tee-spl",
+        "snp.vlek_oid_invalid",
+        vek=CertOverride(drop_oids=frozenset({snp_certs.OID_TEE_SPL})),
+        signing_key=SigningKey.VLEK,
+    ),
+    Case(
+        "vlek-wrong-tcb",
+        "snp.tcb_mismatch",
+        vek=CertOverride(tcb=OTHER_TCB),
+        signing_key=SigningKey.VLEK,
+    ),
 ]
 
 
@@ -180,8 +234,9 @@ def test_turin_fmc_and_short_hwid(tmp_path: Path) -> None:
     wrong_fmc = replace_tcb(DEFAULT_TCB[Product.TURIN], fmc=9)
     bad = SnpSimulator(pki, vek_override=CertOverride(tcb=wrong_fmc))
     assert "snp.tcb_mismatch" in _codes(_appraise(bad, store))
-    no_fmc = SnpSimulator(pki, vek_override=CertOverride(
-        drop_oids=frozenset({snp_certs.OID_FMC_SPL})))
+    no_fmc = SnpSimulator(
+        pki, vek_override=CertOverride(drop_oids=frozenset({snp_certs.OID_FMC_SPL}))
+    )
     assert "snp.tcb_mismatch" in _codes(_appraise(no_fmc, store))
 
 
@@ -316,7 +371,8 @@ def test_verify_collects_signature_and_tcb_failures(
     data[0x180] ^= 0x01
     result = verify(parse_evidence(bytes(data)), VerifyOptions(NOW, store))
     assert {r.code for r in result.failures} == {
-        "snp.tcb_mismatch", "snp.report_signature_invalid",
+        "snp.tcb_mismatch",
+        "snp.report_signature_invalid",
     }
     assert result.trust_anchor == "test:amd:milan"
 

@@ -9,6 +9,8 @@ from services.verifier.families.base import FamilyVerifier
 
 _FAMILIES: dict[str, str] = {
     "snp": "services.verifier.families.snp:SnpVerifier",
+    "tdx": "services.verifier.families.tdx:TdxVerifier",
+    "sgx": "services.verifier.families.sgx:SgxVerifier",
 }
 
 
