@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import functools
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -16,18 +16,18 @@ from typing import Any
 
 from services.broker.sealing import KeyFileSource
 from services.broker.service import BrokerService
-from services.mesh import telemetry
+from services.mesh import subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.keys import SigningKey, TrustedKeys
+from services.mesh.natskv import NatsKeyValue
 from services.policy.service import PolicyService
 from services.verifier import registry
+from services.verifier.collateral import CollateralCache
 from services.verifier.trust import TrustStore, default_roots_dir
 from services.verifier.worker import VerifierWorker
 
 log = telemetry.logger("app")
-
-DEMO_RESOURCE = "default/workload-key"
 
 
 def load_collateral(directory: str | None) -> dict[str, bytes]:
@@ -45,9 +45,8 @@ def trust_store(config: Config) -> TrustStore:
 
 async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
     family_verifier = registry.get(family)
-    bus = await Bus.connect(config.nats_url, f"verifier-{family}")
-    try:
-        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+    async with Bus.session(config, f"verifier-{family}") as bus:
+        plan = registry.planner(family)
         worker = VerifierWorker(
             bus,
             family,
@@ -57,17 +56,18 @@ async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
             collateral=load_collateral(config.collateral_dir),
             verdict_ttl=config.verdict_ttl_s,
             offline=config.offline,
+            planner=functools.partial(plan, base=config.kds_url) if plan else None,
+            fetched=CollateralCache(
+                NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)),
+                offline=config.offline,
+            ),
         )
         log.info("verifier.started", family=family)
         await worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-    finally:
-        await bus.close()
 
 
 async def policy(config: Config, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(config.nats_url, "policy")
-    try:
-        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+    async with Bus.session(config, "policy") as bus:
         service = PolicyService(
             bus,
             SigningKey.load_or_create("policy", config.keys_path),
@@ -82,24 +82,18 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
         await service.start()
         log.info("policy.started", trusted=service.trusted.names())
         await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-    finally:
-        await bus.close()
 
 
-async def broker(config: Config, stop: asyncio.Event, *, seed_demo: bool = False) -> None:
-    bus = await Bus.connect(config.nats_url, "broker")
-    try:
-        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+async def broker(config: Config, stop: asyncio.Event) -> None:
+    async with Bus.session(config, "broker") as bus:
         service = BrokerService(
             bus,
             TrustedKeys.load(config.trusted_keys_path),
             KeyFileSource.in_data_dir(Path(config.data_dir)),
         )
-        await service.start(seed={DEMO_RESOURCE: os.urandom(32)} if seed_demo else None)
+        await service.start()
         log.info("broker.started")
         await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-    finally:
-        await bus.close()
 
 
 def run(

@@ -156,9 +156,7 @@ def _secret(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def main() -> None:
-        bus = await Bus.connect(config.nats_url, "attestmesh-cli", wait=5.0)
-        try:
-            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
             store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
             if args.action == "list":
@@ -169,8 +167,6 @@ def _secret(args: argparse.Namespace) -> int:
                 raise ConfigError("cli.usage", "secret put needs RESOURCE and --file")
             version = await store.put(args.resource, _read_bounded(args.file))
             print(f"{args.resource} stored (version {version})")
-        finally:
-            await bus.close()
 
     asyncio.run(main())
     return EXIT_OK
@@ -186,13 +182,9 @@ def _refvalues(args: argparse.Namespace) -> int:
     values = refvalues.validate(_read_bounded(args.file))
 
     async def main() -> None:
-        bus = await Bus.connect(config.nats_url, "attestmesh-cli", wait=5.0)
-        try:
-            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
             await refvalues.store(kv, args.family, values)
-        finally:
-            await bus.close()
 
     asyncio.run(main())
     print(f"reference values for {args.family} stored")
@@ -213,12 +205,9 @@ def _collector(args: argparse.Namespace) -> int:
     source = simulated_source(args.family, test_pki(Path(config.data_dir) / "test-pki"))
 
     async def main(stop: asyncio.Event) -> None:
-        bus = await Bus.connect(config.nats_url, f"collector-{args.node}")
-        try:
+        async with Bus.session(config, f"collector-{args.node}") as bus:
             node = CollectorNode(bus, args.node, source)
             await node.run(stop, interval=config.reattest_interval_s)
-        finally:
-            await bus.close()
 
     return app.run("collector", config, main)
 

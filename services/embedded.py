@@ -133,6 +133,7 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
         keys_dir=str(keys_dir),
         test_roots_dir=str(pki.roots_dir),
         allow_simulated=True,
+        offline=True,
         nonce_ttl_s=120.0,
         decision_ttl_s=300.0,
     )
@@ -143,15 +144,11 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
 
 async def seed_secret(config: Config, resource: str) -> None:
     """Create the demo secret (random, sealed) unless it already exists."""
-    bus = await Bus.connect(config.nats_url, "up-seed")
-    try:
-        await bus.setup(nonce_ttl=config.nonce_ttl_s)
+    async with Bus.session(config, "up-seed") as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
         store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
         if resource not in await store.list():
             await store.put(resource, os.urandom(32))
-    finally:
-        await bus.close()
 
 
 def _line(result: RoundResult) -> str:
@@ -172,8 +169,7 @@ async def drive(
     pki = test_pki(Path(config.data_dir) / "test-pki")
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
-    bus = await Bus.connect(config.nats_url, "up-nodes")
-    try:
+    async with Bus.session(config, "up-nodes") as bus:
         collectors = [
             CollectorNode(bus, f"node-{i + 1}", simulated_source("snp", pki, seed=i))
             for i in range(nodes)
@@ -198,8 +194,6 @@ async def drive(
                 print(_line(result), flush=True)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        await bus.close()
     return summary
 
 
@@ -218,7 +212,12 @@ def up(
         nats_url = server.url
     assert nats_url is not None
     config, config_path = prepare(data_dir, nats_url)
-    telemetry.configure("up", level="warning", stream=open(os.devnull, "w"))  # noqa: SIM115
+    telemetry.configure(
+        "up",
+        level="warning",
+        otlp_endpoint=config.otlp_endpoint,
+        stream=open(os.devnull, "w"),  # noqa: SIM115
+    )
     mesh = Mesh(config, config_path, data_dir / "logs")
     quiet = as_json
     summary = Summary(nodes=nodes)
@@ -253,6 +252,7 @@ def up(
         print(f"attestmesh up: {exc}", file=sys.stderr)
         code = 1
     finally:
+        telemetry.shutdown()
         mesh.stop()
         if server is not None:
             server.stop()

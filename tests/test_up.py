@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services.testing.otlp import OtlpReceiver
+
 
 def _processes_mentioning(text: str) -> list[str]:
     found = []
@@ -23,9 +25,36 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_up_runs_rounds_and_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path) -> None:
     data_dir = tmp_path / "mesh-data"
-    completed = subprocess.run(
+    with OtlpReceiver() as otlp:
+        completed = _run_up(data_dir, otlp.endpoint)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["nodes"] == 3
+    assert summary["attestations"] == 6
+    assert summary["verdicts"] == {"affirming": 6}
+    assert summary["decisions"] == 6
+    assert summary["secrets_released"] == 6
+    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+    assert _processes_mentioning(str(data_dir)) == []
+    assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
+
+    # Each attestation is one trace across the up process and the three service processes.
+    roots = [s for s in otlp.spans if s.name == "collector.attest"]
+    assert len(roots) == 6
+    for root in roots:
+        services = {s.service for s in otlp.spans if s.trace_id == root.trace_id}
+        assert services == {
+            "attestmesh-up",
+            "attestmesh-policy",
+            "attestmesh-verifier-snp",
+            "attestmesh-broker",
+        }
+
+
+def _run_up(data_dir: Path, otlp_endpoint: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -45,15 +74,5 @@ def test_up_runs_rounds_and_leaves_nothing_behind(tmp_path: Path) -> None:
         text=True,
         timeout=240,
         check=False,
+        env={**os.environ, "ATTESTMESH_OTLP_ENDPOINT": otlp_endpoint},
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert summary["nodes"] == 3
-    assert summary["attestations"] == 6
-    assert summary["verdicts"] == {"affirming": 6}
-    assert summary["decisions"] == 6
-    assert summary["secrets_released"] == 6
-    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
-    assert _processes_mentioning(str(data_dir)) == []
-    # Secrets are sealed at rest: the demo secret's plaintext never appears in the data dir.
-    assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600

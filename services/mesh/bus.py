@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from services.mesh import events, subjects, telemetry
+from services.mesh.config import Config
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 
 M = TypeVar("M", bound=events.Message)
@@ -77,8 +78,14 @@ class Bus:
         self.name = name
 
     @classmethod
-    async def connect(cls, url: str, name: str, *, wait: float = 30.0) -> Bus:
-        """Connect, retrying for ``wait`` seconds so services may start before the server."""
+    async def connect(
+        cls, url: str, name: str, *, wait: float = 30.0, nkey_seed_file: str | None = None
+    ) -> Bus:
+        """Connect, retrying for ``wait`` seconds so services may start before the server.
+
+        ``nkey_seed_file`` names the service's NATS identity (an nkey seed); the server's
+        per-identity subject permissions then bound what this service may publish.
+        """
         deadline = time.monotonic() + wait
 
         async def on_error(exc: Exception) -> None:
@@ -103,14 +110,30 @@ class Bus:
                     reconnect_time_wait=0.25,  # type: ignore[arg-type]
                     connect_timeout=2,
                     allow_reconnect=True,
+                    nkeys_seed=nkey_seed_file,
                 )
                 return cls(nc, name)
-            except (OSError, nats.errors.NoServersError, *_TRANSIENT) as exc:
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                if "authorization" in str(exc).lower():
+                    raise BusError("bus.unauthorized", f"{url}: {exc}") from None
                 with contextlib.suppress(Exception):
                     await nc.close()
                 if time.monotonic() >= deadline:
                     raise BusError("bus.connect_failed", f"{url}: {exc}") from None
                 await asyncio.sleep(0.25)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def session(cls, config: Config, name: str, *, wait: float = 30.0) -> AsyncIterator[Bus]:
+        """Connect as ``name`` per ``config``, declare streams and buckets, close on exit."""
+        bus = await cls.connect(
+            config.nats_url, name, wait=wait, nkey_seed_file=config.nats_nkey_seed_file
+        )
+        try:
+            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+            yield bus
+        finally:
+            await bus.close()
 
     async def close(self) -> None:
         """Flush what is buffered (acks, replies), then close without a long drain."""

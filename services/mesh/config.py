@@ -22,15 +22,19 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ``test_roots_dir`` is the only way the project's test PKI becomes trusted, and
     ``allow_simulated`` the only way the release policy accepts simulated evidence: both are
     off unless a simulated deployment (``attestmesh up``) or a test sets them explicitly.
+    ``offline`` keeps verifiers from fetching collateral (VCEKs from AMD's KDS); what is
+    missing then stays missing and the verdict says so.
     """
 
     nats_url: str = DEFAULT_NATS_URL
+    nats_nkey_seed_file: str | None = None
     data_dir: str = ".attestmesh"
     roots_dir: str | None = None
     test_roots_dir: str | None = None
     collateral_dir: str | None = None
     keys_dir: str | None = None
-    offline: bool = True
+    offline: bool = False
+    kds_url: str = "https://kdsintf.amd.com"
     nonce_ttl_s: float = 120.0
     decision_ttl_s: float = 300.0
     verdict_ttl_s: float = 300.0
@@ -64,6 +68,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Con
             raise ConfigError("config.invalid", f"{path}: expected a JSON object")
     env_map = {
         "ATTESTMESH_NATS_URL": "nats_url",
+        "ATTESTMESH_NATS_NKEY_SEED_FILE": "nats_nkey_seed_file",
         "ATTESTMESH_DATA_DIR": "data_dir",
         "ATTESTMESH_ROOTS": "roots_dir",
         "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 
 from services.mesh.errors import ConfigError
+from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import FamilyVerifier
 
 _FAMILIES: dict[str, str] = {
     "snp": "services.verifier.families.snp:SnpVerifier",
     "tdx": "services.verifier.families.tdx:TdxVerifier",
     "sgx": "services.verifier.families.sgx:SgxVerifier",
+}
+
+
+_PLANNERS: dict[str, str] = {
+    "snp": "services.verifier.families.snp.kds:requests_for",
 }
 
 
@@ -27,3 +34,15 @@ def get(family: str) -> FamilyVerifier:
     cls = getattr(importlib.import_module(module_name), attr)
     verifier: FamilyVerifier = cls()
     return verifier
+
+
+def planner(family: str) -> Callable[..., Sequence[CollateralRequest]] | None:
+    """The family's collateral planner (what to fetch for a piece of evidence), if it has one."""
+    target = _PLANNERS.get(family)
+    if target is None:
+        return None
+    module_name, _, attr = target.partition(":")
+    found: Callable[..., Sequence[CollateralRequest]] = getattr(
+        importlib.import_module(module_name), attr
+    )
+    return found

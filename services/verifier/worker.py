@@ -18,6 +18,7 @@ from services.mesh import events, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey
 from services.verifier import ear
+from services.verifier.collateral import CollateralCache, Planner
 from services.verifier.families.base import (
     Appraisal,
     FamilyVerifier,
@@ -55,6 +56,8 @@ class VerifierWorker:
         clock: Callable[[], datetime] = events.utcnow,
         verdict_ttl: float = 300.0,
         offline: bool = True,
+        planner: Planner | None = None,
+        fetched: CollateralCache | None = None,
     ) -> None:
         self.bus = bus
         self.family = family
@@ -65,6 +68,8 @@ class VerifierWorker:
         self.clock = clock
         self.verdict_ttl = verdict_ttl
         self.offline = offline
+        self.planner = planner
+        self.fetched = fetched
 
     async def run(
         self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
@@ -86,7 +91,10 @@ class VerifierWorker:
             event = events.decode(msg.data, events.EvidenceEvent)
             span.set_attribute("attestmesh.node", event.node)
             span.set_attribute("attestmesh.family", self.family)
-            appraisal = await asyncio.to_thread(self.appraise, event, subjects.node_of(msg.subject))
+            extra = await self.fetch_collateral(event)
+            appraisal = await asyncio.to_thread(
+                self.appraise, event, subjects.node_of(msg.subject), extra
+            )
             span.set_attribute("attestmesh.status", str(appraisal.status))
             span.set_attribute("attestmesh.reasons", [r.code for r in appraisal.reasons])
             subject = ear.Subject(
@@ -114,7 +122,19 @@ class VerifierWorker:
                 reasons=[r.code for r in appraisal.reasons],
             )
 
-    def appraise(self, event: events.EvidenceEvent, subject_node: str) -> Appraisal:
+    async def fetch_collateral(self, event: events.EvidenceEvent) -> dict[str, bytes]:
+        """Collateral the evidence lacks, from the shared cache or the vendor."""
+        if self.planner is None or self.fetched is None:
+            return {}
+        wanted = self.planner(events.evidence_bytes(event.evidence), self.collateral)
+        return await self.fetched.resolve(wanted) if wanted else {}
+
+    def appraise(
+        self,
+        event: events.EvidenceEvent,
+        subject_node: str,
+        extra: Mapping[str, bytes] | None = None,
+    ) -> Appraisal:
         """Check the envelope, then let the family verify the evidence itself."""
         family = events.family_of(event.evidence)
         if family != self.family or subject_node != event.node:
@@ -132,7 +152,7 @@ class VerifierWorker:
         options = VerifyOptions(
             now=self.clock(),
             trust=self.trust,
-            collateral=self.collateral,
+            collateral={**self.collateral, **(extra or {})},
             expected_report_data=expected_report_data(event.nonce, event.public_key),
             offline=self.offline,
         )
