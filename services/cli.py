@@ -16,9 +16,11 @@ from pathlib import Path
 
 from services import __version__
 from services.mesh import config as config_mod
-from services.mesh.errors import AttestmeshError, ConfigError
+from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.verifier import registry
+from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import Appraisal, Status, VerifyOptions
+from services.verifier.families.snp.kds import DEFAULT_KDS
 
 EXIT_OK = 0
 EXIT_CONTRAINDICATED = 1
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--at", help="verification time, RFC 3339 (default: now)")
     verify.add_argument("--nonce", help="hex; REPORT_DATA must equal it, zero-padded")
     verify.add_argument("--json", action="store_true")
+    verify.add_argument("--offline", action="store_true", help="never fetch missing collateral")
+    verify.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
 
     for name in ("policy", "broker"):
         service = sub.add_parser(name, help=f"run the {name} service")
@@ -66,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     secret.add_argument("resource", nargs="?")
     secret.add_argument("--file", type=Path)
     secret.add_argument("--config", type=Path)
+
+    roots = sub.add_parser("roots", help="manage the trust directory")
+    roots.add_argument("action", choices=["fetch"])
+    roots.add_argument("--roots", type=Path, help="trust directory (default: user data dir)")
+    roots.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
 
     refs = sub.add_parser("refvalues", help="provision reference values for a family")
     refs.add_argument("family", choices=registry.families())
@@ -112,12 +121,15 @@ def verify(args: argparse.Namespace) -> int:
             raise ConfigError("cli.bad_nonce", "--nonce is at most 64 bytes")
         expected = nonce.ljust(64, b"\0")
     trust = TrustStore.load(args.roots or default_roots_dir(), test_dir=args.test_roots)
-    collateral = {}
+    collateral: dict[str, bytes] = {}
     if args.collateral is not None:
         try:
             collateral = load_collateral(str(args.collateral))
         except OSError as exc:
             raise ConfigError("cli.unreadable", f"{args.collateral}: {exc.strerror}") from None
+    plan = registry.planner(args.family)
+    if plan is not None and not args.offline:
+        collateral.update(_fetch_missing(plan(evidence, collateral, base=args.kds or DEFAULT_KDS)))
     options = VerifyOptions(
         now=_parse_time(args.at),
         trust=trust,
@@ -130,6 +142,19 @@ def verify(args: argparse.Namespace) -> int:
     else:
         print(_human(appraisal))
     return EXIT_CONTRAINDICATED if appraisal.status == Status.CONTRAINDICATED else EXIT_OK
+
+
+def _fetch_missing(requests: Sequence[CollateralRequest]) -> dict[str, bytes]:
+    """Best effort: what cannot be fetched stays missing, and the verdict names it."""
+    from services.verifier.fetch import http_get
+
+    found = {}
+    for request in requests:
+        try:
+            found[request.name] = http_get(request.url, max_bytes=request.max_bytes)
+        except CollateralError as exc:
+            print(f"attestmesh: could not fetch {request.name}: {exc.reason}", file=sys.stderr)
+    return found
 
 
 def _human(appraisal: Appraisal) -> str:
@@ -191,6 +216,17 @@ def _refvalues(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _roots(args: argparse.Namespace) -> int:
+    from services.verifier.families.snp.kds import DEFAULT_KDS
+    from services.verifier.roots import fetch_amd_roots
+    from services.verifier.trust import default_roots_dir
+
+    target = args.roots or default_roots_dir()
+    for path in fetch_amd_roots(target, kds=args.kds or DEFAULT_KDS):
+        print(f"{path}: pinned ARK verified")
+    return EXIT_OK
+
+
 def _collector(args: argparse.Namespace) -> int:
     from services import app
     from services.collector.service import CollectorNode
@@ -232,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _secret(args)
         if args.command == "refvalues":
             return _refvalues(args)
+        if args.command == "roots":
+            return _roots(args)
         if args.command == "collector":
             return _collector(args)
         from services import app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -34,9 +35,18 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
         await connection.close()
 
 
-@pytest.fixture(scope="session")
+_EXPORTER = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _telemetry() -> None:
+    """Logs to stderr (stdout belongs to the CLI under test) and spans kept in memory."""
+    telemetry.configure(
+        "tests", level="warning", stream=sys.stderr, extra_processor=SimpleSpanProcessor(_EXPORTER)
+    )
+
+
+@pytest.fixture
 def spans() -> InMemorySpanExporter:
     """Every span the in-process services finish, for trace-continuity assertions."""
-    exporter = InMemorySpanExporter()
-    telemetry.configure("tests", level="warning", extra_processor=SimpleSpanProcessor(exporter))
-    return exporter
+    return _EXPORTER
