@@ -1,0 +1,38 @@
+"""Fuzz targets for every parser that reads outside input: only typed errors may escape.
+
+Run one with atheris (``python -m tests.fuzz.run snp -max_total_time=60``); the test suite
+runs each for a bounded number of inputs as a smoke test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from services.mesh import events
+from services.mesh.errors import ParseError
+from services.verifier.families.dcap import parse_quote
+from services.verifier.families.snp import parse_cert_table, parse_evidence
+
+
+def _parser(parse: Callable[[bytes], Any]) -> Callable[[bytes], None]:
+    def target(data: bytes) -> None:
+        with contextlib.suppress(ParseError):
+            parse(data)
+
+    return target
+
+
+def _wire(data: bytes) -> None:
+    for kind in (events.EvidenceEvent, events.Verdict, events.Decision, events.SecretRequest):
+        with contextlib.suppress(ParseError):
+            events.decode(data, kind)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "snp": _parser(parse_evidence),
+    "snp-certtable": _parser(parse_cert_table),
+    "dcap": _parser(parse_quote),
+    "wire": _wire,
+}
