@@ -51,8 +51,8 @@ def _print(report: dict[str, Any]) -> None:
     for row in report["verifiers"]:
         print(
             f"  {row['family']:<10} {row['source']:<34} {row['per_s']:>9.1f} /s   "
-            f"{row['ratio_to_ceiling'] * 100:5.1f} % of {row['ceiling']} "
-            f"({row['signatures']} signature(s) per evidence)"
+            f"{row['ratio_to_ceiling'] * 100:5.1f} % of the {row['ceiling']} ceiling for its "
+            f"{row['signatures']} signature(s); {row['ratio_to_one_signature'] * 100:5.1f} % of one"
         )
     if "mesh" in report:
         m = report["mesh"]

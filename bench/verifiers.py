@@ -54,9 +54,16 @@ def _simulated_snp(workdir: Path) -> Case:
     return Case("snp", "simulated (test PKI)", evidence, options, 1, "ecdsa_p384_verify")
 
 
+# Signatures each evidence needs: SNP one P-384 (the report, by the VCEK); TDX/SGX two P-256
+# (the quote by the attestation key, the QE report by the PCK). With chains and collateral
+# cached, the QE report's check is shared by every quote of a platform, so each new quote costs
+# one fresh signature verification; both ratios are reported.
 CASES: list[Callable[[Path], Case | None]] = [
     lambda _: _vector_case("snp", "snp-trustee-milan-vcek-v2", 1, "ecdsa_p384_verify"),
     _simulated_snp,
+    lambda _: _vector_case("tdx", "tdx-dcapqvl-sample", 2, "ecdsa_p256_verify"),
+    lambda _: _vector_case("tdx", "tdx-dcaprs-00806f050000", 2, "ecdsa_p256_verify"),
+    lambda _: _vector_case("sgx", "sgx-dcapqvl-sample", 2, "ecdsa_p256_verify"),
 ]
 
 
@@ -72,7 +79,6 @@ def run(seconds: float, ceilings: dict[str, float]) -> list[dict[str, Any]]:
             if result.status is Status.CONTRAINDICATED and not result.verified:
                 raise SystemExit(f"bench case {case.source} does not verify: {result.reasons}")
             per_s = rate(functools.partial(verifier.appraise, case.evidence, case.options), seconds)
-            ceiling = ceilings[case.ceiling] / case.signatures
             rows.append(
                 {
                     "family": case.family,
@@ -80,7 +86,8 @@ def run(seconds: float, ceilings: dict[str, float]) -> list[dict[str, Any]]:
                     "per_s": round(per_s, 1),
                     "signatures": case.signatures,
                     "ceiling": case.ceiling,
-                    "ratio_to_ceiling": round(per_s / ceiling, 3),
+                    "ratio_to_ceiling": round(per_s * case.signatures / ceilings[case.ceiling], 3),
+                    "ratio_to_one_signature": round(per_s / ceilings[case.ceiling], 3),
                 }
             )
     return rows
