@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import signal
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -46,7 +45,6 @@ def trust_store(config: Config) -> TrustStore:
 async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
     family_verifier = registry.get(family)
     async with Bus.session(config, f"verifier-{family}") as bus:
-        plan = registry.planner(family)
         worker = VerifierWorker(
             bus,
             family,
@@ -56,7 +54,7 @@ async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
             collateral=load_collateral(config.collateral_dir),
             verdict_ttl=config.verdict_ttl_s,
             offline=config.offline,
-            planner=functools.partial(plan, base=config.kds_url) if plan else None,
+            planner=registry.planner(family, config.vendor_urls),
             fetched=CollateralCache(
                 NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)),
                 offline=config.offline,

@@ -20,6 +20,7 @@ from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import Appraisal, Status, VerifyOptions
+from services.verifier.families.dcap.pcsfetch import DEFAULT_PCS
 from services.verifier.families.snp.kds import DEFAULT_KDS
 
 EXIT_OK = 0
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     verify.add_argument("--offline", action="store_true", help="never fetch missing collateral")
     verify.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
+    verify.add_argument("--pcs", default=None, help="Intel PCS or PCCS base URL")
 
     for name in ("policy", "broker"):
         service = sub.add_parser(name, help=f"run the {name} service")
@@ -70,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     secret.add_argument("resource", nargs="?")
     secret.add_argument("--file", type=Path)
     secret.add_argument("--config", type=Path)
+
+    coll = sub.add_parser("collateral", help="share vendor collateral with every verifier")
+    coll.add_argument("action", choices=["import"])
+    coll.add_argument("directory", type=Path, help="Intel PCS layout (tcb_info.json, ...)")
+    coll.add_argument("--config", type=Path)
 
     roots = sub.add_parser("roots", help="manage the trust directory")
     roots.add_argument("action", choices=["fetch"])
@@ -127,9 +134,10 @@ def verify(args: argparse.Namespace) -> int:
             collateral = load_collateral(str(args.collateral))
         except OSError as exc:
             raise ConfigError("cli.unreadable", f"{args.collateral}: {exc.strerror}") from None
-    plan = registry.planner(args.family)
+    urls = config_mod.Config(kds_url=args.kds or DEFAULT_KDS, pcs_url=args.pcs or DEFAULT_PCS)
+    plan = registry.planner(args.family, urls.vendor_urls)
     if plan is not None and not args.offline:
-        collateral.update(_fetch_missing(plan(evidence, collateral, base=args.kds or DEFAULT_KDS)))
+        collateral.update(_fetch_missing(plan(evidence, collateral)))
     options = VerifyOptions(
         now=_parse_time(args.at),
         trust=trust,
@@ -146,12 +154,14 @@ def verify(args: argparse.Namespace) -> int:
 
 def _fetch_missing(requests: Sequence[CollateralRequest]) -> dict[str, bytes]:
     """Best effort: what cannot be fetched stays missing, and the verdict names it."""
-    from services.verifier.fetch import http_get
+    from services.verifier.collateral import extract
+    from services.verifier.fetch import http_fetch
 
     found = {}
     for request in requests:
         try:
-            found[request.name] = http_get(request.url, max_bytes=request.max_bytes)
+            response = http_fetch(request.url, max_bytes=request.max_bytes)
+            found[request.name] = extract(request, response)
         except CollateralError as exc:
             print(f"attestmesh: could not fetch {request.name}: {exc.reason}", file=sys.stderr)
     return found
@@ -216,8 +226,30 @@ def _refvalues(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _collateral(args: argparse.Namespace) -> int:
+    from services.mesh import subjects
+    from services.mesh.bus import Bus
+    from services.mesh.natskv import NatsKeyValue
+    from services.verifier.collateral import store
+    from services.verifier.families.dcap.pcsfetch import import_plan
+
+    config = _config(args)
+    directory = {p.name: _read_bounded(p) for p in sorted(args.directory.iterdir()) if p.is_file()}
+    plan = import_plan(directory, base=config.pcs_url, root_crl_url=config.intel_root_crl_url)
+
+    async def main() -> None:
+        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
+            now = datetime.now(UTC).timestamp()
+            for request, data in plan:
+                await store(kv, request, data, at=now)
+
+    asyncio.run(main())
+    print(f"imported {len(plan)} collateral files (TCB info from {plan[0][0].url})")
+    return EXIT_OK
+
+
 def _roots(args: argparse.Namespace) -> int:
-    from services.verifier.families.snp.kds import DEFAULT_KDS
     from services.verifier.roots import fetch_amd_roots
     from services.verifier.trust import default_roots_dir
 
@@ -270,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _refvalues(args)
         if args.command == "roots":
             return _roots(args)
+        if args.command == "collateral":
+            return _collateral(args)
         if args.command == "collector":
             return _collector(args)
         from services import app

@@ -35,6 +35,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     keys_dir: str | None = None
     offline: bool = False
     kds_url: str = "https://kdsintf.amd.com"
+    pcs_url: str = "https://api.trustedservices.intel.com"
+    intel_root_crl_url: str = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+
+    @property
+    def vendor_urls(self) -> dict[str, str]:
+        """The vendor services collateral planners fetch from (mirrors or a PCCS allowed)."""
+        return {"kds": self.kds_url, "pcs": self.pcs_url, "intel_root_crl": self.intel_root_crl_url}
+
     nonce_ttl_s: float = 120.0
     decision_ttl_s: float = 300.0
     verdict_ttl_s: float = 300.0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from services.mesh.errors import ConfigError
-from services.verifier.collateral import CollateralRequest
+from services.verifier.collateral import CollateralRequest, Planner
 from services.verifier.families.base import FamilyVerifier
 
 _FAMILIES: dict[str, str] = {
@@ -16,8 +17,17 @@ _FAMILIES: dict[str, str] = {
 }
 
 
-_PLANNERS: dict[str, str] = {
-    "snp": "services.verifier.families.snp.kds:requests_for",
+# family -> (planner, {planner keyword: vendor URL name})
+_PLANNERS: dict[str, tuple[str, dict[str, str]]] = {
+    "snp": ("services.verifier.families.snp.kds:requests_for", {"base": "kds"}),
+    "tdx": (
+        "services.verifier.families.dcap.pcsfetch:requests_for",
+        {"base": "pcs", "root_crl_url": "intel_root_crl"},
+    ),
+    "sgx": (
+        "services.verifier.families.dcap.pcsfetch:requests_for",
+        {"base": "pcs", "root_crl_url": "intel_root_crl"},
+    ),
 }
 
 
@@ -36,13 +46,17 @@ def get(family: str) -> FamilyVerifier:
     return verifier
 
 
-def planner(family: str) -> Callable[..., Sequence[CollateralRequest]] | None:
-    """The family's collateral planner (what to fetch for a piece of evidence), if it has one."""
-    target = _PLANNERS.get(family)
-    if target is None:
+def planner(family: str, urls: Mapping[str, str]) -> Planner | None:
+    """The family's collateral planner (what to fetch for a piece of evidence), bound to the
+    vendor service URLs in ``urls`` (``kds``, ``pcs``, ``intel_root_crl``); None if it has none.
+    """
+    entry = _PLANNERS.get(family)
+    if entry is None:
         return None
+    target, keywords = entry
     module_name, _, attr = target.partition(":")
-    found: Callable[..., Sequence[CollateralRequest]] = getattr(
+    plan: Callable[..., Sequence[CollateralRequest]] = getattr(
         importlib.import_module(module_name), attr
     )
-    return found
+    bound = {keyword: urls[name] for keyword, name in keywords.items() if name in urls}
+    return functools.partial(plan, **bound)

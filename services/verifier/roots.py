@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from services.mesh.errors import TrustError
 from services.verifier.families.snp.kds import DEFAULT_KDS, cert_chain_url
 from services.verifier.families.snp.parse import Product, SigningKey
-from services.verifier.fetch import Fetcher, http_get
+from services.verifier.fetch import http_get
 from services.verifier.trust import TrustStore
 
 MAX_CHAIN_BYTES = 32 * 1024
@@ -38,7 +39,7 @@ def _split_chain(pem: bytes, source: str) -> tuple[x509.Certificate, x509.Certif
     return roots[0], others[0]
 
 
-def amd_chain(product: Product, *, kds: str, fetcher: Fetcher) -> bytes:
+def amd_chain(product: Product, *, kds: str, fetcher: Callable[..., bytes]) -> bytes:
     """``amd/<product>.pem`` contents (ARK, ASK, ASVK) from the KDS, unverified."""
     ark, ask = _split_chain(
         fetcher(cert_chain_url(kds, product, SigningKey.VCEK), max_bytes=MAX_CHAIN_BYTES),
@@ -57,7 +58,7 @@ def fetch_amd_roots(
     roots_dir: Path,
     *,
     kds: str = DEFAULT_KDS,
-    fetcher: Fetcher = http_get,
+    fetcher: Callable[..., bytes] = http_get,
     products: tuple[Product, ...] = tuple(Product),
 ) -> list[Path]:
     """Download, pin-check and install AMD's chains; return the files written."""
