@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from services.broker.sealing import KeyFileSource
 from services.broker.store import SecretStore
-from services.collector.service import CollectorNode, RoundResult
+from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
 from services.collector.simulator.node import simulated_source, test_pki
 from services.mesh import config as config_mod
 from services.mesh import subjects, telemetry
@@ -36,7 +36,6 @@ from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 
-DEMO_RESOURCE = "default/workload-key"
 FAMILIES = ("snp",)
 _PR_SET_PDEATHSIG = 1
 
@@ -223,7 +222,7 @@ def up(
     summary = Summary(nodes=nodes)
     code = 0
     try:
-        asyncio.run(seed_secret(config, DEMO_RESOURCE))
+        asyncio.run(seed_secret(config, DEFAULT_RESOURCE))
         mesh.start()
         if not quiet:
             print(

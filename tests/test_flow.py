@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.collector.service import RoundResult
+from services.collector.service import DEFAULT_RESOURCE, RoundResult
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.mesh.server import NatsServer
@@ -223,7 +223,7 @@ async def test_decisions_expire(nats_server: NatsServer, tmp_path: Path, bus: Bu
             subjects.secret("node-x"),
             events.SecretRequest(
                 node="node-x",
-                resource="default/workload-key",
+                resource=DEFAULT_RESOURCE,
                 public_key=node.last_public_key,
                 decision_id=node.last_decision_id,
             ),

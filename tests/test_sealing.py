@@ -12,6 +12,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.broker.recovery import (
+    Share,
+    combine_shares,
+    decrypt_share,
+    make_recovery_shares,
+    split_key,
+)
 from services.broker.sealing import (
     HEADER_SIZE,
     KEY_FILE_NAME,
@@ -19,14 +26,9 @@ from services.broker.sealing import (
     AeadKey,
     KeyFileSource,
     Opened,
-    Share,
     StaticKeySource,
-    combine_shares,
-    decrypt_share,
-    make_recovery_shares,
     open_sealed,
     seal,
-    split_key,
 )
 from services.mesh.errors import SealingError
 

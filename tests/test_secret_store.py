@@ -11,14 +11,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.broker.kv import WriteConflictError
-from services.broker.sealing import (
-    AeadKey,
-    KeyFileSource,
-    StaticKeySource,
-    combine_shares,
-    decrypt_share,
-)
+from services.broker.recovery import combine_shares, decrypt_share
+from services.broker.sealing import AeadKey, KeyFileSource, StaticKeySource
 from services.broker.store import (
     INDEX_KEY,
     KEYRING_KEY,
@@ -29,6 +23,7 @@ from services.broker.store import (
     rewrap_keyring,
 )
 from services.mesh.errors import BusError, SealingError
+from services.mesh.kv import WriteConflictError
 from services.testing.memkv import MemoryKeyValue
 
 SOURCE = StaticKeySource(b"\x07" * 32)

@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from services.broker.kv import KeyValue, WriteConflictError
 from services.broker.sealing import AeadKey, open_sealed, seal
 from services.mesh.errors import SealingError
+from services.mesh.kv import KeyValue, WriteConflictError
 
 AUDIT_PREFIX = "audit."
 SEQ_DIGITS = 12

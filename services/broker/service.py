@@ -22,13 +22,13 @@ from opentelemetry import trace
 
 from services.broker import release
 from services.broker.audit import AuditLog, Outcome
-from services.broker.kv import KeyValue, WriteConflictError
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
 from services.mesh import events, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, Rejected, ReleaseError, SealingError, VerificationError
 from services.mesh.keys import TrustedKeys
+from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
 from services.verifier.ear import unb64url
 

@@ -33,16 +33,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from services.broker.kv import KeyValue, WriteConflictError
-from services.broker.sealing import (
-    AeadKey,
-    RecoveryShare,
-    SealingKeySource,
-    make_recovery_shares,
-    open_sealed,
-    seal,
-)
+from services.broker.recovery import RecoveryShare, make_recovery_shares
+from services.broker.sealing import AeadKey, SealingKeySource, open_sealed, seal
 from services.mesh.errors import SealingError
+from services.mesh.kv import KeyValue, WriteConflictError
 
 KEYRING_KEY = "keyring"
 INDEX_KEY = "index"

@@ -25,6 +25,9 @@ from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 from services.verifier.worker import expected_report_data
 
 log = telemetry.logger("collector")
+
+DEFAULT_RESOURCE = "default/workload-key"
+"""The secret a node asks for unless told otherwise (the demo secret of ``attestmesh up``)."""
 tracer = telemetry.tracer("collector")
 
 
@@ -47,7 +50,7 @@ class CollectorNode:
         node: str,
         source: EvidenceSource,
         *,
-        resource: str = "default/workload-key",
+        resource: str = DEFAULT_RESOURCE,
         decision_timeout: float = 30.0,
         on_secret: Callable[[str, bytes], None] | None = None,
     ) -> None:

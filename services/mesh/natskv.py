@@ -1,4 +1,4 @@
-"""The :class:`~services.broker.kv.KeyValue` seam implemented on a NATS JetStream KV bucket."""
+"""The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
 
-from services.broker.kv import KEY_EXISTS, REVISION_CONFLICT, WriteConflictError, validate_key
 from services.mesh.errors import BusError
+from services.mesh.kv import KEY_EXISTS, REVISION_CONFLICT, WriteConflictError, validate_key
 
 _UNAVAILABLE = (
     nats.errors.TimeoutError,

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from services.broker.kv import KeyValue, WriteConflictError
 from services.mesh import events
 from services.mesh.errors import Rejected
+from services.mesh.kv import KeyValue, WriteConflictError
 
 NONCE_BYTES = 32
 

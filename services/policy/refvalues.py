@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from services.broker.kv import KeyValue
 from services.mesh.errors import PolicyError
+from services.mesh.kv import KeyValue
 
 MAX_VALUES_PER_CLAIM = 10_000
 

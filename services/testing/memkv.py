@@ -1,4 +1,4 @@
-"""An in-memory :class:`~services.broker.kv.KeyValue` for network-free tests.
+"""An in-memory :class:`~services.mesh.kv.KeyValue` for network-free tests.
 
 It follows JetStream KV semantics where the broker depends on them: one revision counter
 for the whole bucket, create-if-absent, compare-and-set update and delete. Every call
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.broker.kv import (
+from services.mesh.kv import (
     KEY_EXISTS,
     REVISION_CONFLICT,
     WriteConflictError,

@@ -16,7 +16,7 @@ from typing import Any
 from services.broker.sealing import KeyFileSource
 from services.broker.service import BrokerService
 from services.broker.store import SecretStore
-from services.collector.service import CollectorNode
+from services.collector.service import DEFAULT_RESOURCE, CollectorNode
 from services.collector.simulator.node import TestPki, simulated_source, test_pki
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
@@ -27,8 +27,6 @@ from services.policy.service import PolicyService
 from services.verifier import registry
 from services.verifier.trust import TrustStore
 from services.verifier.worker import VerifierWorker
-
-RESOURCE = "default/workload-key"
 
 
 class _Running:
@@ -108,7 +106,7 @@ class TestMesh:
     async def start_broker(self) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
             service = BrokerService(bus, self.trusted, KeyFileSource.in_data_dir(self.workdir))
-            await service.start(seed={RESOURCE: self.secret})
+            await service.start(seed={DEFAULT_RESOURCE: self.secret})
             return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
 
         await self._launch("broker", build)
@@ -125,7 +123,7 @@ class TestMesh:
         for name in list(self.running):
             await self.halt(name)
 
-    async def stored_secret(self, bus: Bus, resource: str = RESOURCE) -> bytes:
+    async def stored_secret(self, bus: Bus, resource: str = DEFAULT_RESOURCE) -> bytes:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
         store = await SecretStore.open(kv, KeyFileSource.in_data_dir(self.workdir))
         return await store.get(resource)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from services.broker.kv import KeyValue, WriteConflictError
 from services.mesh import telemetry
 from services.mesh.errors import CollateralError
+from services.mesh.kv import KeyValue, WriteConflictError
 from services.verifier.fetch import Fetcher, Response, http_fetch
 
 log = telemetry.logger("collateral")

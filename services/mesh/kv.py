@@ -1,4 +1,4 @@
-"""The key-value seam the broker's sealed state is written through.
+"""The key-value seam for state kept in NATS KV buckets (sealed secrets, nonces, collateral).
 
 The broker keeps all of its state in one bucket (NATS JetStream KV in production,
 :class:`services.testing.memkv.MemoryKeyValue` in unit tests), so this module draws the
