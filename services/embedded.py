@@ -36,7 +36,7 @@ from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 
-FAMILIES = ("snp",)
+FAMILIES = ("snp", "nitro")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -170,8 +170,8 @@ async def drive(
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
     async with Bus.session(config, "up-nodes") as bus:
         collectors = [
-            CollectorNode(bus, f"node-{i + 1}", simulated_source("snp", pki, seed=i))
-            for i in range(nodes)
+            CollectorNode(bus, f"{family}-{i + 1}", simulated_source(family, pki, seed=i))
+            for i, family in ((i, FAMILIES[i % len(FAMILIES)]) for i in range(nodes))
         ]
         tasks = [
             asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))

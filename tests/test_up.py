@@ -40,17 +40,22 @@ def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path)
     assert _processes_mentioning(str(data_dir)) == []
     assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
 
-    # Each attestation is one trace across the up process and the three service processes.
+    # Each attestation is one trace across the up process and the three service processes
+    # that handled it; the nodes alternate between the simulated families.
     roots = [s for s in otlp.spans if s.name == "collector.attest"]
     assert len(roots) == 6
+    families = set()
     for root in roots:
+        family = root.attributes["attestmesh.family"].string_value
+        families.add(family)
         services = {s.service for s in otlp.spans if s.trace_id == root.trace_id}
         assert services == {
             "attestmesh-up",
             "attestmesh-policy",
-            "attestmesh-verifier-snp",
+            f"attestmesh-verifier-{family}",
             "attestmesh-broker",
         }
+    assert families == {"snp", "nitro"}
 
 
 def _run_up(data_dir: Path, otlp_endpoint: str) -> subprocess.CompletedProcess[str]:

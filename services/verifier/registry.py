@@ -14,6 +14,8 @@ _FAMILIES: dict[str, str] = {
     "snp": "services.verifier.families.snp:SnpVerifier",
     "tdx": "services.verifier.families.tdx:TdxVerifier",
     "sgx": "services.verifier.families.sgx:SgxVerifier",
+    "nitro": "services.verifier.families.nitro:NitroVerifier",
+    "cca": "services.verifier.families.cca:CcaVerifier",
 }
 
 

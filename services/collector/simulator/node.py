@@ -1,6 +1,6 @@
 """Simulated TEE nodes for ``attestmesh up``, the tests and the benchmark.
 
-The test PKI's private keys are kept under a directory of the deployment (mode 0600) so that
+Each test PKI (AMD's and AWS Nitro's) keeps its private keys under a directory of the deployment (mode 0600) so that
 every process of one simulated deployment (``up``, a ``collector --simulate``) signs under the
 same test roots that the verifier was told to trust. These keys certify nothing real: a
 verifier accepts them only when its configuration names the test roots directory.
@@ -16,7 +16,8 @@ from services.collector.simulator.snp import SnpSimulator
 from services.collector.sources.base import EvidenceSource
 from services.mesh import events
 from services.mesh.errors import ConfigError
-from services.testing import amd_pki
+from services.collector.simulator.nitro import SimulatedNitro
+from services.testing import amd_pki, nitro_pki
 from services.verifier.families.snp.parse import SigningKey
 
 
@@ -41,6 +42,7 @@ def test_pki(directory: Path) -> TestPki:
     amd_pki.load_keys(keys)
     pki = amd_pki.AmdTestPki("milan")
     pki.write_trust_dir(directory / "roots")
+    nitro_pki.NitroTestPki().write_trust_dir(directory / "roots")
     amd_pki.save_keys(keys)
     return TestPki(directory, pki)
 
@@ -68,4 +70,6 @@ def simulated_source(family: str, pki: TestPki, *, seed: int = 0) -> EvidenceSou
     """A simulated evidence source of ``family`` signed by ``pki``."""
     if family == "snp":
         return SimulatedSnp(pki, seed=seed)
+    if family == "nitro":
+        return SimulatedNitro(seed=seed)
     raise ConfigError("collector.no_simulator", f"no simulator for family {family!r} yet")
