@@ -1,9 +1,10 @@
 """Simulated TEE nodes for ``attestmesh up``, the tests and the benchmark.
 
-Each test PKI (AMD's and AWS Nitro's) keeps its private keys under a directory of the deployment (mode 0600) so that
-every process of one simulated deployment (``up``, a ``collector --simulate``) signs under the
-same test roots that the verifier was told to trust. These keys certify nothing real: a
-verifier accepts them only when its configuration names the test roots directory.
+Each test PKI (AMD's and AWS Nitro's) keeps its private keys under a directory of the
+deployment (mode 0600) so that every process of one simulated deployment (``up``, a
+``collector --simulate``) signs under the same test roots that the verifier was told to trust.
+These keys certify nothing real: a verifier accepts them only when its configuration names the
+test roots directory.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.collector.simulator.nitro import SimulatedNitro
 from services.collector.simulator.snp import SnpSimulator
 from services.collector.sources.base import EvidenceSource
 from services.mesh import events
 from services.mesh.errors import ConfigError
-from services.collector.simulator.nitro import SimulatedNitro
 from services.testing import amd_pki, nitro_pki
 from services.verifier.families.snp.parse import SigningKey
 
