@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     verifier.add_argument("--config", type=Path)
     collector = sub.add_parser("collector", help="run a node's collector")
     collector.add_argument("--node", required=True)
-    collector.add_argument("--family", default="snp", choices=registry.families())
+    collector.add_argument("--family", default=None, choices=registry.families())
     collector.add_argument("--simulate", action="store_true", help="use a simulated TEE")
     collector.add_argument("--config", type=Path)
 
@@ -263,14 +263,16 @@ def _collector(args: argparse.Namespace) -> int:
     from services import app
     from services.collector.service import CollectorNode
     from services.collector.simulator.node import simulated_source, test_pki
+    from services.collector.sources.base import EvidenceSource
+    from services.collector.sources.detect import detect_source
     from services.mesh.bus import Bus
 
     config = _config(args)
-    if not args.simulate:
-        raise ConfigError(
-            "collector.no_source", f"no hardware evidence source for {args.family} on this node"
-        )
-    source = simulated_source(args.family, test_pki(Path(config.data_dir) / "test-pki"))
+    source: EvidenceSource = (
+        simulated_source(args.family or "snp", test_pki(Path(config.data_dir) / "test-pki"))
+        if args.simulate
+        else detect_source(args.family)
+    )
 
     async def main(stop: asyncio.Event) -> None:
         async with Bus.session(config, f"collector-{args.node}") as bus:

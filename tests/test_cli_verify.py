@@ -98,3 +98,15 @@ def test_unknown_family_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["verify", __file__, "--family", "quantum"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.skipif(
+    Path("/sys/kernel/config/tsm/report").exists() or Path("/dev/sev-guest").exists(),
+    reason="this machine has a TEE interface; the no-hardware path cannot be shown",
+)
+def test_collector_without_hardware_says_what_it_looked_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["collector", "--node", "n1", "--family", "snp"]) == 2
+    err = capsys.readouterr().err
+    assert "collector.no_source" in err and "/dev/sev-guest" in err

@@ -149,9 +149,8 @@ def test_device_failures_are_typed_and_close_the_device() -> None:
         nsm.NsmSource(kernel.device()).collect(REPORT_DATA, nonce=bytes(1025))
 
 
+@pytest.mark.skipif(Path("/dev/nsm").exists(), reason="running inside a Nitro enclave")
 def test_the_real_device_is_absent_here() -> None:
-    if Path("/dev/nsm").exists():
-        pytest.skip("running inside a Nitro enclave")
     with pytest.raises(nsm.NsmError, match="nsm.unavailable"):
         nsm.NsmSource().collect(REPORT_DATA)
 
