@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# A software TPM and the TSS library the real TPM source builds against (tests use swtpm).
+SYSTEM_PACKAGES := swtpm swtpm-tools libtss2-dev libtss2-tcti-swtpm0 pkg-config
 
 .PHONY: run test lint bench install clean
 
@@ -12,8 +14,22 @@ $(BIN)/python:
 		|| { echo "attestmesh needs Python 3.11 or newer ($(PYTHON))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# System packages come from the distribution when we may install them (root + apt-get);
+# elsewhere the software-TPM test says what is missing and skips.
+$(VENV)/.system: | $(BIN)/python
+	@if command -v swtpm >/dev/null 2>&1 && pkg-config --exists tss2-esys 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing $(SYSTEM_PACKAGES)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
+		|| echo "warning: could not install $(SYSTEM_PACKAGES); the swtpm test will skip"; \
+	else echo "note: $(SYSTEM_PACKAGES) not installed (needs root and apt-get)"; fi
+	@touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python $(VENV)/.system
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,tpm]' \
+		|| echo "warning: tpm2-pytss did not build; the real TPM source stays unavailable"
 	@touch $@
 
 install: $(STAMP)

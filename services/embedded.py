@@ -36,7 +36,7 @@ from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 
-FAMILIES = ("snp", "nitro")
+FAMILIES = ("snp", "nitro", "tpm")
 _PR_SET_PDEATHSIG = 1
 
 

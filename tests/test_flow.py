@@ -213,12 +213,12 @@ async def test_one_attestation_is_one_trace(
 
 
 async def test_decisions_expire(nats_server: NatsServer, tmp_path: Path, bus: Bus) -> None:
-    running = TestMesh(nats_server, tmp_path, decision_ttl=1.0)
+    running = TestMesh(nats_server, tmp_path, decision_ttl=2.0)
     await running.start()
     try:
         node = running.node(bus, "node-x")
         assert (await node.attest_once()).released
-        await asyncio.sleep(2.1)
+        await asyncio.sleep(3.1)
         refused = await bus.request(
             subjects.secret("node-x"),
             events.SecretRequest(

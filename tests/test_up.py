@@ -55,7 +55,7 @@ def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path)
             f"attestmesh-verifier-{family}",
             "attestmesh-broker",
         }
-    assert families == {"snp", "nitro"}
+    assert families == {"snp", "nitro", "tpm"}
 
 
 def _run_up(data_dir: Path, otlp_endpoint: str) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -183,7 +184,7 @@ class PolicyService:
         token = self.key.sign(
             {
                 "iat": int(now.timestamp()),
-                "exp": int(expires.timestamp()),
+                "exp": math.ceil(expires.timestamp()),
                 "jti": decision_id,
                 "node": verdict.node,
                 "family": result.family,

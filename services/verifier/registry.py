@@ -16,6 +16,9 @@ _FAMILIES: dict[str, str] = {
     "sgx": "services.verifier.families.sgx:SgxVerifier",
     "nitro": "services.verifier.families.nitro:NitroVerifier",
     "cca": "services.verifier.families.cca:CcaVerifier",
+    "tpm": "services.verifier.families.tpm:TpmVerifier",
+    "az-snp-vtpm": "services.verifier.families.azure:AzSnpVtpmVerifier",
+    "az-tdx-vtpm": "services.verifier.families.azure:AzTdxVtpmVerifier",
 }
 
 

@@ -1,6 +1,6 @@
 """Simulated TEE nodes for ``attestmesh up``, the tests and the benchmark.
 
-Each test PKI (AMD's and AWS Nitro's) keeps its private keys under a directory of the
+Each test PKI (AMD's, AWS Nitro's, the TPM AK CA) keeps its private keys under a directory of the
 deployment (mode 0600) so that every process of one simulated deployment (``up``, a
 ``collector --simulate``) signs under the same test roots that the verifier was told to trust.
 These keys certify nothing real: a verifier accepts them only when its configuration names the
@@ -15,10 +15,12 @@ from pathlib import Path
 
 from services.collector.simulator.nitro import SimulatedNitro
 from services.collector.simulator.snp import SnpSimulator
+from services.collector.simulator.tpm import SimulatedAzSnpVtpm, SimulatedTpm
 from services.collector.sources.base import EvidenceSource
 from services.mesh import events
 from services.mesh.errors import ConfigError
 from services.testing import amd_pki, nitro_pki
+from services.testing.tpm_pki import TpmTestPki
 from services.verifier.families.snp.parse import SigningKey
 
 
@@ -30,6 +32,7 @@ class TestPki:
 
     directory: Path
     amd: amd_pki.AmdTestPki
+    tpm: TpmTestPki
 
     @property
     def roots_dir(self) -> Path:
@@ -44,8 +47,10 @@ def test_pki(directory: Path) -> TestPki:
     pki = amd_pki.AmdTestPki("milan")
     pki.write_trust_dir(directory / "roots")
     nitro_pki.NitroTestPki().write_trust_dir(directory / "roots")
+    tpm = TpmTestPki()
+    tpm.write_trust_dir(directory / "roots")
     amd_pki.save_keys(keys)
-    return TestPki(directory, pki)
+    return TestPki(directory, pki, tpm)
 
 
 test_pki.__test__ = False  # type: ignore[attr-defined]
@@ -73,4 +78,8 @@ def simulated_source(family: str, pki: TestPki, *, seed: int = 0) -> EvidenceSou
         return SimulatedSnp(pki, seed=seed)
     if family == "nitro":
         return SimulatedNitro(seed=seed)
+    if family == "tpm":
+        return SimulatedTpm(pki.tpm, seed=seed)
+    if family == "az-snp-vtpm":
+        return SimulatedAzSnpVtpm(pki.amd, seed=seed)
     raise ConfigError("collector.no_simulator", f"no simulator for family {family!r} yet")
