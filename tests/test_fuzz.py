@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_fuzz_target_finds_no_crash(target: str) -> None:
     pytest.importorskip("atheris", reason="atheris is a dev dependency; install with make test")
     completed = subprocess.run(
-        [sys.executable, "-m", "tests.fuzz.run", target, "-runs=2000", "-seed=1", "-max_len=4096"],
+        [sys.executable, "-m", "tests.fuzz.run", target, "-runs=3000", "-seed=1", "-max_len=4096"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -25,4 +25,4 @@ def test_fuzz_target_finds_no_crash(target: str) -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "Done 2000 runs" in completed.stderr
+    assert "Done 3000 runs" in completed.stderr
