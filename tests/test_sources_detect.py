@@ -104,3 +104,22 @@ def test_unknown_family(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         detect_source("nitro", roots=roots(tmp_path))
     assert caught.value.reason == "collector.no_source" and "nitro" in caught.value.detail
+
+
+def test_a_tpm_is_used_only_when_asked_for(tmp_path: Path) -> None:
+    absent = tmp_path / "absent"
+    no_tpm = tmp_path / "no-tpm"
+    roots = Roots(
+        configfs_tsm=absent,
+        sev_guest=absent,
+        tdx_guest=absent,
+        attestation=absent,
+        nsm=absent,
+        tpm=no_tpm,
+    )
+    with pytest.raises(ConfigError) as err:
+        detect_source("tpm", roots=roots)
+    assert f"{no_tpm}: absent" in err.value.detail
+    with pytest.raises(ConfigError) as err:
+        detect_source(None, roots=roots)
+    assert str(no_tpm) not in err.value.detail

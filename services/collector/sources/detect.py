@@ -3,10 +3,11 @@
 Order, best first: configfs-tsm (the kernel's cross-vendor interface: SNP reports with the host's
 certificates, TDX quotes), then ``/dev/sev-guest`` (SNP on pre-6.7 kernels), ``/dev/tdx_guest``
 (TDREPORTs only: refused with ``collector.tdx_quote_unavailable``, see :mod:`.tdx_guest`), then
-Gramine's ``/dev/attestation`` (SGX enclaves), then ``/dev/nsm`` (AWS Nitro Enclaves). A
-``family`` restricts the search to sources of that family. When nothing fits,
-``collector.no_source`` lists every place looked at and what was found there, so an operator
-can tell a missing driver from a permission problem.
+Gramine's ``/dev/attestation`` (SGX enclaves), then ``/dev/nsm`` (AWS Nitro Enclaves); a TPM
+(``/dev/tpmrm0``) only when ``family="tpm"`` is asked for, since most machines have one whether
+or not they are confidential. A ``family`` restricts the search to sources of that family.
+When nothing fits, ``collector.no_source`` lists every place looked at and what was found
+there, so an operator can tell a missing driver from a permission problem.
 
 Probing configfs-tsm creates and removes one report entry (the provider is only visible inside
 one); the other probes only check that a path exists. Every path and both syscall seams are
@@ -18,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.collector.sources import configfs_tsm, gramine, nsm, sev_guest, tdx_guest
+from services.collector.sources import configfs_tsm, gramine, nsm, sev_guest, tdx_guest, tpm
 from services.collector.sources.base import EvidenceSource
 from services.collector.sources.configfs_tsm import FileOps
 from services.collector.sources.sev_guest import DeviceOps
 from services.mesh.errors import AttestmeshError, ConfigError
 
-FAMILIES = ("snp", "tdx", "sgx", "nitro")
+FAMILIES = ("snp", "tdx", "sgx", "nitro", "tpm")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Roots:
     tdx_guest: Path = tdx_guest.DEFAULT_PATH
     attestation: Path = gramine.DEFAULT_ROOT
     nsm: Path = Path(nsm.DEVICE)
+    tpm: Path = Path("/dev/tpmrm0")
 
 
 def detect_source(
@@ -84,6 +86,10 @@ def detect_source(
         if roots.nsm.exists():
             return nsm.NsmSource(nsm.IoctlNsmDevice(str(roots.nsm)))
         looked.append(f"{roots.nsm}: absent")
+    if "tpm" in wanted and family == "tpm":
+        if roots.tpm.exists():
+            return tpm.TpmSource(tpm.Tpm2Backend(f"device:{roots.tpm}"))
+        looked.append(f"{roots.tpm}: absent")
     if tdreport_only:
         raise tdx_guest.quote_unavailable(roots.tdx_guest, roots.configfs_tsm)
     what = f"for family {family}" if family else "on this node"
