@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = {
         "ecdsa_p384_verify": ceiling.p384(args.seconds),
         "ecdsa_p256_verify": ceiling.p256(args.seconds),
+        "rsa2048_pkcs1_verify": ceiling.rsa2048(args.seconds),
     }
     report: dict[str, Any] = {"ceiling_per_s": {k: round(v, 1) for k, v in ceilings.items()}}
     report["verifiers"] = verifiers.run(args.seconds, ceilings)

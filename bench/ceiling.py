@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 
 def rate(operation: Callable[[], object], seconds: float = 1.0) -> float:
@@ -41,3 +41,14 @@ def p384(seconds: float = 1.0) -> float:
 
 def p256(seconds: float = 1.0) -> float:
     return ecdsa_verify_rate(ec.SECP256R1(), hashes.SHA256(), seconds)
+
+
+def rsa2048(seconds: float = 1.0) -> float:
+    """RSASSA-PKCS1-v1_5 with SHA-256, the usual TPM attestation-key signature."""
+    key = rsa.generate_private_key(65537, 2048)
+    message = b"\x5a" * 0x91
+    signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    public = key.public_key()
+    return rate(
+        lambda: public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256()), seconds
+    )

@@ -64,6 +64,12 @@ CASES: list[Callable[[Path], Case | None]] = [
     lambda _: _vector_case("tdx", "tdx-dcapqvl-sample", 2, "ecdsa_p256_verify"),
     lambda _: _vector_case("tdx", "tdx-dcaprs-00806f050000", 2, "ecdsa_p256_verify"),
     lambda _: _vector_case("sgx", "sgx-dcapqvl-sample", 2, "ecdsa_p256_verify"),
+    # Nitro: the document's ES384 signature (the cabundle chain is cached per certificate set);
+    # CCA: platform token by the CPAK and realm token by the RAK, both ES384 here;
+    # TPM: the AK's RSASSA-PKCS1-v1_5 signature over TPMS_ATTEST (AK certificate chain cached).
+    lambda _: _vector_case("nitro", "nitro-blocky-prod", 1, "ecdsa_p384_verify"),
+    lambda _: _vector_case("cca", "cca-trustee-example-token", 2, "ecdsa_p384_verify"),
+    lambda _: _vector_case("tpm", "tpm-gotpm-gce-cos85-nonce9009", 1, "rsa2048_pkcs1_verify"),
 ]
 
 

@@ -18,6 +18,7 @@ pinned intermediate whose issuer is not in the store (its own pin is the trust).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,8 +58,9 @@ class AkCertResult:
         return self.anchor is not None and not self.problems
 
 
+@functools.lru_cache(maxsize=256)
 def load_certificate(der: bytes) -> x509.Certificate | None:
-    """A certificate from DER, or ``None``."""
+    """A certificate from DER, or ``None`` (cached: a node sends the same AK certificate)."""
     try:
         return x509.load_der_x509_certificate(der)
     except ValueError:
@@ -84,7 +86,9 @@ def _validity(cert: x509.Certificate, now: datetime, what: str) -> list[tuple[st
     return []
 
 
+@functools.lru_cache(maxsize=256)
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer`` signed ``cert``; cached, as the answer never changes for a pair."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
