@@ -52,6 +52,27 @@ TV_WARNING = 32
 TV_CONTRAINDICATED = 96
 
 
+_TV_SHORT = {
+    "instance": "instance-identity",
+    "configuration": "configuration",
+    "executables": "executables",
+    "file_system": "file-system",
+    "hardware": "hardware",
+    "runtime": "runtime-opaque",
+    "storage": "storage-opaque",
+    "sourced_data": "sourced-data",
+}
+
+
+def trust_vector(**values: int) -> dict[str, int]:
+    """An AR4SI trust vector with every claim present: those named get ``values``
+    (``instance=2, hardware=2``...), the rest :data:`TV_NO_CLAIM`."""
+    vector = dict.fromkeys(TRUST_CLAIMS, TV_NO_CLAIM)
+    for key, value in values.items():
+        vector[_TV_SHORT[key]] = value
+    return vector
+
+
 def worst(statuses: list[Status]) -> Status:
     """The most severe of ``statuses`` (affirming when empty)."""
     return max(statuses, key=SEVERITY.__getitem__, default=Status.AFFIRMING)

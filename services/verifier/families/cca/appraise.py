@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
 from services.verifier.families.base import (
-    TRUST_CLAIMS,
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
     TV_NO_CLAIM,
@@ -37,6 +36,7 @@ from services.verifier.families.base import (
     Reason,
     Status,
     VerifyOptions,
+    trust_vector,
     worst,
 )
 from services.verifier.families.cca import policy as cca_policy
@@ -77,7 +77,7 @@ class CcaVerifier:
             return Appraisal(
                 family=FAMILY,
                 status=Status.CONTRAINDICATED,
-                trust_vector=_vector(instance=bad, hardware=bad),
+                trust_vector=trust_vector(instance=bad, hardware=bad),
                 reasons=[Reason(exc.reason, detail)],
                 checks=[Check("parse", False, detail)],
             )
@@ -93,7 +93,7 @@ class CcaVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(token, result),
-            trust_vector=_trust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
@@ -137,26 +137,12 @@ def claims(token: CcaToken, result: CcaVerification | None = None) -> dict[str, 
     }
 
 
-def _vector(**values: int) -> dict[str, int]:
-    names = {
-        "instance": "instance-identity",
-        "configuration": "configuration",
-        "executables": "executables",
-        "hardware": "hardware",
-        "runtime": "runtime-opaque",
-    }
-    vector = dict.fromkeys(TRUST_CLAIMS, TV_NO_CLAIM)
-    for key, value in values.items():
-        vector[names[key]] = value
-    return vector
-
-
-def _trust_vector(
+def _trusttrust_vector(
     result: CcaVerification, policy_reasons: list[Reason], policy: CcaPolicy
 ) -> dict[str, int]:
     bad = TV_CONTRAINDICATED
     if not result.verified:
-        return _vector(instance=bad, hardware=bad, configuration=bad, runtime=bad)
+        return trust_vector(instance=bad, hardware=bad, configuration=bad, runtime=bad)
     codes = {r.code for r in policy_reasons}
 
     def tier(relevant: frozenset[str]) -> int:
@@ -172,7 +158,7 @@ def _trust_vector(
         )
     ):
         executables = tier(_EXECUTABLE_CODES)
-    return _vector(
+    return trust_vector(
         instance=bad if result.binding_failures else TV_AFFIRMING,
         hardware=tier(_HARDWARE_CODES),
         configuration=tier(_CONFIG_CODES),

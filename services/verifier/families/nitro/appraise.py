@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
 from services.verifier.families.base import (
-    TRUST_CLAIMS,
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
     TV_NO_CLAIM,
@@ -35,6 +34,7 @@ from services.verifier.families.base import (
     Reason,
     Status,
     VerifyOptions,
+    trust_vector,
     worst,
 )
 from services.verifier.families.nitro import policy as nitro_policy
@@ -72,7 +72,7 @@ class NitroVerifier:
             return Appraisal(
                 family=FAMILY,
                 status=Status.CONTRAINDICATED,
-                trust_vector=_vector(instance=bad, hardware=bad),
+                trust_vector=trust_vector(instance=bad, hardware=bad),
                 reasons=[Reason(exc.reason, detail)],
                 checks=[Check("parse", False, detail)],
             )
@@ -92,7 +92,7 @@ class NitroVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(document, result),
-            trust_vector=_trust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
@@ -132,26 +132,12 @@ def claims(document: NitroDocument, result: NitroVerification | None = None) -> 
     return out
 
 
-def _vector(**values: int) -> dict[str, int]:
-    names = {
-        "instance": "instance-identity",
-        "configuration": "configuration",
-        "executables": "executables",
-        "hardware": "hardware",
-        "runtime": "runtime-opaque",
-    }
-    vector = dict.fromkeys(TRUST_CLAIMS, TV_NO_CLAIM)
-    for key, value in values.items():
-        vector[names[key]] = value
-    return vector
-
-
-def _trust_vector(
+def _trusttrust_vector(
     result: NitroVerification, policy_reasons: list[Reason], policy: NitroPolicy
 ) -> dict[str, int]:
     bad = TV_CONTRAINDICATED
     if not result.verified:
-        return _vector(instance=bad, hardware=bad, configuration=bad, runtime=bad)
+        return trust_vector(instance=bad, hardware=bad, configuration=bad, runtime=bad)
     codes = {r.code for r in policy_reasons}
 
     def tier(relevant: frozenset[str]) -> int:
@@ -161,7 +147,7 @@ def _trust_vector(
     if policy.allowed_pcrs is not None:
         executables = bad if "nitro.pcr_not_allowed" in codes else TV_AFFIRMING
     identity = bad if result.binding_failures or codes & _IDENTITY_CODES else TV_AFFIRMING
-    return _vector(
+    return trust_vector(
         instance=identity,
         hardware=tier(_HARDWARE_CODES),
         configuration=tier(_CONFIG_CODES),

@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
 from services.verifier.families.base import (
-    TRUST_CLAIMS,
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
     TV_NO_CLAIM,
@@ -35,6 +34,7 @@ from services.verifier.families.base import (
     Reason,
     Status,
     VerifyOptions,
+    trust_vector,
     worst,
 )
 from services.verifier.families.snp import policy as snp_policy
@@ -93,7 +93,7 @@ class SnpVerifier:
             return Appraisal(
                 family=FAMILY,
                 status=Status.CONTRAINDICATED,
-                trust_vector=_vector(instance=TV_CONTRAINDICATED, hardware=TV_CONTRAINDICATED),
+                trust_vector=trust_vector(instance=TV_CONTRAINDICATED, hardware=TV_CONTRAINDICATED),
                 reasons=[Reason(exc.reason, exc.detail or exc.reason)],
                 checks=[Check("parse", False, exc.detail or exc.reason)],
             )
@@ -113,7 +113,7 @@ class SnpVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(report, result),
-            trust_vector=_trust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=checks,
             verified=result.verified,
@@ -190,25 +190,11 @@ def _describe(report: AttestationReport, with_table: bool) -> str:
     return f"ATTESTATION_REPORT VERSION {report.version}{where}{table}"
 
 
-def _vector(**values: int) -> dict[str, int]:
-    names = {
-        "instance": "instance-identity",
-        "configuration": "configuration",
-        "executables": "executables",
-        "hardware": "hardware",
-        "runtime": "runtime-opaque",
-    }
-    vector = dict.fromkeys(TRUST_CLAIMS, TV_NO_CLAIM)
-    for key, value in values.items():
-        vector[names[key]] = value
-    return vector
-
-
-def _trust_vector(
+def _trusttrust_vector(
     result: SnpVerification, policy_reasons: list[Reason], policy: SnpPolicy
 ) -> dict[str, int]:
     if not result.verified:
-        return _vector(
+        return trust_vector(
             instance=TV_CONTRAINDICATED,
             hardware=TV_CONTRAINDICATED,
             configuration=TV_CONTRAINDICATED,
@@ -227,7 +213,7 @@ def _trust_vector(
         bad = "snp.measurement_not_allowed" in codes
         executables = TV_CONTRAINDICATED if bad else TV_AFFIRMING
     instance = TV_CONTRAINDICATED if result.binding_failures else TV_AFFIRMING
-    return _vector(
+    return trust_vector(
         instance=instance,
         hardware=tier(_HARDWARE_CODES),
         configuration=tier(_CONFIG_CODES),
