@@ -62,9 +62,10 @@ class SnpEvidence(_Evidence, frozen=True, tag="snp"):
 
 
 class TdxEvidence(_Evidence, frozen=True, tag="tdx"):
-    """A raw DCAP TDX quote (v4 or v5)."""
+    """A raw DCAP TDX quote (v4 or v5), and the firmware's CCEL event log when the node has it."""
 
     quote: Blob
+    event_log: Blob | None = None
 
 
 class SgxEvidence(_Evidence, frozen=True, tag="sgx"):

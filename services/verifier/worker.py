@@ -26,6 +26,7 @@ from services.verifier.families.base import (
     Status,
     VerifyOptions,
 )
+from services.verifier.families.dcap.ccel import CCEL_FILE
 from services.verifier.trust import TrustStore
 
 log = telemetry.logger("verifier")
@@ -39,6 +40,18 @@ def expected_report_data(nonce: bytes, public_key: bytes) -> bytes:
 
 def derived_id(kind: str, source_id: str) -> str:
     return hashlib.sha256(f"{kind}:{source_id}".encode()).hexdigest()[:32]
+
+
+def evidence_collateral(evidence: events.Evidence) -> dict[str, bytes]:
+    """Collateral that travels inside the evidence: a TDX node's CCEL event log (``ccel.bin``).
+
+    Handing it over as a collateral file keeps the family interface bytes-in, and lets
+    ``attestmesh verify --collateral DIR`` replay a saved log the same way. It is the node's
+    own, so it overrides any file of that name among the worker's collateral.
+    """
+    if isinstance(evidence, events.TdxEvidence) and evidence.event_log is not None:
+        return {CCEL_FILE: evidence.event_log}
+    return {}
 
 
 class VerifierWorker:
@@ -152,7 +165,7 @@ class VerifierWorker:
         options = VerifyOptions(
             now=self.clock(),
             trust=self.trust,
-            collateral={**self.collateral, **(extra or {})},
+            collateral={**self.collateral, **(extra or {}), **evidence_collateral(event.evidence)},
             expected_report_data=expected_report_data(event.nonce, event.public_key),
             offline=self.offline,
         )

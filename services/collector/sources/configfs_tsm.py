@@ -24,6 +24,9 @@ read is bounded. The syscalls go through :class:`FileOps`, a seam the tests fill
 kernel (:mod:`services.testing.fakes`) on an ordinary directory; the Gramine source reuses it.
 The evidence checks shared with the ioctl sources (:func:`snp_evidence`, :func:`check_dcap_quote`)
 live here too because configfs-tsm is the one interface that yields both formats.
+
+TDX evidence also carries the firmware's event log when the guest exposes the ACPI CCEL table's
+log area (:func:`read_ccel`), so the verifier can replay it against the quote's RTMRs.
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ from typing import Protocol
 
 from services.mesh import events
 from services.mesh.errors import AttestmeshError, ConfigError, ParseError, VerificationError
+from services.verifier.families.dcap.ccel import MAX_AREA_SIZE, used_log
 from services.verifier.families.dcap.quote import parse_quote
 from services.verifier.families.snp.certtable import MAX_TABLE_SIZE, parse_cert_table
 from services.verifier.families.snp.parse import parse_report
 
 DEFAULT_ROOT = Path("/sys/kernel/config/tsm/report")
+DEFAULT_CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")
+"""The CCEL table's log area as Linux exposes it (root-only; absent outside a TD)."""
 REPORT_DATA_SIZE = 64
 PRIVLEVEL_MAX = 3
 MAX_OUTBLOB = 32 * 1024
@@ -291,7 +297,8 @@ class ConfigfsTsmSource:
 
     ``family`` is probed from the provider when not given; ``privlevel`` (SNP only) requests a
     report for that VMPL. Each :meth:`collect` uses its own entry, so concurrent rounds (and
-    other agents on the node) never share one.
+    other agents on the node) never share one. ``ccel`` is where TDX evidence finds the event
+    log (``None``: never attach one).
     """
 
     simulated = False
@@ -303,8 +310,10 @@ class ConfigfsTsmSource:
         family: str | None = None,
         privlevel: int | None = None,
         files: FileOps | None = None,
+        ccel: Path | str | None = DEFAULT_CCEL,
     ) -> None:
         self.root = Path(root)
+        self.ccel = Path(ccel) if ccel is not None else None
         self.files: FileOps = files or OS_FILES
         if privlevel is not None and not 0 <= privlevel <= PRIVLEVEL_MAX:
             raise ConfigError("collector.privlevel", f"privlevel {privlevel} is not in 0..3")
@@ -324,7 +333,8 @@ class ConfigfsTsmSource:
             outblob, auxblob = self._generate(entry, report_data)
         if self.family == "snp":
             return snp_evidence(outblob, auxblob, report_data, vmpl=self.privlevel)
-        return events.TdxEvidence(quote=check_dcap_quote(outblob, report_data, tdx=True))
+        quote = check_dcap_quote(outblob, report_data, tdx=True)
+        return events.TdxEvidence(quote=quote, event_log=read_ccel(self.ccel, self.files))
 
     def _generate(self, entry: AttributeDir, report_data: bytes) -> tuple[bytes, bytes | None]:
         provider = parse_name(entry.read("provider", MAX_TEXT), f"{entry.label}/provider")
@@ -365,6 +375,38 @@ class ConfigfsTsmSource:
 
 def _generation(entry: AttributeDir) -> int:
     return parse_count(entry.read("generation", MAX_TEXT), f"{entry.label}/generation")
+
+
+def read_ccel(path: Path | None, files: FileOps | None = None) -> bytes | None:
+    """The CCEL event log at ``path`` without the log area's unused fill; ``None`` if unreadable.
+
+    The log is optional evidence: no table (not a TD, old firmware) or no permission to read it
+    leaves the quote to stand alone. A log the verifier could not take (over its bounds), or
+    one planted as a link or special file, is an error like any other unexpected attribute.
+    """
+    if path is None:
+        return None
+    files = files or OS_FILES
+    try:
+        tables_fd = files.open(str(path.parent), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        area = AttributeDir(files, tables_fd, str(path.parent)).read_optional(
+            path.name, MAX_AREA_SIZE
+        )
+    except AttestmeshError as exc:
+        if exc.reason != "collector.device_error":
+            raise
+        return None
+    finally:
+        files.close(tables_fd)
+    if area is None:
+        return None
+    try:
+        return used_log(area) or None
+    except ParseError as exc:
+        raise ParseError("collector.bad_report", f"CCEL event log: {exc.detail}") from exc
 
 
 def read_provider(root: Path, files: FileOps | None = None) -> str:

@@ -10,6 +10,11 @@ of these; all violations are reported, not the first.
 Claim names are lowercase snake_case (``mrtd``, ``rtmr0``, ``tcb_status``); byte strings are
 lowercase hex; Intel's own vocabulary is kept for ``tcb_status`` (``OutOfDate``) and
 ``advisories`` (``INTEL-SA-00960``).
+
+A TD quote that comes with its CCEL event log (collateral ``ccel.bin``) also has the log
+replayed against its RTMRs (:mod:`.ccel`): ``ccel_events`` and ``ccel_verified`` when it holds,
+``tdx.ccel_rtmr_mismatch`` or ``tdx.ccel_malformed`` (contraindicated) when not. Without a log
+nothing of this appears.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from services.verifier.families.base import (
     VerifyOptions,
     worst,
 )
+from services.verifier.families.dcap.ccel import CCEL_FILE, appraise_ccel
 from services.verifier.families.dcap.pck import SGX_TYPES
 from services.verifier.families.dcap.pcs import TcbStatus
 from services.verifier.families.dcap.quote import EnclaveReport, Quote, TdReport
@@ -268,6 +274,7 @@ def to_appraisal(
     """Claims, reasons, status and trust vector of one verified (or failed) quote."""
     findings = result.findings
     reasons = findings.for_family(family)
+    checks = list(findings.checks)
     quote = result.quote
     claims: dict[str, Any] = {}
     tcb_tier = Status.CONTRAINDICATED
@@ -281,6 +288,14 @@ def to_appraisal(
         rejected = not findings.integrity_ok or (debug and not policy.allow_debug)
         claims.update(_platform_claims(result, quote, rejected))
         reasons.extend(_policy_reasons(family, result, quote, options, policy, rejected=rejected))
+        log = options.collateral.get(CCEL_FILE)
+        if isinstance(body, TdReport) and log is not None:
+            ccel_claims, check, ccel_reasons = appraise_ccel(
+                family, log, body.rtmrs, quote_verified=findings.integrity_ok
+            )
+            claims.update(ccel_claims)
+            checks.append(check)
+            reasons.extend(ccel_reasons)
         if result.tcb is not None and result.tcb.status is not None:
             tcb_tier = policy.tier(result.tcb.status)
             config_warning = result.tcb.status in _CONFIG_STATUSES
@@ -297,6 +312,6 @@ def to_appraisal(
         claims=claims,
         trust_vector=_trust_vector(verified, tcb_tier, debug, config_warning),
         reasons=reasons,
-        checks=list(findings.checks),
+        checks=checks,
         verified=verified,
     )
