@@ -43,7 +43,7 @@ def trust_store(config: Config) -> TrustStore:
 
 
 async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
-    family_verifier = registry.get(family)
+    family_verifier = registry.get(family, config.appraisal.get(family))
     async with Bus.session(config, f"verifier-{family}") as bus:
         worker = VerifierWorker(
             bus,

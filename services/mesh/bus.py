@@ -130,7 +130,7 @@ class Bus:
             config.nats_url, name, wait=wait, nkey_seed_file=config.nats_nkey_seed_file
         )
         try:
-            await bus.setup(nonce_ttl=config.nonce_ttl_s)
+            await bus.setup(nonce_ttl=config.nonce_ttl_s, replicas=config.jetstream_replicas)
             yield bus
         finally:
             await bus.close()
@@ -143,8 +143,12 @@ class Bus:
             await self.nc.flush(timeout=1)
         await self.nc.close()
 
-    async def setup(self, *, nonce_ttl: float = 120.0) -> None:
-        """Declare every stream and bucket; safe to run concurrently and repeatedly."""
+    async def setup(self, *, nonce_ttl: float = 120.0, replicas: int = 1) -> None:
+        """Declare every stream and bucket; safe to run concurrently and repeatedly.
+
+        A bucket that already exists with other settings (another process configured a
+        different nonce TTL, say) is used as it is rather than failing the service.
+        """
         for spec in STREAMS:
             config = api.StreamConfig(
                 name=spec.name,
@@ -155,6 +159,7 @@ class Bus:
                 max_msg_size=events.MAX_MESSAGE_BYTES,
                 max_bytes=1024 * 1024 * 1024,
                 duplicate_window=120.0,
+                num_replicas=replicas,
             )
             await self._retry(functools.partial(self._declare_stream, config))
         buckets = [
@@ -167,13 +172,20 @@ class Bus:
         for kv in buckets:
             kv.storage = api.StorageType.FILE
             kv.max_value_size = events.MAX_MESSAGE_BYTES
-            await self._retry(functools.partial(self.js.create_key_value, kv))
+            kv.replicas = replicas
+            await self._retry(functools.partial(self._declare_bucket, kv))
 
     async def _declare_stream(self, config: api.StreamConfig) -> None:
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
             await self.js.update_stream(config)
+
+    async def _declare_bucket(self, config: api.KeyValueConfig) -> None:
+        try:
+            await self.js.create_key_value(config)
+        except nats.js.errors.BadRequestError as exc:
+            log.warning("bus.bucket_exists", bucket=config.bucket, detail=exc.description)
 
     async def _retry(self, op: Callable[[], Awaitable[Any]], retry_for: float = 30.0) -> Any:
         deadline = time.monotonic() + retry_for

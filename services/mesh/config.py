@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -47,8 +48,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     decision_ttl_s: float = 300.0
     verdict_ttl_s: float = 300.0
     reattest_interval_s: float = 60.0
+    jetstream_replicas: int = 1
+    """Copies JetStream keeps of each stream and bucket (3 on a 3-server cluster)."""
     max_deliver: int = 5
     ack_wait_s: float = 30.0
+    appraisal: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """Per family, the verifier's appraisal policy (``{"snp": {"min_reported_tcb": ...}}``)."""
     allow_warning: bool = False
     allow_simulated: bool = False
     otlp_endpoint: str | None = None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from services.mesh.errors import ConfigError
+from services.mesh.errors import ConfigError, PolicyError
 from services.verifier.collateral import CollateralRequest, Planner
 from services.verifier.families.base import FamilyVerifier
 
@@ -40,15 +41,45 @@ def families() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def get(family: str) -> FamilyVerifier:
-    """A ready verifier for ``family``; unknown families are a configuration error."""
+# family -> its appraisal policy class (each has ``from_mapping``)
+_POLICIES: dict[str, str] = {
+    "snp": "services.verifier.families.snp.policy:SnpPolicy",
+    "tdx": "services.verifier.families.dcap.appraise:DcapPolicy",
+    "sgx": "services.verifier.families.dcap.appraise:DcapPolicy",
+    "nitro": "services.verifier.families.nitro.policy:NitroPolicy",
+    "cca": "services.verifier.families.cca.policy:CcaPolicy",
+    "tpm": "services.verifier.families.tpm.policy:TpmPolicy",
+}
+
+
+def _load(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def get(family: str, settings: Mapping[str, Any] | None = None) -> FamilyVerifier:
+    """A ready verifier for ``family``, its appraisal policy built from ``settings`` (the
+    family's section of the configuration: minimum TCB, allowed measurements, debug...).
+
+    Unknown families, settings for a family without a policy, and invalid settings are
+    configuration errors: a verifier never starts on a policy it did not understand.
+    """
     target = _FAMILIES.get(family)
     if target is None:
         raise ConfigError("verifier.unknown_family", f"{family!r}; known: {', '.join(families())}")
-    module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
-    verifier: FamilyVerifier = cls()
-    return verifier
+    cls = _load(target)
+    if not settings:
+        verifier: FamilyVerifier = cls()
+        return verifier
+    policy = _POLICIES.get(family)
+    if policy is None:
+        raise ConfigError("verifier.no_policy", f"{family} takes no appraisal settings")
+    try:
+        built = _load(policy).from_mapping(settings)
+    except PolicyError as exc:
+        raise ConfigError(exc.reason, exc.detail) from None
+    configured: FamilyVerifier = cls(policy=built)
+    return configured
 
 
 def planner(family: str, urls: Mapping[str, str]) -> Planner | None:

@@ -20,9 +20,13 @@ nothing of this appears.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
+from services.mesh.errors import PolicyError
 from services.verifier.families.base import (
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
@@ -85,6 +89,14 @@ class DcapPolicy:
     """Minimum tcbEvaluationDataNumber of the TCB info (not checked if None)."""
     allow_trailing_data: bool = False
     """Accept non-zero bytes after the quote (as a warning); zero padding is always accepted."""
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> DcapPolicy:
+        """Build from JSON-like data (statuses by name, advisory IDs as a list)."""
+        try:
+            return msgspec.convert(dict(data), cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise PolicyError("dcap.policy_invalid", str(exc)) from None
 
     def tier(self, status: TcbStatus) -> Status:
         """The EAR status this policy gives a TCB status (Revoked is always contraindicated)."""

