@@ -53,21 +53,31 @@ async def test_a_missing_vcek_is_fetched_once_for_all_replicas(bus: Bus, tmp_pat
     pki = test_pki(tmp_path / "pki")
     node = SimulatedSnp(pki, seed=7)
     report = node.simulator.report(b"\x01" * 64)  # bare report: no certificate table
-    (request,) = requests_for(report, {}, base="http://placeholder")
-    path = request.url.removeprefix("http://placeholder")
+    vcek_request, crl_request = requests_for(report, {}, base="http://placeholder")
+    assert (vcek_request.name, crl_request.name) == ("vcek.der", "crl.der")
+    path = vcek_request.url.removeprefix("http://placeholder")
+    crl_path = crl_request.url.removeprefix("http://placeholder")
     trust = TrustStore.load(None, test_dir=pki.roots_dir)
     options = VerifyOptions(now=datetime.now(UTC), trust=trust)
     assert "snp.vcek_missing" in {r.code for r in SnpVerifier().appraise(report, options).reasons}
 
     kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
-    with FakeHttp({path: node.simulator.vek_der()}) as kds:
+    crl = pki.amd.crl()
+    with FakeHttp({path: node.simulator.vek_der(), crl_path: crl}) as kds:
         replicas = [CollateralCache(kv, offline=False) for _ in range(3)]
         found = [await r.resolve(requests_for(report, {}, base=kds.url)) for r in replicas]
-        assert kds.hits[path] == 1
-        assert sum(r.fetches for r in replicas) == 1
-    assert found[0] == found[1] == found[2] == {"vcek.der": node.simulator.vek_der()}
+        assert kds.hits[path] == 1 and kds.hits[crl_path] == 1
+        assert sum(r.fetches for r in replicas) == 2
+    assert (
+        found[0] == found[1] == found[2] == {"vcek.der": node.simulator.vek_der(), "crl.der": crl}
+    )
     with_vcek = VerifyOptions(now=options.now, trust=trust, collateral=found[0])
     assert SnpVerifier().appraise(report, with_vcek).status is Status.AFFIRMING
+    revoked = {**found[0], "crl.der": pki.amd.crl(revoke=("ask",))}
+    verdict = SnpVerifier().appraise(
+        report, VerifyOptions(now=options.now, trust=trust, collateral=revoked)
+    )
+    assert "snp.cert_revoked" in {r.code for r in verdict.reasons}
 
 
 async def test_offline_mode_never_touches_the_network(bus: Bus, tmp_path: Path) -> None:
@@ -80,10 +90,11 @@ async def test_offline_mode_never_touches_the_network(bus: Bus, tmp_path: Path) 
         assert cache.fetches == 0 and sum(kds.hits.values()) == 0
 
 
-def test_nothing_is_fetched_when_the_evidence_carries_its_vcek(tmp_path: Path) -> None:
+def test_only_the_crl_is_fetched_when_the_evidence_carries_its_vcek(tmp_path: Path) -> None:
     node = SimulatedSnp(test_pki(tmp_path / "pki"))
     evidence = node.simulator.evidence(b"\x03" * 64, attach_certs=True)
-    assert requests_for(evidence, {}, base="http://x") == []
+    assert [r.name for r in requests_for(evidence, {}, base="http://x")] == ["crl.der"]
+    assert requests_for(evidence, {"crl.der": b"given"}, base="http://x") == []
     assert requests_for(evidence[:100], {}, base="http://x") == []
 
 

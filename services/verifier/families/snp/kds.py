@@ -4,7 +4,8 @@ The URL scheme is AMD's (``/vcek/v1/<Product>/<hwid>?blSPL=..&teeSPL=..&snpSPL=.
 plus ``fmcSPL`` on Turin, whose hardware ID is the first 8 bytes of CHIP_ID). A VCEK is a
 pure function of product, chip and TCB, so a fetched one is cached forever under its URL.
 VLEKs are never on the KDS (cloud providers load them into the firmware), so a VLEK-signed
-report must carry its certificate.
+report must carry its certificate. The product's CRL (signed by the ARK) lists revoked ASKs
+and ASVKs; it is fetched alongside and refreshed twice a day.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from services.verifier.families.snp.parse import Product, SigningKey, parse_evid
 
 DEFAULT_KDS = "https://kdsintf.amd.com"
 MAX_CERT_BYTES = 16 * 1024
+MAX_CRL_BYTES = 64 * 1024
+CRL_REFRESH_SECONDS = 12 * 3600.0
 
 
 def vcek_url(base: str, product: Product, chip_id: bytes, tcb: Mapping[str, int]) -> str:
@@ -42,24 +45,30 @@ def crl_url(base: str, product: Product) -> str:
 def requests_for(
     evidence: bytes, have: Mapping[str, bytes], *, base: str = DEFAULT_KDS
 ) -> list[CollateralRequest]:
-    """What to fetch so ``evidence`` can be verified: the VCEK, unless it is at hand.
+    """What to fetch so ``evidence`` can be verified: the VCEK unless it is at hand, and the
+    product's CRL (refreshed every :data:`CRL_REFRESH_SECONDS`) unless one was supplied.
 
-    Nothing is requested for evidence that will fail anyway (unparsable, VLEK-signed, chip ID
-    masked, or a version 2 report that does not name its product).
+    Nothing is requested for evidence whose product is unknown (unparsable, or a version 2
+    report, which does not name its product); no VCEK for VLEK-signed or chip-masked reports.
     """
     try:
         parsed = parse_evidence(evidence)
     except ParseError:
         return []
     report = parsed.report
-    table = parsed.cert_table
-    if report.signing_key is not SigningKey.VCEK or report.chip_id_masked:
-        return []
-    if (table is not None and table.vcek is not None) or "vcek.der" in have:
-        return []
     product = report.product_hint
     if product is None:
         return []
-    tcb = report.reported_tcb.as_dict()
-    url = vcek_url(base, product, report.chip_id, tcb)
-    return [CollateralRequest("vcek.der", url, MAX_CERT_BYTES)]
+    wanted = []
+    table = parsed.cert_table
+    has_vcek = (table is not None and table.vcek is not None) or "vcek.der" in have
+    if report.signing_key is SigningKey.VCEK and not report.chip_id_masked and not has_vcek:
+        url = vcek_url(base, product, report.chip_id, report.reported_tcb.as_dict())
+        wanted.append(CollateralRequest("vcek.der", url, MAX_CERT_BYTES))
+    if "crl.der" not in have:
+        wanted.append(
+            CollateralRequest(
+                "crl.der", crl_url(base, product), MAX_CRL_BYTES, max_age=CRL_REFRESH_SECONDS
+            )
+        )
+    return wanted
