@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from services.mesh.errors import AttestmeshError
+
 if TYPE_CHECKING:
     from services.verifier.trust import TrustStore
 
@@ -119,6 +121,19 @@ class Appraisal:
             "reasons": [{"code": r.code, "message": r.message} for r in self.reasons],
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
         }
+
+
+def unparsable(family: str, error: AttestmeshError) -> Appraisal:
+    """The appraisal of evidence that did not even parse: contraindicated, nothing claimed,
+    and the identity and hardware claims of the trust vector contraindicated."""
+    detail = error.detail or error.reason
+    return Appraisal(
+        family=family,
+        status=Status.CONTRAINDICATED,
+        trust_vector=trust_vector(instance=TV_CONTRAINDICATED, hardware=TV_CONTRAINDICATED),
+        reasons=[Reason(error.reason, detail)],
+        checks=[Check("parse", False, detail)],
+    )
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ from services.verifier.families.base import (
     Appraisal,
     Check,
     Reason,
-    Status,
     VerifyOptions,
     trust_vector,
+    unparsable,
     worst,
 )
 from services.verifier.families.cca import policy as cca_policy
@@ -72,15 +72,7 @@ class CcaVerifier:
         try:
             token = parse_token(evidence)
         except ParseError as exc:
-            detail = exc.detail or exc.reason
-            bad = TV_CONTRAINDICATED
-            return Appraisal(
-                family=FAMILY,
-                status=Status.CONTRAINDICATED,
-                trust_vector=trust_vector(instance=bad, hardware=bad),
-                reasons=[Reason(exc.reason, detail)],
-                checks=[Check("parse", False, detail)],
-            )
+            return unparsable(FAMILY, exc)
         result = verify(token, options)
         policy_reasons, policy_checks = cca_policy.evaluate(
             self.policy, token.platform_claims, token.realm_claims

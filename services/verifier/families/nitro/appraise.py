@@ -32,9 +32,9 @@ from services.verifier.families.base import (
     Appraisal,
     Check,
     Reason,
-    Status,
     VerifyOptions,
     trust_vector,
+    unparsable,
     worst,
 )
 from services.verifier.families.nitro import policy as nitro_policy
@@ -67,15 +67,7 @@ class NitroVerifier:
         try:
             signed = parse_document(evidence)
         except ParseError as exc:
-            detail = exc.detail or exc.reason
-            bad = TV_CONTRAINDICATED
-            return Appraisal(
-                family=FAMILY,
-                status=Status.CONTRAINDICATED,
-                trust_vector=trust_vector(instance=bad, hardware=bad),
-                reasons=[Reason(exc.reason, detail)],
-                checks=[Check("parse", False, detail)],
-            )
+            return unparsable(FAMILY, exc)
         document = signed.document
         result = verify(signed, options)
         now = options.now if options.now.tzinfo else options.now.replace(tzinfo=UTC)

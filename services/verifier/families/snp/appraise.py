@@ -35,6 +35,7 @@ from services.verifier.families.base import (
     Status,
     VerifyOptions,
     trust_vector,
+    unparsable,
     worst,
 )
 from services.verifier.families.snp import policy as snp_policy
@@ -90,13 +91,7 @@ class SnpVerifier:
         try:
             parsed = parse_evidence(evidence)
         except ParseError as exc:
-            return Appraisal(
-                family=FAMILY,
-                status=Status.CONTRAINDICATED,
-                trust_vector=trust_vector(instance=TV_CONTRAINDICATED, hardware=TV_CONTRAINDICATED),
-                reasons=[Reason(exc.reason, exc.detail or exc.reason)],
-                checks=[Check("parse", False, exc.detail or exc.reason)],
-            )
+            return unparsable(FAMILY, exc)
         report = parsed.report
         result = verify(parsed, options)
         checks = [Check("parse", True, _describe(report, parsed.cert_table is not None))]
