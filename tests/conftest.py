@@ -13,6 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.mesh import telemetry
 from services.mesh.bus import Bus
 from services.mesh.server import NatsServer
+from services.testing.vectors import roots_dir
+from services.verifier.trust import TrustStore
 
 
 @pytest.fixture
@@ -50,3 +52,11 @@ def _telemetry() -> None:
 def spans() -> InMemorySpanExporter:
     """Every span the in-process services finish, for trace-continuity assertions."""
     return _EXPORTER
+
+
+@pytest.fixture(scope="session")
+def store() -> TrustStore:
+    """The vendor trust anchors of the shared vectors (tests using it skip without them)."""
+    roots = roots_dir()
+    assert roots is not None, "guard the test with the vectors' skipif"
+    return TrustStore.load(roots)

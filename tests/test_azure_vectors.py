@@ -8,14 +8,21 @@ from typing import Any
 
 import pytest
 
-from services.testing.vectors import Vector, iter_vectors, roots_dir, vectors_root
+from services.testing.vectors import (
+    Vector,
+    iter_vectors,
+    pick,
+    roots_dir,
+    vectors_root,
+    verify_options,
+)
 from services.verifier.families.azure import AzSnpVtpmVerifier, AzTdxVtpmVerifier
 from services.verifier.families.azure.hcl import (
     HEADER_SIZE,
     VARIABLE_DATA_OFFSET,
     parse_hcl_report,
 )
-from services.verifier.families.base import Status, VerifyOptions
+from services.verifier.families.base import Status
 from services.verifier.families.tpm import TpmPolicy
 from services.verifier.trust import TrustStore
 
@@ -35,25 +42,6 @@ V1 = "azsnp-trustee-evidence-v1"
 SNP_SIGNED = 0x2A0
 
 
-@pytest.fixture(scope="module")
-def store() -> TrustStore:
-    roots = roots_dir()
-    assert roots is not None
-    return TrustStore.load(roots)
-
-
-def _vector(vector_id: str) -> Vector:
-    if vector_id not in BY_ID:
-        pytest.fail(f"vector {vector_id} is missing from the shared vectors this suite pins")
-    return BY_ID[vector_id]
-
-
-def _options(vector: Vector, store: TrustStore, **changes: Any) -> VerifyOptions:
-    values: dict[str, Any] = {"now": vector.at, "trust": store, "collateral": vector.collateral}
-    values.update(changes)
-    return VerifyOptions(**values)
-
-
 def _document(vector: Vector) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(vector.evidence)
     return document
@@ -69,7 +57,7 @@ def test_every_kind_is_present() -> None:
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v.id for v in VECTORS])
 def test_vector_verifies_as_expected(vector: Vector, store: TrustStore) -> None:
-    appraisal = AzSnpVtpmVerifier().appraise(vector.evidence, _options(vector, store))
+    appraisal = AzSnpVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
     expect = vector.expect
     assert appraisal.status == Status(expect["status"]), appraisal.reasons
     assert appraisal.verified is expect["verifies"]
@@ -89,7 +77,7 @@ def test_every_tdx_vector_verifies_as_expected(store: TrustStore) -> None:
     """Runs whatever az-tdx-vtpm vectors the shared set holds (none yet: the simulated Azure
     TDX CVM in test_azure_cvm covers the format meanwhile)."""
     for vector in TDX_VECTORS:
-        appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, _options(vector, store))
+        appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
         assert appraisal.status == Status(vector.expect["status"]), (vector.id, appraisal.reasons)
         for name, value in vector.expect["claims"].items():
             assert appraisal.claims[name] == value, (vector.id, name)
@@ -109,23 +97,24 @@ def test_negative_vectors_name_their_reason(vector_id: str, code: str, store: Tr
     if vector_id not in negatives:
         pytest.fail(f"vector {vector_id} is missing from the shared vectors this suite pins")
     vector = negatives[vector_id]
-    appraisal = AzSnpVtpmVerifier().appraise(vector.evidence, _options(vector, store))
+    appraisal = AzSnpVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
     assert code in [r.code for r in appraisal.reasons]
 
 
 def test_nonce_binding_in_the_vtpm_quote(store: TrustStore) -> None:
-    vector = _vector(V1)
+    vector = pick(BY_ID, V1)
     verifier = AzSnpVtpmVerifier()
     bound = verifier.appraise(
-        vector.evidence, _options(vector, store, expected_report_data=b"challenge")
+        vector.evidence, verify_options(vector, store, expected_report_data=b"challenge")
     )
     assert bound.status is Status.AFFIRMING and bound.claims["nonce"] == b"challenge".hex()
     padded = verifier.appraise(
-        vector.evidence, _options(vector, store, expected_report_data=b"challenge".ljust(64, b"\0"))
+        vector.evidence,
+        verify_options(vector, store, expected_report_data=b"challenge".ljust(64, b"\0")),
     )
     assert padded.status is Status.AFFIRMING
     wrong = verifier.appraise(
-        vector.evidence, _options(vector, store, expected_report_data=b"other")
+        vector.evidence, verify_options(vector, store, expected_report_data=b"other")
     )
     assert [r.code for r in wrong.reasons] == ["tpm.nonce_mismatch"]
     assert wrong.status is Status.CONTRAINDICATED and wrong.verified
@@ -133,10 +122,10 @@ def test_nonce_binding_in_the_vtpm_quote(store: TrustStore) -> None:
 
 
 def test_every_byte_flip_of_the_signed_snp_region(store: TrustStore) -> None:
-    vector = _vector(RAW)
+    vector = pick(BY_ID, RAW)
     document = _document(vector)
     hcl = base64.urlsafe_b64decode(document["hcl_report"])
-    options = _options(vector, store)
+    options = verify_options(vector, store)
     verifier = AzSnpVtpmVerifier()
     accepted = []
     for offset in range(HEADER_SIZE, HEADER_SIZE + SNP_SIGNED):
@@ -150,12 +139,12 @@ def test_every_byte_flip_of_the_signed_snp_region(store: TrustStore) -> None:
 
 
 def test_every_byte_flip_of_the_runtime_data(store: TrustStore) -> None:
-    vector = _vector(RAW)
+    vector = pick(BY_ID, RAW)
     document = _document(vector)
     hcl = base64.urlsafe_b64decode(document["hcl_report"])
     report = parse_hcl_report(hcl)
     start = VARIABLE_DATA_OFFSET
-    options = _options(vector, store)
+    options = verify_options(vector, store)
     verifier = AzSnpVtpmVerifier()
     accepted = []
     for offset in range(start, start + len(report.variable_data), 2):
@@ -170,10 +159,10 @@ def test_every_byte_flip_of_the_runtime_data(store: TrustStore) -> None:
 
 @pytest.mark.parametrize("part", ["message", "signature"])
 def test_every_byte_flip_of_the_vtpm_quote(part: str, store: TrustStore) -> None:
-    vector = _vector(RAW)
+    vector = pick(BY_ID, RAW)
     document = _document(vector)
     raw = bytes.fromhex(document["tpm_quote"][part])
-    options = _options(vector, store)
+    options = verify_options(vector, store)
     verifier = AzSnpVtpmVerifier()
     accepted = []
     for offset in range(len(raw)):
@@ -187,32 +176,32 @@ def test_every_byte_flip_of_the_vtpm_quote(part: str, store: TrustStore) -> None
 
 
 def test_changed_pcr_and_reference_values(store: TrustStore) -> None:
-    vector = _vector(V1)
+    vector = pick(BY_ID, V1)
     document = _document(vector)
     pcr0 = bytes.fromhex(document["tpm_quote"]["pcrs"][0])
     good = AzSnpVtpmVerifier(tpm_policy=TpmPolicy(reference_pcrs={0: frozenset({pcr0})}))
-    assert good.appraise(vector.evidence, _options(vector, store)).status is Status.AFFIRMING
+    assert good.appraise(vector.evidence, verify_options(vector, store)).status is Status.AFFIRMING
     bad = AzSnpVtpmVerifier(tpm_policy=TpmPolicy(reference_pcrs={0: frozenset({bytes(32)})}))
-    appraisal = bad.appraise(vector.evidence, _options(vector, store))
+    appraisal = bad.appraise(vector.evidence, verify_options(vector, store))
     assert [r.code for r in appraisal.reasons] == ["tpm.pcr_not_allowed"]
     document["tpm_quote"]["pcrs"][5] = "00" * 32
-    changed = AzSnpVtpmVerifier().appraise(_encode(document), _options(vector, store))
+    changed = AzSnpVtpmVerifier().appraise(_encode(document), verify_options(vector, store))
     assert [r.code for r in changed.reasons] == ["tpm.pcr_digest_mismatch"]
 
 
 def test_vcek_of_another_chip_and_missing_roots(store: TrustStore) -> None:
-    raw, v1 = _vector(RAW), _vector(V1)
+    raw, v1 = pick(BY_ID, RAW), pick(BY_ID, V1)
     document = _document(raw)
     document["vcek"] = _document(v1)["vcek"]
-    appraisal = AzSnpVtpmVerifier().appraise(_encode(document), _options(raw, store))
+    appraisal = AzSnpVtpmVerifier().appraise(_encode(document), verify_options(raw, store))
     codes = [r.code for r in appraisal.reasons]
     assert "snp.report_signature_invalid" in codes and not appraisal.verified
-    bare = AzSnpVtpmVerifier().appraise(raw.evidence, _options(raw, TrustStore()))
+    bare = AzSnpVtpmVerifier().appraise(raw.evidence, verify_options(raw, TrustStore()))
     assert [r.code for r in bare.reasons] == ["snp.no_trust_anchor"]
 
 
 def test_a_tdx_verifier_refuses_snp_evidence(store: TrustStore) -> None:
-    vector = _vector(V1)
-    appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, _options(vector, store))
+    vector = pick(BY_ID, V1)
+    appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
     assert appraisal.status is Status.CONTRAINDICATED
     assert [r.code for r in appraisal.reasons] == ["az.evidence_invalid"]

@@ -16,7 +16,13 @@ import pytest
 from cryptography import x509
 
 from services.testing.intel_pki import quote_collateral_v3
-from services.testing.vectors import Vector, iter_vectors, roots_dir, vectors_root
+from services.testing.vectors import (
+    Vector,
+    iter_vectors,
+    pick,
+    roots_dir,
+    vectors_root,
+)
 from services.verifier.families.base import Appraisal, Status, VerifyOptions
 from services.verifier.families.dcap.quote import parse_quote
 from services.verifier.families.sgx import SgxVerifier
@@ -37,19 +43,6 @@ WITH_ORACLE = [v for v in VECTORS if "oracle" in v.meta]
 HAS_DCAP_QVL = importlib.util.find_spec("dcap_qvl") is not None
 FLIP_VECTORS = ["tdx-dcapqvl-sample", "sgx-dcapqvl-sample"]
 flip_vectors = pytest.mark.parametrize("vector_id", FLIP_VECTORS)
-
-
-@pytest.fixture(scope="module")
-def store() -> TrustStore:
-    roots = roots_dir()
-    assert roots is not None
-    return TrustStore.load(roots)
-
-
-def _vector(vector_id: str) -> Vector:
-    if vector_id not in BY_ID:
-        pytest.fail(f"vector {vector_id} is missing from the shared vectors this suite pins")
-    return BY_ID[vector_id]
 
 
 def _appraise(
@@ -125,7 +118,7 @@ def test_live_dcap_qvl_agrees(vector: Vector, store: TrustStore) -> None:
 
 @flip_vectors
 def test_vectors_expire_when_their_collateral_does(vector_id: str, store: TrustStore) -> None:
-    vector = _vector(vector_id)
+    vector = pick(BY_ID, vector_id)
     later = _appraise(vector, store, now=vector.at + timedelta(days=400))
     assert later.status == Status.CONTRAINDICATED and not later.verified
     codes = {r.code for r in later.reasons}
@@ -147,7 +140,7 @@ def _assert_rejected(appraisal: Appraisal, where: str) -> None:
 
 @flip_vectors
 def test_every_byte_of_header_and_body_is_signed(vector_id: str, store: TrustStore) -> None:
-    vector = _vector(vector_id)
+    vector = pick(BY_ID, vector_id)
     signed = len(parse_quote(vector.evidence).signed)
     for index, mutated in enumerate(_flips(vector.evidence, 0, signed)):
         _assert_rejected(_appraise(vector, store, mutated), f"quote byte {index:#x}")
@@ -155,7 +148,7 @@ def test_every_byte_of_header_and_body_is_signed(vector_id: str, store: TrustSto
 
 @flip_vectors
 def test_signature_key_qe_report_and_auth_data_are_bound(vector_id: str, store: TrustStore) -> None:
-    vector = _vector(vector_id)
+    vector = pick(BY_ID, vector_id)
     evidence = vector.evidence
     quote = parse_quote(evidence)
     cert = quote.certification
@@ -184,7 +177,7 @@ def _same_chain(original: bytes, mutated: bytes) -> bool:
 
 @flip_vectors
 def test_pck_chain_bytes_are_checked(vector_id: str, store: TrustStore) -> None:
-    vector = _vector(vector_id)
+    vector = pick(BY_ID, vector_id)
     evidence = vector.evidence
     pem = parse_quote(evidence).certification.pck_chain_pem
     start = evidence.index(pem)
@@ -213,7 +206,7 @@ def test_pck_chain_bytes_are_checked(vector_id: str, store: TrustStore) -> None:
 def test_every_collateral_item_is_signed(
     vector_id: str, name: str, stride: int, store: TrustStore
 ) -> None:
-    vector = _vector(vector_id)
+    vector = pick(BY_ID, vector_id)
     original = vector.collateral[name]
     for offset in range(0, len(original), stride):
         mutated = bytearray(original)

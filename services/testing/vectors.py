@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from services.verifier.families.base import VerifyOptions
+from services.verifier.trust import TrustStore
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -104,3 +107,18 @@ def iter_vectors(
 def _check_digest(vector_id: str, name: str, data: bytes, expected: str) -> None:
     if hashlib.sha256(data).hexdigest() != expected:
         raise VectorError(f"{vector_id}: {name} does not match the sha256 in vector.json")
+
+
+def pick(vectors: Mapping[str, Vector], vector_id: str) -> Vector:
+    """The vector ``vector_id``; a pinned vector missing from the shared set is an error, not a
+    reason to skip (the set changed under the tests)."""
+    if vector_id not in vectors:
+        raise VectorError(f"vector {vector_id} is missing from the shared vectors")
+    return vectors[vector_id]
+
+
+def verify_options(vector: Vector, trust: TrustStore, **changes: Any) -> VerifyOptions:
+    """Options that verify ``vector`` as recorded: at its ``at`` time, with its collateral."""
+    values: dict[str, Any] = {"now": vector.at, "trust": trust, "collateral": vector.collateral}
+    values.update(changes)
+    return VerifyOptions(**values)
