@@ -52,3 +52,10 @@ def rsa2048(seconds: float = 1.0) -> float:
     return rate(
         lambda: public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256()), seconds
     )
+
+
+MEASURES = {
+    "ecdsa_p384_verify": p384,
+    "ecdsa_p256_verify": p256,
+    "rsa2048_pkcs1_verify": rsa2048,
+}

@@ -85,7 +85,7 @@ class CcaVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(token, result),
-            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
@@ -129,7 +129,7 @@ def claims(token: CcaToken, result: CcaVerification | None = None) -> dict[str, 
     }
 
 
-def _trusttrust_vector(
+def _trust_vector(
     result: CcaVerification, policy_reasons: list[Reason], policy: CcaPolicy
 ) -> dict[str, int]:
     bad = TV_CONTRAINDICATED

@@ -84,7 +84,7 @@ class NitroVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(document, result),
-            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
@@ -124,7 +124,7 @@ def claims(document: NitroDocument, result: NitroVerification | None = None) -> 
     return out
 
 
-def _trusttrust_vector(
+def _trust_vector(
     result: NitroVerification, policy_reasons: list[Reason], policy: NitroPolicy
 ) -> dict[str, int]:
     bad = TV_CONTRAINDICATED

@@ -108,7 +108,7 @@ class SnpVerifier:
             family=FAMILY,
             status=worst([r.status for r in reasons]),
             claims=claims(report, result),
-            trust_vector=_trusttrust_vector(result, policy_reasons, self.policy),
+            trust_vector=_trust_vector(result, policy_reasons, self.policy),
             reasons=reasons,
             checks=checks,
             verified=result.verified,
@@ -185,7 +185,7 @@ def _describe(report: AttestationReport, with_table: bool) -> str:
     return f"ATTESTATION_REPORT VERSION {report.version}{where}{table}"
 
 
-def _trusttrust_vector(
+def _trust_vector(
     result: SnpVerification, policy_reasons: list[Reason], policy: SnpPolicy
 ) -> dict[str, int]:
     if not result.verified:
