@@ -191,3 +191,16 @@ def test_appraise_never_raises(part: str, patch: bytes, at: int) -> None:
 @given(st.binary(max_size=300))
 def test_appraise_never_raises_on_garbage(data: bytes) -> None:
     assert TpmVerifier().appraise(data, OPTIONS).status is Status.CONTRAINDICATED
+
+
+def test_event_claims_are_capped_so_the_ear_fits_a_message() -> None:
+    from services.verifier.families.tpm.eventlog import MAX_EVENT_CLAIMS, event_claims
+
+    builder = EventLogBuilder()
+    for index in range(MAX_EVENT_CLAIMS + 100):
+        builder.measure(index % 8, 0xD, f"event {index}".encode())
+    parsed = parse_event_log(builder.encode())
+    assert len(parsed.events) == MAX_EVENT_CLAIMS + 100
+    claims = event_claims(parsed, HashAlg.SHA256)
+    assert len(claims) == MAX_EVENT_CLAIMS
+    assert len(json.dumps(claims)) < 128 * 1024

@@ -179,7 +179,10 @@ def event_log_claims(
     except ParseError as exc:
         findings.policy_failure("event_log", exc.reason, exc.detail)
         return {}, False
-    claims: dict[str, Any] = {"events": eventlog.event_claims(log, result.bank)}
+    claims: dict[str, Any] = {
+        "events": eventlog.event_claims(log, result.bank),
+        "event_count": len(log.events),
+    }
     if replayed.mismatched:
         listed = ", ".join(f"PCR{i}" for i in replayed.mismatched)
         findings.policy_failure(

@@ -205,10 +205,15 @@ def replay(log: EventLog, bank: int, quoted: dict[int, bytes]) -> Replay:
     return result
 
 
+MAX_EVENT_CLAIMS = 512
+"""Events listed as claims at most: the EAR must fit a bus message (the replay covers all)."""
+
+
 def event_claims(log: EventLog, bank: int) -> list[dict[str, object]]:
-    """The events as claims: PCR, type, the bank's digest, and small event data as hex."""
+    """The first :data:`MAX_EVENT_CLAIMS` events as claims: PCR, type, the bank's digest, and
+    small event data as hex (every event is still replayed against the PCRs)."""
     out: list[dict[str, object]] = []
-    for event in log.events:
+    for event in log.events[:MAX_EVENT_CLAIMS]:
         item: dict[str, object] = {
             "pcr": event.pcr,
             "type": event.type_name,
