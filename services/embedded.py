@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import nats.js.errors
+
 from services.broker.sealing import KeyFileSource
 from services.broker.store import SecretStore
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
@@ -155,6 +157,26 @@ def _line(result: RoundResult) -> str:
     return f"{result.node:<10} {result.status:<16} {outcome:<28} {result.latency_ms:8.1f} ms"
 
 
+async def wait_until_ready(bus: Bus, mesh: Mesh, timeout: float = 60.0) -> None:
+    """Wait for every service's durable consumer, so the first round measures the mesh and
+    not the services' start-up (nothing would be lost without this: streams keep the work)."""
+    durables = [(subjects.STREAM_EVIDENCE, f"verifier-{f}") for f in FAMILIES]
+    durables += [(subjects.STREAM_VERDICTS, "policy"), (subjects.STREAM_DECISIONS, "broker")]
+    deadline = asyncio.get_running_loop().time() + timeout
+    for stream, durable in durables:
+        while True:
+            try:
+                await bus.js.consumer_info(stream, durable)
+                break
+            except nats.js.errors.NotFoundError:
+                dead = mesh.failed()
+                if dead:
+                    raise RuntimeError(f"service(s) exited: {', '.join(dead)}") from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"{durable} did not start in {timeout:.0f} s") from None
+                await asyncio.sleep(0.1)
+
+
 async def drive(
     config: Config,
     *,
@@ -169,6 +191,7 @@ async def drive(
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
     async with Bus.session(config, "up-nodes") as bus:
+        await wait_until_ready(bus, mesh)
         collectors = [
             CollectorNode(bus, f"{family}-{i + 1}", simulated_source(family, pki, seed=i))
             for i, family in ((i, FAMILIES[i % len(FAMILIES)]) for i in range(nodes))
