@@ -275,7 +275,7 @@ def _collector(args: argparse.Namespace) -> int:
     )
 
     async def main(stop: asyncio.Event) -> None:
-        async with Bus.session(config, f"collector-{args.node}") as bus:
+        async with Bus.session(config, f"collector-{args.node}", declare=False) as bus:
             node = CollectorNode(bus, args.node, source)
             await node.run(stop, interval=config.reattest_interval_s)
 

@@ -124,13 +124,20 @@ class Bus:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def session(cls, config: Config, name: str, *, wait: float = 30.0) -> AsyncIterator[Bus]:
-        """Connect as ``name`` per ``config``, declare streams and buckets, close on exit."""
+    async def session(
+        cls, config: Config, name: str, *, wait: float = 30.0, declare: bool = True
+    ) -> AsyncIterator[Bus]:
+        """Connect as ``name`` per ``config``, declare streams and buckets, close on exit.
+
+        ``declare=False`` is for collectors: they only publish evidence and make requests, so
+        their NATS identity needs no JetStream API rights at all.
+        """
         bus = await cls.connect(
             config.nats_url, name, wait=wait, nkey_seed_file=config.nats_nkey_seed_file
         )
         try:
-            await bus.setup(nonce_ttl=config.nonce_ttl_s, replicas=config.jetstream_replicas)
+            if declare:
+                await bus.setup(nonce_ttl=config.nonce_ttl_s, replicas=config.jetstream_replicas)
             yield bus
         finally:
             await bus.close()

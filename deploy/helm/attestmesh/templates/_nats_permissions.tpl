@@ -101,11 +101,11 @@ shorten retention or redirect subjects of a stream it shares with others.
 {{- $sub = append $sub "attest.secret.* broker" -}}
 {{- $responder = true -}}
 {{- else if eq $id "collector" -}}
-{{- $pub = concat $declare (list "attest.nonce" "attest.evidence.*.*" "attest.secret.*") -}}
+{{- $pub = list "attest.nonce" "attest.evidence.*.*" "attest.secret.*" -}}
 {{- $sub = concat $sub (list "attest.decision.*" "attest.revoked.*") -}}
 {{- else if hasPrefix "collector-node-" $id -}}
 {{- $node := trimPrefix "collector-node-" $id -}}
-{{- $pub = concat $declare (list "attest.nonce" (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node)) -}}
+{{- $pub = list "attest.nonce" (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node) -}}
 {{- $sub = concat $sub (list (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node)) -}}
 {{- else if eq $id "admin" -}}
 {{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" true) | fromJsonArray)
