@@ -241,3 +241,21 @@ async def test_collectors_reattest_on_an_interval(mesh: TestMesh, bus: Bus) -> N
     assert results.qsize() == 3
     while not results.empty():
         assert (await results.get()).released
+
+
+async def test_routing_fields_must_agree_with_the_signed_verdict(mesh: TestMesh, bus: Bus) -> None:
+    challenge = await bus.request(
+        subjects.NONCE, events.NonceRequest(node="node-m"), events.NonceChallenge
+    )
+    appraisal = Appraisal(family="snp", status=Status.CONTRAINDICATED, verified=True)
+    subject = ear.Subject(
+        node="node-m", evidence_id="e", nonce=challenge.nonce, public_key=b"k" * 32
+    )
+    token = ear.issue(mesh.verifier_key, appraisal, subject, now=events.utcnow(), ttl=60)
+    lying = events.Verdict(
+        node="node-m", family="snp", evidence_id="e", status="affirming", ear=token
+    )
+    await bus.publish(subjects.verdict("snp", "node-m"), lying)
+    letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 1)
+    assert [d.reason for d in letters] == ["policy.routing_mismatch"]
+    assert not await _decision_exists(bus, derived_id("decision", lying.id))

@@ -151,6 +151,7 @@ class PolicyService:
                 result.subject.node != verdict.node
                 or result.family != verdict.family
                 or result.subject.evidence_id != verdict.evidence_id
+                or result.status.value != verdict.status
                 or subjects.node_of(msg.subject) != verdict.node
             ):
                 raise Rejected("policy.routing_mismatch", "routing fields disagree with the EAR")
