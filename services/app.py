@@ -18,6 +18,7 @@ from services.broker.service import BrokerService
 from services.mesh import subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
+from services.mesh.health import Heartbeat
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.policy.service import PolicyService
@@ -42,6 +43,16 @@ def trust_store(config: Config) -> TrustStore:
     return TrustStore.load(roots, test_dir=test)
 
 
+async def alongside(
+    config: Config, bus: Bus, stop: asyncio.Event, work: Coroutine[Any, Any, None]
+) -> None:
+    """Run ``work`` with the service's heartbeat beside it (when a health file is set)."""
+    if config.health_file is None:
+        await work
+        return
+    await asyncio.gather(work, Heartbeat(Path(config.health_file), bus).run(stop))
+
+
 async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
     family_verifier = registry.get(family, config.appraisal.get(family))
     async with Bus.session(config, f"verifier-{family}") as bus:
@@ -61,7 +72,8 @@ async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
             ),
         )
         log.info("verifier.started", family=family)
-        await worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        run = worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        await alongside(config, bus, stop, run)
 
 
 async def policy(config: Config, stop: asyncio.Event) -> None:
@@ -79,7 +91,8 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
         )
         await service.start()
         log.info("policy.started", trusted=service.trusted.names())
-        await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        run = service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        await alongside(config, bus, stop, run)
 
 
 async def broker(config: Config, stop: asyncio.Event) -> None:
@@ -91,7 +104,8 @@ async def broker(config: Config, stop: asyncio.Event) -> None:
         )
         await service.start()
         log.info("broker.started")
-        await service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        run = service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
+        await alongside(config, bus, stop, run)
 
 
 def run(

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     collector.add_argument("--simulate", action="store_true", help="use a simulated TEE")
     collector.add_argument("--config", type=Path)
 
+    health = sub.add_parser("health", help="exit 0 if a service's heartbeat file is fresh")
+    health.add_argument("--file", type=Path, required=True)
+    health.add_argument("--max-age", type=float, default=60.0)
+
     secret = sub.add_parser("secret", help="provision secrets into the broker's sealed store")
     secret.add_argument("action", choices=["put", "list"])
     secret.add_argument("resource", nargs="?")
@@ -277,7 +281,9 @@ def _collector(args: argparse.Namespace) -> int:
     async def main(stop: asyncio.Event) -> None:
         async with Bus.session(config, f"collector-{args.node}", declare=False) as bus:
             node = CollectorNode(bus, args.node, source)
-            await node.run(stop, interval=config.reattest_interval_s)
+            await app.alongside(
+                config, bus, stop, node.run(stop, interval=config.reattest_interval_s)
+            )
 
     return app.run("collector", config, main)
 
@@ -300,6 +306,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "secret":
             return _secret(args)
+        if args.command == "health":
+            from services.mesh.health import check
+
+            problem = check(args.file, args.max_age)
+            if problem is not None:
+                print(f"attestmesh: unhealthy: {problem}", file=sys.stderr)
+                return EXIT_CONTRAINDICATED
+            return EXIT_OK
         if args.command == "refvalues":
             return _refvalues(args)
         if args.command == "roots":

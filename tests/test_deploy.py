@@ -623,6 +623,24 @@ def test_service_config_decodes_as_the_config_struct(renders: dict[str, list[Doc
 
 
 @needs_helm
+def test_every_service_is_probed_through_its_heartbeat(renders: dict[str, list[Doc]]) -> None:
+    for name in RENDERS:
+        raw = one(renders[name], "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
+        health_file = msgspec.json.decode(raw.encode(), type=Config).health_file
+        assert health_file is not None and health_file.startswith("/tmp/")  # writable emptyDir
+        services = [
+            spec["containers"][0]
+            for workload, _, spec in pod_specs(renders[name])
+            if not workload.endswith("-nats")
+        ]
+        assert services
+        for container in services:
+            for probe in ("startupProbe", "livenessProbe"):
+                command = container[probe]["exec"]["command"]
+                assert command[:4] == ["attestmesh", "health", "--file", health_file]
+
+
+@needs_helm
 def test_services_get_the_otlp_endpoint_and_their_identity(renders: dict[str, list[Doc]]) -> None:
     from services.verifier import registry
 

@@ -56,6 +56,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Per family, the verifier's appraisal policy (``{"snp": {"min_reported_tcb": ...}}``)."""
     allow_warning: bool = False
     allow_simulated: bool = False
+    health_file: str | None = None
+    """Touched while connected to NATS; ``attestmesh health`` checks it (Kubernetes probe)."""
     otlp_endpoint: str | None = None
     log_level: str = "info"
 

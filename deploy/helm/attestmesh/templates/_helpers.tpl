@@ -134,6 +134,7 @@ Per-node collector identities are named collector-node-<node>.
   "jetstream_replicas" (int .Values.nats.replicas)
   "allow_warning" .Values.config.allow_warning
   "log_level" .Values.config.log_level
+  "health_file" "/tmp/attestmesh-health"
 -}}
 {{- if .Values.collateral.existingConfigMap -}}
 {{- $_ := set $c "collateral_dir" "/etc/attestmesh/collateral" -}}

@@ -140,6 +140,17 @@ spec:
           value: "1"
         - name: HOME
           value: /tmp
+      # The service touches /tmp/attestmesh-health while connected to NATS (config
+      # health_file); a process that loses the bus or wedges stops touching it.
+      startupProbe:
+        exec: {command: ["attestmesh", "health", "--file", "/tmp/attestmesh-health", "--max-age", "30"]}
+        periodSeconds: 5
+        failureThreshold: 24
+      livenessProbe:
+        exec: {command: ["attestmesh", "health", "--file", "/tmp/attestmesh-health", "--max-age", "60"]}
+        periodSeconds: 20
+        timeoutSeconds: 10
+        failureThreshold: 3
       securityContext:
         {{- include "attestmesh.containerSecurityContext" $root | nindent 8 }}
       resources:
