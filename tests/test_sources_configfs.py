@@ -15,13 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.collector.simulator.snp import SnpSimulator
-from services.collector.sources.configfs_tsm import (
-    MAX_OUTBLOB,
-    ConfigfsTsmSource,
-    parse_count,
-    parse_name,
-    read_provider,
-)
+from services.collector.sources.configfs_tsm import MAX_OUTBLOB, ConfigfsTsmSource, read_provider
+from services.collector.sources.pseudofs import parse_count, parse_name
 from services.mesh import events
 from services.mesh.errors import AttestmeshError, ConfigError, ParseError, VerificationError
 from services.testing.amd_pki import AmdTestPki

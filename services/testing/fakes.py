@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from services.collector.simulator.snp import SnpSimulator
-from services.collector.sources.configfs_tsm import OsFileOps
+from services.collector.sources.pseudofs import OsFileOps
 from services.collector.sources.sev_guest import (
     SNP_GET_EXT_REPORT,
     SNP_GET_REPORT,

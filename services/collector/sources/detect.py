@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.collector.sources import configfs_tsm, gramine, nsm, sev_guest, tdx_guest, tpm
 from services.collector.sources.base import EvidenceSource
-from services.collector.sources.configfs_tsm import FileOps
+from services.collector.sources.pseudofs import OS_FILES, FileOps
 from services.collector.sources.sev_guest import DeviceOps
 from services.mesh.errors import AttestmeshError, ConfigError
 
@@ -58,7 +58,7 @@ def detect_source(
             f"no hardware evidence source exists for family {family!r} (only {FAMILIES})",
         )
     roots = roots or Roots()
-    files = files or configfs_tsm.OS_FILES
+    files = files or OS_FILES
     device = device or sev_guest.OS_DEVICE
     wanted = set(FAMILIES) if family is None else {family}
     looked: list[str] = []

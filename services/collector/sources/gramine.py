@@ -9,8 +9,8 @@ type is checked before every round.
 ``user_report_data`` is one per enclave, shared by every thread, so a round holds a process-wide
 lock from write to read; processes forked inside the same enclave could still interleave, which
 is why the quote must echo our REPORT_DATA before it leaves. Files are handled with the
-configfs source's :class:`~.configfs_tsm.AttributeDir` (bounded, no symlinks), through the same
-:class:`~.configfs_tsm.FileOps` seam the tests fill with a fake.
+configfs source's :class:`~.pseudofs.AttributeDir` (bounded, no symlinks), through the same
+:class:`~.pseudofs.FileOps` seam the tests fill with a fake.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.collector.sources.configfs_tsm import (
+from services.collector.sources.checks import check_dcap_quote, require_report_data
+from services.collector.sources.pseudofs import (
     MAX_TEXT,
     OS_FILES,
     AttributeDir,
     FileOps,
-    check_dcap_quote,
     os_failure,
-    require_report_data,
 )
 from services.mesh import events
 from services.mesh.errors import ConfigError

@@ -46,12 +46,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from services.collector.sources.configfs_tsm import (
-    REPORT_DATA_SIZE,
-    os_failure,
-    require_report_data,
-    snp_evidence,
-)
+from services.collector.sources.checks import REPORT_DATA_SIZE, require_report_data, snp_evidence
+from services.collector.sources.pseudofs import os_failure
 from services.mesh import events
 from services.mesh.errors import AttestmeshError, ConfigError, ParseError
 from services.verifier.families.snp.certtable import ENTRY_SIZE, parse_cert_table

@@ -25,12 +25,9 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-from services.collector.sources.configfs_tsm import (
-    DEFAULT_ROOT,
-    REPORT_DATA_SIZE,
-    os_failure,
-    require_report_data,
-)
+from services.collector.sources.checks import REPORT_DATA_SIZE, require_report_data
+from services.collector.sources.configfs_tsm import DEFAULT_ROOT
+from services.collector.sources.pseudofs import os_failure
 from services.collector.sources.sev_guest import OS_DEVICE, DeviceOps, iowr, opened
 from services.mesh.errors import ConfigError, ParseError, VerificationError
 
