@@ -259,3 +259,49 @@ async def test_routing_fields_must_agree_with_the_signed_verdict(mesh: TestMesh,
     letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 1)
     assert [d.reason for d in letters] == ["policy.routing_mismatch"]
     assert not await _decision_exists(bus, derived_id("decision", lying.id))
+
+
+async def test_policy_and_reference_values_reload_without_a_restart(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    from services.collector.simulator.node import SimulatedSnp
+    from services.mesh.natskv import NatsKeyValue
+    from services.policy import refvalues
+    from services.policy.service import POLICY_KEY
+
+    node = mesh.node(bus, "node-p")
+    assert (await node.attest_once()).released
+
+    refs = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]})
+    for _ in range(50):  # the watcher recompiles asynchronously
+        result = await node.attest_once()
+        if not result.allowed:
+            break
+        await asyncio.sleep(0.1)
+    assert result.status == "affirming" and not result.allowed and not result.released
+
+    assert isinstance(node.source, SimulatedSnp)
+    measurement = node.source.measurement.hex()
+    await refvalues.store(refs, "snp", {"measurement": [measurement]})
+    policies = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+    current = await policies.get(POLICY_KEY)
+    assert current is not None
+    deny_all = b"package attestmesh.release\nimport rego.v1\n" + (
+        b'decision := {"allow": false, "reasons": ["closed for maintenance"]}'
+    )
+    await policies.update(POLICY_KEY, deny_all, current[1])
+    for _ in range(50):
+        result = await node.attest_once()
+        if not result.allowed:
+            break
+        await asyncio.sleep(0.1)
+    assert not result.allowed
+
+    await policies.update(POLICY_KEY, current[0], (await policies.get(POLICY_KEY) or (b"", 0))[1])
+    for _ in range(50):
+        result = await node.attest_once()
+        if result.released:
+            break
+        await asyncio.sleep(0.1)
+    assert result.released  # the measurement is now a reference value
