@@ -748,6 +748,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             "publish": {
                 *CREATE,
                 *_consumer("EVIDENCE", f"verifier-{family}", f"attest.evidence.{family}.*"),
+                *_kv("collateral", write=True, watch=False),
                 f"attest.verdict.{family}.*",
                 "attest.dlq.EVIDENCE",
             },
@@ -782,6 +783,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
         "publish": {
             *CREATE,
             *(s.replace(".CREATE.", ".UPDATE.") for s in CREATE),
+            *_kv("collateral", write=True, watch=False),
             *_kv("refvalues", write=True, watch=True),
             *_kv("policies", write=True, watch=True),
         },

@@ -25,6 +25,7 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy.service import PolicyService
 from services.verifier import registry
+from services.verifier.collateral import CollateralCache
 from services.verifier.trust import TrustStore
 from services.verifier.worker import VerifierWorker
 
@@ -84,7 +85,17 @@ class TestMesh:
     async def start_verifier(self) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
             trust = TrustStore.load(self.workdir / "no-vendor-roots", test_dir=self.pki.roots_dir)
-            worker = VerifierWorker(bus, "snp", registry.get("snp"), self.verifier_key, trust)
+            worker = VerifierWorker(
+                bus,
+                "snp",
+                registry.get("snp"),
+                self.verifier_key,
+                trust,
+                planner=registry.planner("snp", {}),
+                fetched=CollateralCache(
+                    NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)), offline=True
+                ),
+            )
             return lambda stop: worker.run(stop, max_deliver=3, ack_wait=5.0)
 
         await self._launch("verifier-snp", build)

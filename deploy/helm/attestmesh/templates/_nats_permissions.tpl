@@ -77,6 +77,8 @@ shorten retention or redirect subjects of a stream it shares with others.
 {{- $family := trimPrefix "verifier-" $id -}}
 {{- $pub = concat $declare
   (include "attestmesh.nats.consumer" (dict "stream" "EVIDENCE" "durable" $id "filter" (printf "attest.evidence.%s.*" $family)) | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "collateral" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "collateral" | fromJsonArray)
   (list (printf "attest.verdict.%s.*" $family) "attest.dlq.EVIDENCE") -}}
 {{- else if eq $id "policy" -}}
 {{- $pub = concat $declare
@@ -109,6 +111,8 @@ shorten retention or redirect subjects of a stream it shares with others.
 {{- $sub = concat $sub (list (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node)) -}}
 {{- else if eq $id "admin" -}}
 {{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" true) | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "collateral" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "collateral" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
