@@ -70,6 +70,7 @@ async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
                 NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)),
                 offline=config.offline,
             ),
+            reappraise=True,
         )
         log.info("verifier.started", family=family)
         run = worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)

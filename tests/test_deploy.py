@@ -748,7 +748,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             "publish": {
                 *CREATE,
                 *_consumer("EVIDENCE", f"verifier-{family}", f"attest.evidence.{family}.*"),
-                *_kv("collateral", write=True, watch=False),
+                *_kv("collateral", write=True, watch=True),
                 f"attest.verdict.{family}.*",
                 "attest.dlq.EVIDENCE",
             },

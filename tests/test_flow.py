@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.collector.service import DEFAULT_RESOURCE, RoundResult
@@ -305,3 +307,102 @@ async def test_policy_and_reference_values_reload_without_a_restart(
             break
         await asyncio.sleep(0.1)
     assert result.released  # the measurement is now a reference value
+
+
+async def test_a_collateral_change_revokes_affected_nodes(mesh: TestMesh, bus: Bus) -> None:
+    """AMD publishes a CRL revoking the ASK: nodes verified under it lose their secrets."""
+    from services.mesh.natskv import NatsKeyValue
+    from services.verifier.collateral import CollateralRequest, store
+    from services.verifier.families.snp.kds import DEFAULT_KDS, crl_url
+    from services.verifier.families.snp.parse import Product
+
+    revoked: asyncio.Queue[events.Revocation] = asyncio.Queue()
+
+    async def on_revoked(msg: Msg) -> None:
+        revoked.put_nowait(events.decode(msg.data, events.Revocation))
+
+    sub = await bus.nc.subscribe("attest.revoked.*", cb=on_revoked)
+    node = mesh.node(bus, "node-c")
+    assert (await node.attest_once()).released
+    other = mesh.node(bus, "node-d")  # another chip under the same ASK
+    assert (await other.attest_once()).released
+
+    # The same cache key the verifier's planner looks up for the product's CRL.
+    request = CollateralRequest("crl.der", crl_url(DEFAULT_KDS, Product.MILAN))
+    kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
+    await store(kv, request, mesh.pki.amd.crl(revoke=("ask",)), at=time.time())
+
+    first = await asyncio.wait_for(revoked.get(), 20)
+    second = await asyncio.wait_for(revoked.get(), 20)
+    assert {first.node, second.node} == {"node-c", "node-d"}
+    await sub.unsubscribe()
+    refused = await bus.request(
+        subjects.secret("node-c"),
+        events.SecretRequest(
+            node="node-c",
+            resource=DEFAULT_RESOURCE,
+            public_key=node.last_public_key,
+            decision_id=node.last_decision_id,
+            evidence_id=(await _last_evidence_id(bus, "node-c")),
+        ),
+        events.SecretResponse,
+    )
+    assert not refused.ok and refused.reason == "broker.revoked"
+    # A fresh attestation is now judged under the new CRL too.
+    again = await node.attest_once()
+    assert again.status == "contraindicated" and not again.released
+
+
+async def _last_evidence_id(bus: Bus, node: str) -> str:
+    last = ""
+    sub = await bus.js.subscribe(subjects.evidence("snp", node), ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                return last
+            last = events.decode(msg.data, events.EvidenceEvent).id
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_reappraisal_can_only_withdraw_trust(mesh: TestMesh, bus: Bus) -> None:
+    appraisal = Appraisal(family="snp", status=Status.AFFIRMING, verified=True)
+    subject = ear.Subject(node="node-g", evidence_id="e", nonce=b"n" * 32, public_key=b"k" * 32)
+    token = ear.issue(
+        mesh.verifier_key, appraisal, subject, now=events.utcnow(), ttl=60, reappraisal=True
+    )
+    granting = events.Verdict(
+        node="node-g", family="snp", evidence_id="e", status="affirming", ear=token
+    )
+    await bus.publish(subjects.verdict("snp", "node-g"), granting)
+    letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 1)
+    assert [d.reason for d in letters] == ["policy.reappraisal_not_negative"]
+
+
+async def test_a_stale_reappraisal_revokes_nothing(mesh: TestMesh, bus: Bus) -> None:
+    node = mesh.node(bus, "node-s2")
+    assert (await node.attest_once()).released
+    appraisal = Appraisal(family="snp", status=Status.CONTRAINDICATED, verified=True)
+    old = ear.Subject(node="node-s2", evidence_id="older", nonce=b"n" * 32, public_key=b"k" * 32)
+    token = ear.issue(
+        mesh.verifier_key, appraisal, old, now=events.utcnow(), ttl=60, reappraisal=True
+    )
+    stale = events.Verdict(
+        node="node-s2", family="snp", evidence_id="older", status="contraindicated", ear=token
+    )
+    await bus.publish(subjects.verdict("snp", "node-s2"), stale)
+    await asyncio.sleep(1.0)  # the policy decides; the broker must ignore it
+    still = await bus.request(
+        subjects.secret("node-s2"),
+        events.SecretRequest(
+            node="node-s2",
+            resource=DEFAULT_RESOURCE,
+            public_key=node.last_public_key,
+            decision_id=node.last_decision_id,
+            evidence_id=await _last_evidence_id(bus, "node-s2"),
+        ),
+        events.SecretResponse,
+    )
+    assert still.ok, still.reason  # the node's current decision was never replaced

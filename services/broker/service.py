@@ -10,6 +10,7 @@ re-verifies them instead of trusting its own memory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -49,6 +50,8 @@ class HeldDecision:
     allow: bool
     public_key: bytes
     verdict_id: str
+    evidence_id: str
+    reappraisal: bool
 
 
 def may_read(node: str, resource: str) -> bool:
@@ -108,6 +111,8 @@ class BrokerService:
                 allow=claims["allow"] is True,
                 public_key=unb64url(str(claims["public_key"])),
                 verdict_id=str(claims["verdict_id"]),
+                evidence_id=str(claims["evidence_id"]),
+                reappraisal=claims.get("reappraisal") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
@@ -130,13 +135,17 @@ class BrokerService:
             key = DECISION_PREFIX + decision.node
             while True:
                 current = await self.state.get(key)
+                previous = None
                 if current is not None:
-                    try:
+                    with contextlib.suppress(VerificationError):
                         previous = self._read_token(current[0].decode())
-                        if previous.issued_at > held.issued_at:
-                            return
-                    except VerificationError:
-                        pass
+                if previous is not None and previous.issued_at > held.issued_at:
+                    return
+                if held.reappraisal and (
+                    previous is None or previous.evidence_id != held.evidence_id
+                ):
+                    log.info("decision.stale_reappraisal", node=decision.node)
+                    return  # about evidence the node has since replaced: nothing to revoke
                 try:
                     if current is None:
                         await self.state.create(key, decision.token.encode())
@@ -194,6 +203,8 @@ class BrokerService:
     ) -> events.SecretResponse:
         assert self.store is not None
         held = await self.current_decision(request.node)
+        if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
+            raise ReleaseError("broker.revoked", "this evidence failed a re-appraisal")
         if not hmac.compare_digest(held.decision_id, request.decision_id):
             raise ReleaseError("broker.decision_pending", "that decision is not the current one")
         if not held.allow:

@@ -131,6 +131,7 @@ class CollectorNode:
                 resource=self.resource,
                 public_key=public,
                 decision_id=decision.id,
+                evidence_id=decision.evidence_id,
             )
             response = await self.bus.request(
                 subjects.secret(self.node), request, events.SecretResponse

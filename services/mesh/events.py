@@ -202,6 +202,7 @@ class SecretRequest(Message, frozen=True, kw_only=True):
     resource: ResourceName
     public_key: PublicKey
     decision_id: Annotated[str, msgspec.Meta(max_length=64)]
+    evidence_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class SecretResponse(Message, frozen=True, kw_only=True):

@@ -26,6 +26,7 @@ from services.policy import refvalues
 from services.policy.engine import PolicyEngine, default_policy
 from services.policy.nonces import NonceStore
 from services.verifier import ear
+from services.verifier.families.base import Status
 from services.verifier.worker import derived_id
 
 log = telemetry.logger("policy")
@@ -155,6 +156,9 @@ class PolicyService:
                 or subjects.node_of(msg.subject) != verdict.node
             ):
                 raise Rejected("policy.routing_mismatch", "routing fields disagree with the EAR")
+            if result.reappraisal:
+                await self.revoke_on_reappraisal(verdict, result)
+                return
             try:
                 await self.nonces.consume(result.subject.nonce, verdict.node, verdict.id)
             except Rejected as exc:
@@ -175,8 +179,24 @@ class PolicyService:
             await self.publish_decision(verdict, result, outcome.allow, outcome.reasons)
             span.set_attribute("attestmesh.allow", outcome.allow)
 
+    async def revoke_on_reappraisal(self, verdict: events.Verdict, result: ear.Result) -> None:
+        """A verifier re-checked a node's evidence against changed collateral (a revoked
+        certificate, a TCB recovery). Its nonce was spent long ago, so only a *negative*
+        re-appraisal is acted on: it can withdraw trust, never grant it."""
+        if result.status is not Status.CONTRAINDICATED:
+            raise Rejected("policy.reappraisal_not_negative", "only revocations are accepted")
+        reasons = ["re-appraisal against changed collateral"]
+        await self.publish_decision(verdict, result, False, reasons, reappraisal=True)
+        log.info("decision.revoked_on_reappraisal", node=verdict.node)
+
     async def publish_decision(
-        self, verdict: events.Verdict, result: ear.Result, allow: bool, reasons: list[str]
+        self,
+        verdict: events.Verdict,
+        result: ear.Result,
+        allow: bool,
+        reasons: list[str],
+        *,
+        reappraisal: bool = False,
     ) -> None:
         assert self.engine is not None
         now = self.clock()
@@ -196,6 +216,7 @@ class PolicyService:
                 "verdict_id": verdict.id,
                 "evidence_id": verdict.evidence_id,
                 "policy_id": self.engine.policy_id,
+                "reappraisal": reappraisal,
             }
         )
         decision = events.Decision(

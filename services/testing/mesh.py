@@ -95,6 +95,7 @@ class TestMesh:
                 fetched=CollateralCache(
                     NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)), offline=True
                 ),
+                reappraise=True,
             )
             return lambda stop: worker.run(stop, max_deliver=3, ack_wait=5.0)
 

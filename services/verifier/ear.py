@@ -54,6 +54,8 @@ class Result:
     trust_vector: dict[str, int]
     issued_at: int
     verified: bool
+    reappraisal: bool = False
+    """Issued by a verifier re-checking earlier evidence after its collateral changed."""
 
 
 def issue(
@@ -63,6 +65,7 @@ def issue(
     *,
     now: datetime,
     ttl: float,
+    reappraisal: bool = False,
 ) -> str:
     """Sign ``appraisal`` of ``subject`` as an EAR JWT valid for ``ttl`` seconds."""
     iat = int(now.timestamp())
@@ -88,6 +91,7 @@ def issue(
         "attestmesh.evidence_id": subject.evidence_id,
         "attestmesh.public_key": b64url(subject.public_key),
         "attestmesh.simulated": subject.simulated,
+        "attestmesh.reappraisal": reappraisal,
     }
     return key.sign(claims)
 
@@ -118,6 +122,7 @@ def read(token: str, trusted: TrustedKeys, *, now: datetime) -> Result:
             trust_vector=dict(sub["ear.trustworthiness-vector"]),
             issued_at=int(claims["iat"]),
             verified=sub["attestmesh.verified"] is True,
+            reappraisal=claims.get("attestmesh.reappraisal") is True,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VerificationError("ear.malformed", f"{type(exc).__name__}: {exc}") from None

@@ -27,6 +27,7 @@ from services.verifier.families.base import (
     VerifyOptions,
 )
 from services.verifier.families.dcap.ccel import CCEL_FILE
+from services.verifier.reappraisal import Reappraiser
 from services.verifier.trust import TrustStore
 
 log = telemetry.logger("verifier")
@@ -71,6 +72,7 @@ class VerifierWorker:
         offline: bool = True,
         planner: Planner | None = None,
         fetched: CollateralCache | None = None,
+        reappraise: bool = False,
     ) -> None:
         self.bus = bus
         self.family = family
@@ -83,11 +85,12 @@ class VerifierWorker:
         self.offline = offline
         self.planner = planner
         self.fetched = fetched
+        self.reappraiser = Reappraiser(self) if reappraise else None
 
     async def run(
         self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
     ) -> None:
-        await self.bus.consume(
+        consuming = self.bus.consume(
             stream=subjects.STREAM_EVIDENCE,
             durable=f"verifier-{self.family}",
             subject=subjects.evidence_family(self.family),
@@ -96,6 +99,10 @@ class VerifierWorker:
             max_deliver=max_deliver,
             ack_wait=ack_wait,
         )
+        if self.reappraiser is None:
+            await consuming
+        else:
+            await asyncio.gather(consuming, self.reappraiser.watch(stop))
 
     async def handle(self, msg: Msg) -> None:
         with tracer.start_as_current_span(
@@ -110,30 +117,53 @@ class VerifierWorker:
             )
             span.set_attribute("attestmesh.status", str(appraisal.status))
             span.set_attribute("attestmesh.reasons", [r.code for r in appraisal.reasons])
-            subject = ear.Subject(
-                node=event.node,
-                evidence_id=event.id,
-                nonce=event.nonce,
-                public_key=event.public_key,
-                simulated=event.simulated,
-            )
-            token = ear.issue(self.key, appraisal, subject, now=self.clock(), ttl=self.verdict_ttl)
-            verdict = events.Verdict(
-                id=derived_id("verdict", event.id),
-                node=event.node,
-                family=self.family,
-                evidence_id=event.id,
-                status=str(appraisal.status),  # type: ignore[arg-type]
-                ear=token,
-            )
-            await self.bus.publish(subjects.verdict(self.family, event.node), verdict)
-            log.info(
-                "verdict.published",
-                node=event.node,
-                family=self.family,
-                status=str(appraisal.status),
-                reasons=[r.code for r in appraisal.reasons],
-            )
+            await self.publish_verdict(event, appraisal)
+            if self.reappraiser is not None:
+                self.reappraiser.remember(event, appraisal.status)
+
+    async def publish_verdict(
+        self, event: events.EvidenceEvent, appraisal: Appraisal, *, reappraisal: bool = False
+    ) -> None:
+        """Sign ``appraisal`` of ``event`` as an EAR and publish it as the node's verdict.
+
+        A first verdict's id derives from the evidence id (redeliveries de-duplicate); a
+        re-appraisal's from the evidence id and its outcome, so each change is published once.
+        """
+        subject = ear.Subject(
+            node=event.node,
+            evidence_id=event.id,
+            nonce=event.nonce,
+            public_key=event.public_key,
+            simulated=event.simulated,
+        )
+        token = ear.issue(
+            self.key,
+            appraisal,
+            subject,
+            now=self.clock(),
+            ttl=self.verdict_ttl,
+            reappraisal=reappraisal,
+        )
+        source = event.id
+        if reappraisal:
+            source += ":" + ",".join(sorted(r.code for r in appraisal.reasons))
+        verdict = events.Verdict(
+            id=derived_id("reappraisal" if reappraisal else "verdict", source),
+            node=event.node,
+            family=self.family,
+            evidence_id=event.id,
+            status=appraisal.status.value,
+            ear=token,
+        )
+        await self.bus.publish(subjects.verdict(self.family, event.node), verdict)
+        log.info(
+            "verdict.published",
+            node=event.node,
+            family=self.family,
+            status=str(appraisal.status),
+            reasons=[r.code for r in appraisal.reasons],
+            reappraisal=reappraisal,
+        )
 
     async def fetch_collateral(self, event: events.EvidenceEvent) -> dict[str, bytes]:
         """Collateral the evidence lacks, from the shared cache or the vendor."""

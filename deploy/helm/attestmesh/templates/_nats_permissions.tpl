@@ -79,6 +79,7 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.consumer" (dict "stream" "EVIDENCE" "durable" $id "filter" (printf "attest.evidence.%s.*" $family)) | fromJsonArray)
   (include "attestmesh.nats.kvRead" "collateral" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "collateral" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "collateral" | fromJsonArray)
   (list (printf "attest.verdict.%s.*" $family) "attest.dlq.EVIDENCE") -}}
 {{- else if eq $id "policy" -}}
 {{- $pub = concat $declare
