@@ -73,9 +73,12 @@ def test_vector_verifies_as_expected(vector: Vector, store: TrustStore) -> None:
         assert appraisal.reasons
 
 
+@pytest.mark.skipif(
+    not TDX_VECTORS,
+    reason="the shared vectors hold no az-tdx-vtpm evidence yet (test_azure_cvm covers the format)",
+)
 def test_every_tdx_vector_verifies_as_expected(store: TrustStore) -> None:
-    """Runs whatever az-tdx-vtpm vectors the shared set holds (none yet: the simulated Azure
-    TDX CVM in test_azure_cvm covers the format meanwhile)."""
+    """Runs whatever az-tdx-vtpm vectors the shared set holds."""
     for vector in TDX_VECTORS:
         appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
         assert appraisal.status == Status(vector.expect["status"]), (vector.id, appraisal.reasons)
