@@ -12,9 +12,10 @@ import pytest
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.collector.service import DEFAULT_RESOURCE, RoundResult
+from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
+from services.mesh.keys import SigningKey
 from services.mesh.server import NatsServer
 from services.testing.mesh import TestMesh
 from services.verifier import ear
@@ -58,6 +59,44 @@ async def _verdicts(bus: Bus) -> list[events.Verdict]:
             found.append(events.decode(msg.data, events.Verdict))
     finally:
         await sub.unsubscribe()
+
+
+def _forged_verdict(
+    key: SigningKey,
+    node: str,
+    status: Status,
+    *,
+    nonce: bytes = b"n" * 32,
+    evidence_id: str = "e",
+    routing_status: str | None = None,
+    reappraisal: bool = False,
+) -> events.Verdict:
+    """A verdict signed by ``key`` about evidence nobody sent, for the policy's refusals."""
+    appraisal = Appraisal(family="snp", status=status, verified=True)
+    subject = ear.Subject(node=node, evidence_id=evidence_id, nonce=nonce, public_key=b"k" * 32)
+    token = ear.issue(key, appraisal, subject, now=events.utcnow(), ttl=60, reappraisal=reappraisal)
+    return events.Verdict(
+        node=node,
+        family="snp",
+        evidence_id=evidence_id,
+        status=routing_status or status.value,  # type: ignore[arg-type]
+        ear=token,
+    )
+
+
+async def _ask_again(bus: Bus, node: CollectorNode) -> events.SecretResponse:
+    """Request the node's secret again under its last decision (the wrapped key is unused)."""
+    return await bus.request(
+        subjects.secret(node.node),
+        events.SecretRequest(
+            node=node.node,
+            resource=DEFAULT_RESOURCE,
+            public_key=node.last_public_key,
+            decision_id=node.last_decision_id,
+            evidence_id=node.last_evidence_id,
+        ),
+        events.SecretResponse,
+    )
 
 
 async def test_several_nodes_attest_and_decrypt_their_secret(mesh: TestMesh, bus: Bus) -> None:
@@ -108,28 +147,18 @@ async def test_a_replayed_nonce_is_rejected(mesh: TestMesh, bus: Bus) -> None:
 
 
 async def test_unsigned_or_foreign_verdicts_are_ignored(mesh: TestMesh, bus: Bus) -> None:
-    from services.mesh.keys import SigningKey
-
     challenge = await bus.request(
         subjects.NONCE, events.NonceRequest(node="node-f"), events.NonceChallenge
     )
     forged_by = SigningKey.generate("verifier-snp")
-    appraisal = Appraisal(family="snp", status=Status.AFFIRMING, verified=True)
-    subject = ear.Subject(
-        node="node-f", evidence_id="e", nonce=challenge.nonce, public_key=b"k" * 32
+    foreign = _forged_verdict(forged_by, "node-f", Status.AFFIRMING, nonce=challenge.nonce)
+    unsigned = msgspec.structs.replace(
+        foreign, id=events.new_id(), ear="eyJhbGciOiJub25lIn0.eyJ4IjoxfQ."
     )
-    foreign = ear.issue(forged_by, appraisal, subject, now=events.utcnow(), ttl=60)
-    for token in (foreign, "eyJhbGciOiJub25lIn0.eyJ4IjoxfQ."):
-        verdict = events.Verdict(
-            node="node-f", family="snp", evidence_id="e", status="affirming", ear=token
-        )
+    for verdict in (foreign, unsigned):
         await bus.publish(subjects.verdict("snp", "node-f"), verdict)
     letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 2)
-    assert (
-        sorted(d.reason for d in letters) == ["token.malformed", "token.unknown_signer"]
-        or sorted(d.reason for d in letters) == ["token.invalid", "token.unknown_signer"]
-        or all(d.reason.startswith("token.") for d in letters)
-    )
+    assert [d.reason for d in letters] == ["token.unknown_signer", "token.unknown_signer"]
     info = await bus.js.stream_info(subjects.STREAM_DECISIONS)
     assert info.state.messages == 0
 
@@ -221,16 +250,7 @@ async def test_decisions_expire(nats_server: NatsServer, tmp_path: Path, bus: Bu
         node = running.node(bus, "node-x")
         assert (await node.attest_once()).released
         await asyncio.sleep(3.1)
-        refused = await bus.request(
-            subjects.secret("node-x"),
-            events.SecretRequest(
-                node="node-x",
-                resource=DEFAULT_RESOURCE,
-                public_key=node.last_public_key,
-                decision_id=node.last_decision_id,
-            ),
-            events.SecretResponse,
-        )
+        refused = await _ask_again(bus, node)
         assert not refused.ok and refused.reason == "broker.decision_expired"
     finally:
         await running.stop()
@@ -249,13 +269,12 @@ async def test_routing_fields_must_agree_with_the_signed_verdict(mesh: TestMesh,
     challenge = await bus.request(
         subjects.NONCE, events.NonceRequest(node="node-m"), events.NonceChallenge
     )
-    appraisal = Appraisal(family="snp", status=Status.CONTRAINDICATED, verified=True)
-    subject = ear.Subject(
-        node="node-m", evidence_id="e", nonce=challenge.nonce, public_key=b"k" * 32
-    )
-    token = ear.issue(mesh.verifier_key, appraisal, subject, now=events.utcnow(), ttl=60)
-    lying = events.Verdict(
-        node="node-m", family="snp", evidence_id="e", status="affirming", ear=token
+    lying = _forged_verdict(
+        mesh.verifier_key,
+        "node-m",
+        Status.CONTRAINDICATED,
+        nonce=challenge.nonce,
+        routing_status="affirming",
     )
     await bus.publish(subjects.verdict("snp", "node-m"), lying)
     letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 1)
@@ -336,46 +355,15 @@ async def test_a_collateral_change_revokes_affected_nodes(mesh: TestMesh, bus: B
     second = await asyncio.wait_for(revoked.get(), 20)
     assert {first.node, second.node} == {"node-c", "node-d"}
     await sub.unsubscribe()
-    refused = await bus.request(
-        subjects.secret("node-c"),
-        events.SecretRequest(
-            node="node-c",
-            resource=DEFAULT_RESOURCE,
-            public_key=node.last_public_key,
-            decision_id=node.last_decision_id,
-            evidence_id=(await _last_evidence_id(bus, "node-c")),
-        ),
-        events.SecretResponse,
-    )
+    refused = await _ask_again(bus, node)
     assert not refused.ok and refused.reason == "broker.revoked"
     # A fresh attestation is now judged under the new CRL too.
     again = await node.attest_once()
     assert again.status == "contraindicated" and not again.released
 
 
-async def _last_evidence_id(bus: Bus, node: str) -> str:
-    last = ""
-    sub = await bus.js.subscribe(subjects.evidence("snp", node), ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except TimeoutError:
-                return last
-            last = events.decode(msg.data, events.EvidenceEvent).id
-    finally:
-        await sub.unsubscribe()
-
-
 async def test_a_reappraisal_can_only_withdraw_trust(mesh: TestMesh, bus: Bus) -> None:
-    appraisal = Appraisal(family="snp", status=Status.AFFIRMING, verified=True)
-    subject = ear.Subject(node="node-g", evidence_id="e", nonce=b"n" * 32, public_key=b"k" * 32)
-    token = ear.issue(
-        mesh.verifier_key, appraisal, subject, now=events.utcnow(), ttl=60, reappraisal=True
-    )
-    granting = events.Verdict(
-        node="node-g", family="snp", evidence_id="e", status="affirming", ear=token
-    )
+    granting = _forged_verdict(mesh.verifier_key, "node-g", Status.AFFIRMING, reappraisal=True)
     await bus.publish(subjects.verdict("snp", "node-g"), granting)
     letters = await _wait_for_letters(bus, subjects.STREAM_VERDICTS, 1)
     assert [d.reason for d in letters] == ["policy.reappraisal_not_negative"]
@@ -384,25 +372,10 @@ async def test_a_reappraisal_can_only_withdraw_trust(mesh: TestMesh, bus: Bus) -
 async def test_a_stale_reappraisal_revokes_nothing(mesh: TestMesh, bus: Bus) -> None:
     node = mesh.node(bus, "node-s2")
     assert (await node.attest_once()).released
-    appraisal = Appraisal(family="snp", status=Status.CONTRAINDICATED, verified=True)
-    old = ear.Subject(node="node-s2", evidence_id="older", nonce=b"n" * 32, public_key=b"k" * 32)
-    token = ear.issue(
-        mesh.verifier_key, appraisal, old, now=events.utcnow(), ttl=60, reappraisal=True
-    )
-    stale = events.Verdict(
-        node="node-s2", family="snp", evidence_id="older", status="contraindicated", ear=token
+    stale = _forged_verdict(
+        mesh.verifier_key, "node-s2", Status.CONTRAINDICATED, evidence_id="older", reappraisal=True
     )
     await bus.publish(subjects.verdict("snp", "node-s2"), stale)
     await asyncio.sleep(1.0)  # the policy decides; the broker must ignore it
-    still = await bus.request(
-        subjects.secret("node-s2"),
-        events.SecretRequest(
-            node="node-s2",
-            resource=DEFAULT_RESOURCE,
-            public_key=node.last_public_key,
-            decision_id=node.last_decision_id,
-            evidence_id=await _last_evidence_id(bus, "node-s2"),
-        ),
-        events.SecretResponse,
-    )
+    still = await _ask_again(bus, node)
     assert still.ok, still.reason  # the node's current decision was never replaced

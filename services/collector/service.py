@@ -62,6 +62,7 @@ class CollectorNode:
         self.on_secret = on_secret
         self.last_public_key = b""
         self.last_decision_id = ""
+        self.last_evidence_id = ""
 
     async def attest_once(self) -> RoundResult:
         started = time.perf_counter()
@@ -113,6 +114,7 @@ class CollectorNode:
             await sub.unsubscribe()
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
         self.last_public_key, self.last_decision_id = public, decision.id
+        self.last_evidence_id = event.id
         if not decision.allow:
             return RoundResult(self.node, decision.status, False, False, _ms(started))
         secret = await self._fetch_secret(private, public, decision)
