@@ -114,10 +114,21 @@ def _decode(data: bytes, **kwargs: object) -> object:
     ("data", "fragment"),
     [
         (b"", "empty"),
-        (b"\x9f\x01\xff", "indefinite-length"),
-        (b"\x5f\x41\x00\xff", "indefinite-length"),
-        (b"\x7f\x61a\xff", "indefinite-length"),
-        (b"\xbf\x01\x02\xff", "indefinite-length"),
+        (b"\x9f\x01", "truncated"),
+        (b"\xbf\x01\x02", "truncated"),
+        (b"\xbf\x01\xff", "between a map key and its value"),
+        (b"\xbf\x41a\x01\xff", "not an integer or a text string"),
+        (b"\xbf\x01\x01\x01\x02\xff", "undecodable"),
+        (b"\x5f\x61a\xff", "another major type"),
+        (b"\x7f\x41a\xff", "another major type"),
+        (b"\x5f\x5f\x41a\xff\xff", "is indefinite"),
+        (b"\x5f\x01\xff", "another major type"),
+        (b"\x5f\x5a\xff\xff\xff\xff\xff", "longer than the input"),
+        (b"\x9f" * 12 + b"\xff" * 12, "nested deeper"),
+        (b"\x3f", "reserved"),
+        (b"\xdf\x00", "reserved"),
+        (b"\x81\xff", "break outside"),
+        (b"\x9f\x01\xff\xff", "trailing"),
         (b"\x01\x02", "trailing"),
         (b"\x9a\xff\xff\xff\xff", "longer than the input"),
         (b"\xbb" + b"\xff" * 8, "longer than the input"),
@@ -129,7 +140,7 @@ def _decode(data: bytes, **kwargs: object) -> object:
         (b"\xa1\x81\x01\x01", "not an integer or a text string"),
         (b"\xf8\x14", "simple value"),
         (b"\xf0", "simple value"),
-        (b"\xff", "indefinite-length"),
+        (b"\xff", "break outside"),
         (b"\x81" * 12 + b"\x00", "nested deeper"),
         (b"\x62\xff\xfe", "undecodable"),
         (b"\xa2\x01\x01\x01\x02", "undecodable"),
@@ -142,11 +153,31 @@ def test_bounded_decoding_refuses_abuse(data: bytes, fragment: str) -> None:
     assert info.value.reason == "t.bad"
 
 
+@pytest.mark.parametrize(
+    ("data", "value"),
+    [
+        (b"\x9f\xff", []),
+        (b"\x9f\x01\x9f\x02\xff\xff", [1, [2]]),
+        (b"\xbf\xff", {}),
+        (b"\xbf\x61a\x01\x02\x9f\xff\xff", {"a": 1, 2: []}),
+        (b"\x5f\x41a\x40\x42bc\xff", b"abc"),
+        (b"\x7f\x61a\x62bc\xff", "abc"),
+        (b"\x82\x9f\xff\xbf\xff", [[], {}]),
+    ],
+)
+def test_indefinite_length_items_decode(data: bytes, value: object) -> None:
+    """RFC 8949 section 3.2 items, as current NSM firmware emits them, decode like definite ones."""
+    assert _decode(data) == value
+
+
 def test_bounded_decoding_limits() -> None:
     with pytest.raises(ParseError, match="more than the 4096"):
         _decode(cbor2.dumps(bytes(5000)))
     with pytest.raises(ParseError, match="more than 4096 CBOR data items"):
         cose.decode_cbor(cbor2.dumps([0] * 5000), what="t", code="t.bad", max_size=1 << 20)
+    with pytest.raises(ParseError, match="more than 4096 CBOR data items"):
+        empty_chunks = b"\x5f" + b"\x40" * 5000 + b"\xff"
+        cose.decode_cbor(empty_chunks, what="t", code="t.bad", max_size=1 << 20)
     assert _decode(b"\xd2\x80", tags=frozenset({18})) == cbor2.CBORTag(18, ())
     assert _decode(cbor2.dumps([1.5, True, None, -3, "x"])) == [1.5, True, None, -3, "x"]
 

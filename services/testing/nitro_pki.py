@@ -18,7 +18,7 @@ store's explicit test-anchor paths, labelled ``test:aws:nitro_root_g1``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -131,11 +131,15 @@ def build_document(
     unprotected: Mapping[int | str, Any] | None = None,
     fields: Mapping[str, Any] | None = None,
     drop: Iterable[str] = (),
+    indefinite: bool = False,
+    tamper: Callable[[bytes], bytes] | None = None,
 ) -> bytes:
     """A signed NSM attestation document, field order and null optionals as the NSM emits.
 
     ``fields`` replaces or adds raw payload values (schema tests), ``drop`` removes fields,
-    ``alg``/``protected``/``unprotected``/``tagged`` shape the COSE envelope.
+    ``alg``/``protected``/``unprotected``/``tagged`` shape the COSE envelope. ``indefinite``
+    encodes the payload map with an indefinite length, as NSM firmware has since late 2025;
+    ``tamper`` rewrites the encoded payload *after* it is signed (a forged document).
     """
     payload: dict[str, Any] = {
         "module_id": module_id,
@@ -151,14 +155,27 @@ def build_document(
     payload.update(fields or {})
     for name in drop:
         payload.pop(name, None)
-    return cose.sign_sign1(
-        cbor2.dumps(payload),
+    encoded = indefinite_map(payload) if indefinite else cbor2.dumps(payload)
+    document = cose.sign_sign1(
+        encoded,
         signer,
         alg=alg if alg is not None else cose.Algorithm.ES384,
         protected=protected,
         unprotected=unprotected,
         tagged=tagged,
     )
+    if tamper is None:
+        return document
+    forged = tamper(encoded)
+    if len(forged) != len(encoded):
+        raise ValueError("tamper must keep the payload length (it is rewritten in place)")
+    return document.replace(encoded, forged, 1)
+
+
+def indefinite_map(value: Mapping[str, Any]) -> bytes:
+    """``value`` as a CBOR map of indefinite length (``0xbf`` entries ``0xff``), in its order."""
+    entries = b"".join(cbor2.dumps(k) + cbor2.dumps(v) for k, v in value.items())
+    return b"\xbf" + entries + b"\xff"
 
 
 @dataclass

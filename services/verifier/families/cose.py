@@ -4,11 +4,12 @@ Why not ``pycose``: it does not work with ``cbor2`` 6 and refuses the *untagged*
 Nitro Secure Module emits. What a verifier needs is small and is all here:
 
 * :func:`decode_cbor` -- bounded decoding. Attacker-controlled CBOR is first walked by a small
-  structural scanner that rejects what ``cbor2`` would happily accept: indefinite-length items,
-  trailing bytes, nesting deeper than a few levels, tags the format does not use (``cbor2``
-  would otherwise build datetimes, bignums or shared references from them), map keys other than
-  integers and text, and declared lengths the input cannot hold (so a three-byte input cannot
-  make the decoder reserve room for four billion items). Only then does ``cbor2`` build the
+  structural scanner that rejects what ``cbor2`` would happily accept: trailing bytes, nesting
+  deeper than a few levels, tags the format does not use (``cbor2`` would otherwise build
+  datetimes, bignums or shared references from them), map keys other than integers and text,
+  breaks out of place, and declared lengths the input cannot hold (so a three-byte input cannot
+  make the decoder reserve room for four billion items). Indefinite-length items are accepted:
+  the NSM emits them, and signatures cover the bytes as encoded. Only then does ``cbor2`` build the
   value, with duplicate map keys refused. Every failure is a :class:`ParseError`.
 * :func:`parse_sign1` -- the four-element array, tagged (18) or not, with the protected header
   decoded; ``alg`` must be protected (an unprotected ``alg`` could be swapped without breaking the
@@ -85,68 +86,106 @@ class Algorithm(enum.IntEnum):
         return {-7: 32, -35: 48, -36: 66}[self.value]
 
 
+_BREAK = 0xFF
+_INDEFINITE = -1
+"""Marks an open array or map of indefinite length on the scanner's stack: it ends at a break."""
+
+
 def _scan(data: bytes, what: str, code: str, tags: frozenset[int]) -> int:
     """Walk the CBOR structure of ``data`` once; returns where its first item ends.
 
-    Iterative (an explicit stack of items still owed by each open array, map or tag), so hostile
-    nesting cannot exhaust Python's stack, and cheap per item, because it runs on every byte of
-    attacker input before ``cbor2`` builds anything.
+    Iterative (an explicit stack of the arrays, maps and tags still open), so hostile nesting
+    cannot exhaust Python's stack, and cheap per item, because it runs on every byte of attacker
+    input before ``cbor2`` builds anything. Indefinite-length arrays, maps and strings (RFC 8949
+    section 3.2) are accepted because current NSM firmware emits them and a signature covers the
+    encoded bytes whatever their length form; each chunk and break still counts towards the item
+    bound, so a stream of empty chunks cannot make the scan unbounded.
     """
     size = len(data)
     pos = items = 0
-    stack: list[list[int]] = []  # [items still owed, 1 if a map else 0]
+    # Per open container: [items still owed, or _INDEFINITE; 1 if a map; items seen so far].
+    stack: list[list[int]] = []
 
     def fail(detail: str) -> ParseError:
         return ParseError(code, f"{what}: {detail}")
 
-    while True:
+    def head(expect_major: int | None = None) -> tuple[int, int, int]:
+        """Read one item head at ``pos``: (major type, additional information, argument)."""
+        nonlocal pos, items
         items += 1
         if items > MAX_ITEMS:
             raise fail(f"more than {MAX_ITEMS} CBOR data items")
-        if len(stack) > MAX_DEPTH:
-            raise fail(f"CBOR nested deeper than {MAX_DEPTH}")
         if pos >= size:
             raise fail("truncated CBOR")
         initial = data[pos]
         major, info = initial >> 5, initial & 0x1F
         pos += 1
+        if expect_major is not None and initial != _BREAK and major != expect_major:
+            raise fail("a chunk of an indefinite-length string has another major type")
         if info < 24:
-            arg = info
-        elif info < 28:
+            return major, info, info
+        if info < 28:
             width = 1 << (info - 24)
             if pos + width > size:
                 raise fail("truncated CBOR")
             arg = int.from_bytes(data[pos : pos + width], "big")
             pos += width
+            return major, info, arg
+        if info == 31 and (major in (2, 3, 4, 5) or initial == _BREAK):
+            return major, info, _INDEFINITE
+        raise fail(f"reserved additional information (initial byte 0x{initial:02x})")
+
+    while True:
+        if len(stack) > MAX_DEPTH:
+            raise fail(f"CBOR nested deeper than {MAX_DEPTH}")
+        major, info, arg = head()
+        if major == 7 and info == 31:
+            parent = stack[-1] if stack else None
+            if parent is None or parent[0] != _INDEFINITE:
+                raise fail("CBOR break outside an indefinite-length array or map")
+            if parent[1] and parent[2] % 2:
+                raise fail("CBOR break between a map key and its value")
+            stack.pop()
         else:
-            kind = "indefinite-length item" if info == 31 else "reserved additional information"
-            raise fail(f"{kind} (initial byte 0x{initial:02x}) is not accepted")
-        if stack:
-            parent = stack[-1]
-            if parent[1] and parent[0] % 2 == 0 and major not in (0, 1, 3):
-                raise fail("CBOR map key is not an integer or a text string")
-            parent[0] -= 1
-        remaining = size - pos
-        if major in (2, 3):
-            if arg > remaining:
-                raise fail("CBOR string longer than the input")
-            pos += arg
-        elif major == 4:
-            if arg > remaining:
-                raise fail("CBOR array longer than the input")
-            if arg:
-                stack.append([arg, 0])
-        elif major == 5:
-            if 2 * arg > remaining:
-                raise fail("CBOR map longer than the input")
-            if arg:
-                stack.append([2 * arg, 1])
-        elif major == 6:
-            if arg not in tags:
-                raise fail(f"CBOR tag {arg} is not expected here")
-            stack.append([1, 0])
-        elif major == 7 and not (20 <= info <= 23 or info in (25, 26, 27)):
-            raise fail(f"CBOR simple value {arg} is not accepted")
+            if stack:
+                parent = stack[-1]
+                key_slot = parent[2] % 2 == 0
+                if parent[1] and key_slot and major not in (0, 1, 3):
+                    raise fail("CBOR map key is not an integer or a text string")
+                parent[2] += 1
+                if parent[0] != _INDEFINITE:
+                    parent[0] -= 1
+            remaining = size - pos
+            if major in (2, 3) and arg == _INDEFINITE:
+                while True:
+                    _, chunk_info, chunk = head(expect_major=major)
+                    if chunk_info == 31:
+                        if chunk != _INDEFINITE or data[pos - 1] != _BREAK:
+                            raise fail("a chunk of an indefinite-length string is indefinite")
+                        break
+                    if chunk > size - pos:
+                        raise fail("CBOR string longer than the input")
+                    pos += chunk
+            elif major in (2, 3):
+                if arg > remaining:
+                    raise fail("CBOR string longer than the input")
+                pos += arg
+            elif major == 4:
+                if arg > remaining:
+                    raise fail("CBOR array longer than the input")
+                if arg:
+                    stack.append([arg, 0, 0])
+            elif major == 5:
+                if arg != _INDEFINITE and 2 * arg > remaining:
+                    raise fail("CBOR map longer than the input")
+                if arg:
+                    stack.append([arg if arg == _INDEFINITE else 2 * arg, 1, 0])
+            elif major == 6:
+                if arg not in tags:
+                    raise fail(f"CBOR tag {arg} is not expected here")
+                stack.append([1, 0, 0])
+            elif major == 7 and not (20 <= info <= 23 or info in (25, 26, 27)):
+                raise fail(f"CBOR simple value {arg} is not accepted")
         while stack and stack[-1][0] == 0:
             stack.pop()
         if not stack:
@@ -178,7 +217,7 @@ def decode_cbor(
         raise ParseError(code, f"{what}: {len(data) - end} trailing bytes after the CBOR item")
     try:
         return cbor2.loads(
-            data, max_depth=MAX_DEPTH + 2, allow_indefinite=False, allow_duplicate_keys=False
+            data, max_depth=MAX_DEPTH + 2, allow_indefinite=True, allow_duplicate_keys=False
         )
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
         raise ParseError(code, f"{what}: undecodable CBOR ({exc})") from exc
