@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services import __version__
 from services.mesh import config as config_mod
@@ -23,10 +25,14 @@ from services.verifier.families.base import Appraisal, Status, VerifyOptions
 from services.verifier.families.dcap.pcsfetch import DEFAULT_PCS
 from services.verifier.families.snp.kds import DEFAULT_KDS
 
+if TYPE_CHECKING:
+    from services.verifier.trust import TrustStore
+
 EXIT_OK = 0
 EXIT_CONTRAINDICATED = 1
 EXIT_USAGE = 2
 MAX_EVIDENCE_BYTES = 1024 * 1024
+MAX_COLLATERAL_FILES = 64
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,10 +123,55 @@ def _read_bounded(path: Path) -> bytes:
     return data
 
 
-def verify(args: argparse.Namespace) -> int:
-    from services.app import load_collateral
+def _directory(path: Path, name: str) -> Path:
+    """``path`` if it is a directory; a usage error otherwise.
+
+    A trust or collateral directory that is not there is a mistake in the command, not an
+    empty set of anchors: read as empty, it would turn a typo into a contraindicated verdict
+    (exit 1) that looks like a statement about the evidence.
+    """
+    try:
+        if path.is_dir():
+            return path
+        exists = path.exists()
+    except OSError as exc:
+        raise ConfigError("cli.unreadable", f"{name} {path}: {exc.strerror}") from None
+    problem = "is not a directory" if exists else "no such directory"
+    raise ConfigError("cli.not_a_directory", f"{name} {path}: {problem}")
+
+
+def _read_collateral(directory: Path) -> dict[str, bytes]:
+    """Every regular file of ``directory`` by name, each and their number bounded."""
+    try:
+        files = [p for p in sorted(directory.iterdir()) if p.is_file()]
+    except OSError as exc:
+        raise ConfigError("cli.unreadable", f"--collateral {directory}: {exc.strerror}") from None
+    if len(files) > MAX_COLLATERAL_FILES:
+        raise ConfigError(
+            "cli.too_large",
+            f"--collateral {directory} holds more than {MAX_COLLATERAL_FILES} files",
+        )
+    return {p.name: _read_bounded(p) for p in files}
+
+
+def _trust_store(args: argparse.Namespace) -> TrustStore:
+    """The trust store of ``verify``: named directories must exist; the default one may not."""
     from services.verifier.trust import TrustStore, default_roots_dir
 
+    if args.roots is not None:
+        roots = _directory(args.roots, "--roots")
+    elif os.environ.get("ATTESTMESH_ROOTS"):
+        roots = _directory(default_roots_dir(), "ATTESTMESH_ROOTS")
+    else:
+        roots = default_roots_dir()
+    test = None if args.test_roots is None else _directory(args.test_roots, "--test-roots")
+    try:
+        return TrustStore.load(roots, test_dir=test)
+    except OSError as exc:
+        raise ConfigError("cli.unreadable", f"trust directory: {exc.strerror}") from None
+
+
+def verify(args: argparse.Namespace) -> int:
     evidence = _read_bounded(args.evidence)
     expected = None
     if args.nonce is not None:
@@ -131,13 +182,10 @@ def verify(args: argparse.Namespace) -> int:
         if len(nonce) > 64:
             raise ConfigError("cli.bad_nonce", "--nonce is at most 64 bytes")
         expected = nonce.ljust(64, b"\0")
-    trust = TrustStore.load(args.roots or default_roots_dir(), test_dir=args.test_roots)
+    trust = _trust_store(args)
     collateral: dict[str, bytes] = {}
     if args.collateral is not None:
-        try:
-            collateral = load_collateral(str(args.collateral))
-        except OSError as exc:
-            raise ConfigError("cli.unreadable", f"{args.collateral}: {exc.strerror}") from None
+        collateral = _read_collateral(_directory(args.collateral, "--collateral"))
     urls = config_mod.Config(kds_url=args.kds or DEFAULT_KDS, pcs_url=args.pcs or DEFAULT_PCS)
     plan = registry.planner(args.family, urls.vendor_urls)
     if plan is not None and not args.offline:

@@ -174,6 +174,25 @@ def test_tdx_quote_checks_come_from_the_tdx_family() -> None:
     assert codes(wrong) == ["tpm.nonce_mismatch"] and wrong.verified
 
 
+def test_tdx_cvm_service_td_rule_is_the_tdx_familys() -> None:
+    """A TD 1.5 quote with a bound service TD is refused here too, unless the DCAP policy
+    allows that service TD; an unbound one (all zeros) is unaffected."""
+    service_td = b"\x6d" * 48
+    bound = TdFields(tee_tcb_svn2=bytes(16), mr_servicetd=service_td)
+    evidence = TDX.evidence(REPORT_DATA, fields=bound, quote_version=5)
+    refused = tdx(evidence)
+    assert refused.status is Status.CONTRAINDICATED and refused.verified
+    assert codes(refused) == ["tdx.service_td_bound"]
+    assert refused.claims["mrservicetd"] == service_td.hex()
+    assert refused.trust_vector["configuration"] == 96
+    policy = DcapPolicy(allowed_service_tds=frozenset({service_td.hex()}))
+    allowed = tdx(evidence, verifier=AzTdxVtpmVerifier(policy))
+    assert allowed.status is Status.AFFIRMING and allowed.reasons == []
+    unbound = TdFields(tee_tcb_svn2=bytes(16))
+    plain = tdx(TDX.evidence(REPORT_DATA, fields=unbound, quote_version=5))
+    assert plain.status is Status.AFFIRMING and plain.claims["mrservicetd"] == "00" * 48
+
+
 def test_tdx_quote_flips_are_contraindicated() -> None:
     document = json.loads(TDX.evidence(REPORT_DATA, version=2))
     quote = base64.urlsafe_b64decode(document["td_quote"])

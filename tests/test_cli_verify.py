@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
+from services.cli import MAX_COLLATERAL_FILES, MAX_EVIDENCE_BYTES, main
 from services.collector.simulator.node import SimulatedSnp, test_pki
 from services.testing.vectors import roots_dir, vectors_root
 
@@ -73,6 +73,7 @@ def test_test_pki_is_trusted_only_when_named(
     evidence = tmp_path / "report.bin"
     evidence.write_bytes(SimulatedSnp(pki).simulator.evidence(b"\x05" * 64))
     empty = tmp_path / "no-roots"
+    empty.mkdir()
     base = ["verify", str(evidence), "--family", "snp", "--roots", str(empty), "--offline"]
     assert main([*base, "--json"]) == 1
     assert "snp.no_trust_anchor" in capsys.readouterr().out
@@ -92,6 +93,79 @@ def test_test_pki_is_trusted_only_when_named(
 def test_usage_and_io_errors_exit_2(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("attestmesh: cli.")
+
+
+@pytest.mark.parametrize("flag", ["--roots", "--test-roots", "--collateral"])
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_named_directory_must_be_a_directory(
+    flag: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing or non-directory trust/collateral directory is a usage error (2), not a
+    verdict about the evidence (1), and nothing is printed as if a verdict had been reached."""
+    target = tmp_path / "there"
+    expected = "no such directory"
+    if kind == "file":
+        target.write_bytes(b"not a directory")
+        expected = "is not a directory"
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    args = ["verify", __file__, "--family", "tdx", "--offline", "--roots", str(roots)]
+    assert main([*args, flag, str(target), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"attestmesh: cli.not_a_directory: {flag} {target}: {expected}\n"
+
+
+def test_roots_from_the_environment_must_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = test_pki(tmp_path / "pki")
+    evidence = tmp_path / "report.bin"
+    evidence.write_bytes(SimulatedSnp(pki).simulator.evidence(b"\x05" * 64))
+    base = ["verify", str(evidence), "--family", "snp", "--offline", "--json"]
+    monkeypatch.setenv("ATTESTMESH_ROOTS", str(tmp_path / "gone"))
+    assert main(base) == 2
+    assert "cli.not_a_directory: ATTESTMESH_ROOTS" in capsys.readouterr().err
+    # The default directory is only filled by `roots fetch`: its absence is no usage error,
+    # the verdict says that nothing anchors the evidence.
+    monkeypatch.delenv("ATTESTMESH_ROOTS")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert main(base) == 1
+    assert "snp.no_trust_anchor" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setup", "code"),
+    [
+        ("evidence_is_dir", "cli.unreadable"),
+        ("roots_name_too_long", "cli.unreadable"),
+        ("collateral_file_too_large", "cli.too_large"),
+        ("collateral_too_many_files", "cli.too_large"),
+        ("malformed_root", "trust.malformed"),
+    ],
+)
+def test_every_io_error_of_verify_exits_2(
+    setup: str, code: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    evidence, roots, collateral = Path(__file__), tmp_path / "roots", tmp_path / "collateral"
+    roots.mkdir()
+    collateral.mkdir()
+    if setup == "evidence_is_dir":
+        evidence = tmp_path
+    elif setup == "roots_name_too_long":
+        roots = tmp_path / ("x" * 300)  # longer than NAME_MAX: stat fails, even as root
+    elif setup == "collateral_file_too_large":
+        (collateral / "tcb_info.json").write_bytes(b"{" * (MAX_EVIDENCE_BYTES + 1))
+    elif setup == "collateral_too_many_files":
+        for index in range(MAX_COLLATERAL_FILES + 1):
+            (collateral / f"f{index}").write_bytes(b"x")
+    else:
+        (roots / "intel").mkdir()
+        (roots / "intel" / "sgx_root_ca.pem").write_bytes(b"not PEM")
+    args = ["verify", str(evidence), "--family", "tdx", "--offline", "--roots", str(roots)]
+    assert main([*args, "--collateral", str(collateral)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"attestmesh: {code}:"), err
 
 
 def test_unknown_family_is_a_usage_error() -> None:

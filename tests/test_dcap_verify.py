@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.mesh.errors import ConfigError, PolicyError
 from services.testing.intel_pki import (
     DAY,
     CertOverride,
@@ -23,6 +25,7 @@ from services.testing.intel_pki import (
     tcb_level,
     td_quote,
 )
+from services.verifier import registry
 from services.verifier.families.base import Appraisal, Status, VerifyOptions
 from services.verifier.families.dcap import DcapPolicy
 from services.verifier.families.sgx import SgxVerifier
@@ -98,6 +101,100 @@ def test_tdx_v5_td15_quote() -> None:
     result = appraise(quote)
     assert result.status == Status.AFFIRMING, result.reasons
     assert result.claims["mrservicetd"] == "00" * 48 and result.claims["quote_version"] == 5
+
+
+SERVICE_TD = bytes.fromhex("5e") * 47 + b"\x01"
+
+
+def td15_quote(mr_servicetd: bytes, fields: TdFields | None = None) -> bytes:
+    """A v5 quote with a TD 1.5 body carrying ``mr_servicetd``."""
+    base = fields or TdFields()
+    return td_quote(PLATFORM, replace(base, tee_tcb_svn2=bytes(16), mr_servicetd=mr_servicetd),
+                    version=5)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "mr_servicetd", [SERVICE_TD, bytes(47) + b"\x01", b"\xff" * 48], ids=["5e", "01", "ff"]
+)
+def test_bound_service_td_is_contraindicated(mr_servicetd: bytes) -> None:
+    result = appraise(td15_quote(mr_servicetd))
+    assert result.status == Status.CONTRAINDICATED and result.verified
+    assert codes(result) == ["tdx.service_td_bound"]
+    assert mr_servicetd.hex() in result.reasons[0].message
+    assert result.claims["mrservicetd"] == mr_servicetd.hex()
+    assert result.claims["tcb_status"] is None and result.claims["advisories"] == []
+    assert result.trust_vector["runtime-opaque"] == 96
+    assert result.trust_vector["configuration"] == 96
+
+
+def test_allowed_service_td_is_not_refused() -> None:
+    policy = DcapPolicy(allowed_service_tds=frozenset({SERVICE_TD.hex().upper()}))
+    allowed = appraise(td15_quote(SERVICE_TD), policy=policy)
+    assert allowed.status == Status.AFFIRMING and allowed.reasons == []
+    assert allowed.claims["tcb_status"] == "UpToDate"
+    assert allowed.claims["mrservicetd"] == SERVICE_TD.hex()
+    assert allowed.trust_vector["runtime-opaque"] == 2
+    other = SERVICE_TD[:-1] + b"\x02"
+    refused = appraise(td15_quote(other), policy=policy)
+    assert codes(refused) == ["tdx.service_td_bound"]
+    assert refused.status == Status.CONTRAINDICATED
+    assert appraise(td15_quote(bytes(48)), policy=policy).status == Status.AFFIRMING
+
+
+def test_service_td_rule_stacks_with_the_others() -> None:
+    """An allowed service TD leaves every other rule in force; a refused one is one more reason."""
+    old = TdFields(tee_tcb_svn=bytes([4, 1, 1]) + bytes(13))
+    policy = DcapPolicy(allowed_service_tds=frozenset({SERVICE_TD.hex()}))
+    warned = appraise(td15_quote(SERVICE_TD, old), policy=policy)
+    assert warned.status == Status.WARNING and warned.claims["tcb_status"] == "OutOfDate"
+    both = set(codes(appraise(td15_quote(SERVICE_TD, old) + b"x")))
+    assert {"tdx.service_td_bound", "tdx.trailing_data"} <= both
+
+
+def test_td10_bodies_have_no_service_td() -> None:
+    for quote in (td_quote(PLATFORM, version=5), TD_QUOTE):
+        result = appraise(quote)
+        assert result.status == Status.AFFIRMING and "mrservicetd" not in result.claims
+
+
+def test_v4_quote_cannot_carry_a_td15_body() -> None:
+    """Quote v4 implies a TD 1.0 body; 64 more body bytes are a malformed quote, not a TD 1.5."""
+    quote = td_quote(PLATFORM, TdFields(tee_tcb_svn2=bytes(16), mr_servicetd=SERVICE_TD))
+    result = appraise(quote)
+    assert result.status == Status.CONTRAINDICATED and not result.verified
+    assert result.claims == {}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"allowed_service_tds": ["5e" * 47]},
+        {"allowed_service_tds": ["5e" * 48 + "00"]},
+        {"allowed_service_tds": ["zz" * 48]},
+        {"allowed_service_tds": ["5e" * 47 + "0\n"]},
+        {"allowed_service_tds": [" " + "5e" * 47 + "0"]},
+        {"allowed_service_tds": ["00" * 48]},
+        {"allowed_service_tds": "5e" * 48},
+        {"allowed_service_tds": [48]},
+        {"allow_service_td": True},
+        {"out_of_dat": "contraindicated"},
+    ],
+)
+def test_invalid_service_td_settings_refuse_to_start(settings: dict[str, Any]) -> None:
+    with pytest.raises(PolicyError) as caught:
+        DcapPolicy.from_mapping(settings)
+    assert caught.value.reason == "dcap.policy_invalid"
+    for family in ("tdx", "sgx"):
+        with pytest.raises(ConfigError):
+            registry.get(family, settings)
+
+
+def test_service_td_setting_from_configuration() -> None:
+    verifier = registry.get("tdx", {"allowed_service_tds": [SERVICE_TD.hex().upper()]})
+    assert isinstance(verifier, TdxVerifier)
+    assert verifier.policy.allowed_service_tds == frozenset({SERVICE_TD.hex()})
+    options = VerifyOptions(now=NOW, trust=PKI.trust_store(), collateral=TDX_COLLATERAL)
+    assert verifier.appraise(td15_quote(SERVICE_TD), options).status == Status.AFFIRMING
 
 
 @pytest.mark.parametrize("version", [3, 4])
@@ -385,6 +482,66 @@ def test_tdx_module_bytes_rule_agrees_with_dcap_qvl(major: int, expected: str) -
     ours = appraise(quote, collateral)
     theirs = _dcap_qvl(quote, collateral, PKI)
     assert ours.claims["tcb_status"] == theirs.status == expected
+
+
+SERVICE_TD_SCENARIOS = [
+    (platform, mr_servicetd, shape)
+    for platform in ("UpToDate", "OutOfDate", "ConfigurationNeeded", "Revoked")
+    for mr_servicetd in (bytes(48), SERVICE_TD, bytes(47) + b"\x80")
+    for shape in ("v5-td15", "v5-td10", "v4")
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_DCAP_QVL, reason="dcap-qvl (dev extra) is not installed")
+@pytest.mark.parametrize(
+    ("platform", "mr_servicetd", "shape"),
+    SERVICE_TD_SCENARIOS,
+    ids=[f"{p}-{m.hex()[-4:]}-{s}" for p, m, s in SERVICE_TD_SCENARIOS],
+)
+def test_service_td_rule_agrees_with_dcap_qvl(
+    platform: str, mr_servicetd: bytes, shape: str
+) -> None:
+    """dcap-qvl fails a TD 1.5 quote with a non-zero MRSERVICETD ("Invalid MR service TD"),
+    after the TCB status (a Revoked platform fails first); a TD 1.0 body has no such field.
+    Ours: contraindicated and no TCB status, the same outcome."""
+    levels = [tcb_level(HIGH, 11, platform, tdx=(0,) * 16, advisories=["INTEL-SA-P"])]
+    collateral = PKI.collateral(levels)
+    fields = TdFields(mr_servicetd=mr_servicetd)
+    if shape == "v5-td15":
+        quote = td_quote(PLATFORM, replace(fields, tee_tcb_svn2=bytes(16)), version=5)
+    else:
+        quote = td_quote(PLATFORM, fields, version=5 if shape == "v5-td10" else 4)
+    ours = appraise(quote, collateral)
+    theirs = _dcap_qvl(quote, collateral, PKI)
+    bound = shape == "v5-td15" and any(mr_servicetd)
+    assert ("tdx.service_td_bound" in codes(ours)) is bound
+    if platform == "Revoked":
+        assert isinstance(theirs, str) and "TCB status is invalid" in theirs, theirs
+        assert ours.status == Status.CONTRAINDICATED
+    elif isinstance(theirs, str):
+        assert bound and "Invalid MR service TD" in theirs, theirs
+        assert ours.status == Status.CONTRAINDICATED and ours.claims["tcb_status"] is None
+    else:
+        assert not bound
+        assert ours.claims["tcb_status"] == theirs.status
+        assert ours.claims["advisories"] == list(theirs.advisory_ids)
+
+
+@pytest.mark.skipif(not HAS_DCAP_QVL, reason="dcap-qvl (dev extra) is not installed")
+@pytest.mark.parametrize("platform", ["UpToDate", "OutOfDate"])
+def test_allowed_service_td_matches_dcap_qvl_without_the_check(platform: str) -> None:
+    """dcap-qvl's opt-in (``allow_service_td``) only skips this check, and its Python binding
+    does not expose it; so an allowed service TD must get the verdict dcap-qvl gives the same
+    TD without one."""
+    levels = [tcb_level(HIGH, 11, platform, tdx=(0,) * 16, advisories=["INTEL-SA-P"])]
+    collateral = PKI.collateral(levels)
+    policy = DcapPolicy(allowed_service_tds=frozenset({SERVICE_TD.hex()}))
+    ours = appraise(td15_quote(SERVICE_TD), collateral, policy=policy)
+    theirs = _dcap_qvl(td15_quote(bytes(48)), collateral, PKI)
+    assert not isinstance(theirs, str), theirs
+    assert ours.claims["tcb_status"] == theirs.status == platform
+    assert ours.claims["advisories"] == list(theirs.advisory_ids)
+    assert "Invalid MR service TD" in _dcap_qvl(td15_quote(SERVICE_TD), collateral, PKI)
 
 
 @settings(max_examples=120, deadline=None)

@@ -161,8 +161,12 @@ class AzureTdxCvm(_VtpmCvm):
         fields: TdFields | None = None,
         quote_fields: TdFields | None = None,
         runtime: bytes | None = None,
+        quote_version: int = 4,
     ) -> bytes:
-        """Evidence whose TD quote is made from the TDREPORT (``quote_fields`` to differ)."""
+        """Evidence whose TD quote is made from the TDREPORT (``quote_fields`` to differ).
+
+        ``quote_version`` 5 with ``tee_tcb_svn2`` set in the fields makes a TD 1.5 quote.
+        """
         user = report_data if version >= 2 else bytes(64)
         runtime = runtime if runtime is not None else self.runtime(user)
         bound = hashlib.sha256(runtime).digest() + bytes(32)
@@ -170,7 +174,7 @@ class AzureTdxCvm(_VtpmCvm):
         hcl = encode_hcl_report(
             td_report(fields, bound), runtime, report_type=ReportType.TDX, version=2
         )
-        quote = td_quote(self.platform, quote_fields or fields)
+        quote = td_quote(self.platform, quote_fields or fields, version=quote_version)
         return self._document(self.vtpm_quote(report_data, knobs), hcl, "td_quote", quote, version)
 
 

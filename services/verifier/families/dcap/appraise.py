@@ -4,8 +4,16 @@ Default policy (:class:`DcapPolicy`): TCB status UpToDate is affirming; SWHarden
 ConfigurationNeeded, ConfigurationAndSWHardeningNeeded, OutOfDate and
 OutOfDateConfigurationNeeded are warnings carrying the advisory IDs as reasons; Revoked, no
 matching TCB level, any integrity failure (signature, chain, revocation, collateral invalid or
-expired) and debug mode are contraindicated. Every knob of the policy can tighten or loosen one
-of these; all violations are reported, not the first.
+expired), debug mode and a bound service TD are contraindicated. Every knob of the policy can
+tighten or loosen one of these; all violations are reported, not the first.
+
+A TD 1.5 body (quote v5, body type 3) carries MRSERVICETD, the measurement of a service TD
+(e.g. a migration TD) bound to the TD; a bound service TD can read and change the TD's state, so
+its measurement is as much part of the TD's identity as MRTD. All zeros means none is bound. Like
+dcap-qvl (whose ``QuoteVerifier`` refuses a non-zero MRSERVICETD unless ``allow_service_td`` is
+set), a non-zero value is refused (``tdx.service_td_bound``) unless the policy names it in
+``allowed_service_tds``; the refusal withholds ``tcb_status`` as debug mode does, so the verdict
+agrees with dcap-qvl's error. TD 1.0 bodies have no such field and are not affected.
 
 Claim names are lowercase snake_case (``mrtd``, ``rtmr0``, ``tcb_status``); byte strings are
 lowercase hex; Intel's own vocabulary is kept for ``tcb_status`` (``OutOfDate``) and
@@ -20,8 +28,9 @@ nothing of this appears.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgspec
@@ -63,6 +72,7 @@ _STATUS_CODES = {
     TcbStatus.OUT_OF_DATE_CONFIGURATION_NEEDED: "tcb_out_of_date_configuration_needed",
     TcbStatus.REVOKED: "tcb_revoked",
 }
+_MEASUREMENT_HEX = re.compile(r"[0-9a-f]{96}")
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,51 @@ class DcapPolicy:
     """Minimum tcbEvaluationDataNumber of the TCB info (not checked if None)."""
     allow_trailing_data: bool = False
     """Accept non-zero bytes after the quote (as a warning); zero padding is always accepted."""
+    allowed_service_tds: frozenset[str] = frozenset()
+    """MRSERVICETD values (48 bytes as 96 hex digits) of service TDs a TD may have bound to it.
+
+    Any other non-zero MRSERVICETD is contraindicated (``tdx.service_td_bound``).
+    """
+
+    def __post_init__(self) -> None:
+        """Normalise the service TD allow-list to lowercase hex and refuse malformed entries.
+
+        A value that could never match (wrong length, not hex, all zeros, which means "no
+        service TD") is a configuration mistake; it stops the verifier instead of silently
+        refusing every TD it was meant to admit.
+        """
+        normalised = frozenset(value.lower() for value in self.allowed_service_tds)
+        for value in sorted(normalised):
+            if not _MEASUREMENT_HEX.fullmatch(value):
+                raise PolicyError(
+                    "dcap.policy_invalid",
+                    f"allowed_service_tds entry {value[:100]!r} is not 48 bytes of hex",
+                )
+            if not value.strip("0"):
+                raise PolicyError(
+                    "dcap.policy_invalid", "allowed_service_tds: all zeros means no service TD"
+                )
+        object.__setattr__(self, "allowed_service_tds", normalised)
+
+    def service_td_allowed(self, mr_servicetd: bytes) -> bool:
+        """True when ``mr_servicetd`` is all zeros (none bound) or is on the allow-list."""
+        if not mr_servicetd.strip(b"\0"):
+            return True
+        found = False
+        for value in self.allowed_service_tds:
+            found |= hmac.compare_digest(bytes.fromhex(value), mr_servicetd)
+        return found
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> DcapPolicy:
-        """Build from JSON-like data (statuses by name, advisory IDs as a list)."""
+        """Build from JSON-like data (statuses by name, advisory IDs as a list).
+
+        An unknown name is refused rather than ignored: a misspelt knob would otherwise leave
+        the default in force while the operator believes it changed.
+        """
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PolicyError("dcap.policy_invalid", f"unknown DCAP policy fields {unknown}")
         try:
             return msgspec.convert(dict(data), cls, strict=True)
         except msgspec.ValidationError as exc:
@@ -186,6 +237,13 @@ def _platform_claims(result: DcapResult, quote: Quote, rejected: bool) -> dict[s
     return claims
 
 
+def _refused_service_td(body: EnclaveReport | TdReport, policy: DcapPolicy) -> bytes | None:
+    """The MRSERVICETD of a TD 1.5 body whose bound service TD the policy does not allow."""
+    if not isinstance(body, TdReport) or body.mr_servicetd is None:
+        return None
+    return None if policy.service_td_allowed(body.mr_servicetd) else body.mr_servicetd
+
+
 def _policy_reasons(
     family: str,
     result: DcapResult,
@@ -205,6 +263,14 @@ def _policy_reasons(
                 if isinstance(body, TdReport)
                 else "enclave attribute DEBUG is set",
                 Status.WARNING if policy.allow_debug else Status.CONTRAINDICATED,
+            )
+        )
+    service_td = _refused_service_td(body, policy)
+    if service_td is not None:
+        reasons.append(
+            Reason(
+                f"{family}.service_td_bound",
+                f"service TD {service_td.hex()} is bound to the TD and not allowed by policy",
             )
         )
     if quote.trailing and not quote.trailing_is_padding:
@@ -249,8 +315,9 @@ def _policy_reasons(
 
 
 def _trust_vector(
-    verified: bool, tcb_tier: Status, debug: bool, config_warning: bool
+    verified: bool, tcb_tier: Status, debug: bool, config_warning: bool, service_td: bool
 ) -> dict[str, int]:
+    """AR4SI vector; ``service_td``: a service TD the policy does not allow can read the TD."""
     if not verified:
         bad = TV_CONTRAINDICATED
         return {
@@ -266,15 +333,16 @@ def _trust_vector(
     configuration = TV_AFFIRMING
     if config_warning:
         configuration = TV_WARNING
-    if debug:
+    if debug or service_td:
         configuration = TV_CONTRAINDICATED
+    exposed = debug or service_td
     return {
         "instance-identity": TV_AFFIRMING,
         "hardware": _TV[tcb_tier],
         "configuration": configuration,
         "executables": TV_NO_CLAIM,
         "file-system": TV_NO_CLAIM,
-        "runtime-opaque": TV_CONTRAINDICATED if debug else TV_AFFIRMING,
+        "runtime-opaque": TV_CONTRAINDICATED if exposed else TV_AFFIRMING,
         "storage-opaque": TV_NO_CLAIM,
         "sourced-data": TV_NO_CLAIM,
     }
@@ -291,13 +359,15 @@ def to_appraisal(
     claims: dict[str, Any] = {}
     tcb_tier = Status.CONTRAINDICATED
     debug = False
+    service_td = False
     config_warning = False
     if quote is not None:
         body = quote.body
         debug = body.debug
+        service_td = _refused_service_td(body, policy) is not None
         claims = td_claims(body) if isinstance(body, TdReport) else enclave_claims(body)
         claims["debug"] = debug
-        rejected = not findings.integrity_ok or (debug and not policy.allow_debug)
+        rejected = not findings.integrity_ok or (debug and not policy.allow_debug) or service_td
         claims.update(_platform_claims(result, quote, rejected))
         reasons.extend(_policy_reasons(family, result, quote, options, policy, rejected=rejected))
         log = options.collateral.get(CCEL_FILE)
@@ -322,7 +392,7 @@ def to_appraisal(
         family=family,
         status=status,
         claims=claims,
-        trust_vector=_trust_vector(verified, tcb_tier, debug, config_warning),
+        trust_vector=_trust_vector(verified, tcb_tier, debug, config_warning, service_td),
         reasons=reasons,
         checks=checks,
         verified=verified,
