@@ -56,7 +56,7 @@ __all__ = ["MALFORMED", "MAX_DOCUMENT", "parse_coco_evidence", "to_coco_document
 
 MALFORMED = "snp.evidence_malformed"
 MAX_DOCUMENT = 512 * 1024
-MAX_DEPTH = 6
+MAX_DEPTH = 4
 MAX_CERTS = 8
 MAX_CERT_BYTES = 16 * 1024
 U64_MAX = (1 << 64) - 1
