@@ -410,3 +410,23 @@ async def test_coco_json_snp_evidence_gets_a_verdict_on_the_bus(
         assert bad.status == "contraindicated" and not bad.released
     finally:
         await mesh.stop()
+
+
+def test_a_table_beside_a_json_report_on_the_wire_is_refused(
+    pkis: dict[Product, tuple[AmdTestPki, TrustStore]],
+) -> None:
+    """The wire's certificate table belongs to the binary form; behind a JSON document it is
+    trailing data, and the document is refused rather than half-read."""
+    pki, store = pkis[Product.MILAN]
+    sim = SnpSimulator(pki)
+    document = _json(to_coco_document(parse_evidence(sim.evidence(NONCE))))
+    wire = events.SnpEvidence(report=document, certificates=sim.cert_table())
+    decoded = events.decode(
+        events.encode(
+            events.EvidenceEvent(node="n", nonce=b"n" * 16, public_key=b"k" * 32, evidence=wire)
+        ),
+        events.EvidenceEvent,
+    )
+    appraisal = _appraise(events.evidence_bytes(decoded.evidence), store)
+    assert appraisal.status is Status.CONTRAINDICATED
+    assert [r.code for r in appraisal.reasons] == [MALFORMED]

@@ -61,7 +61,9 @@ def load_document(data: bytes, *, reason: str, max_bytes: int, max_depth: int) -
         )
     except _Refused as exc:
         raise ParseError(reason, str(exc)) from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except json.JSONDecodeError as exc:
+        raise ParseError(reason, f"not JSON: {exc.msg} at byte {exc.pos}") from None
+    except (ValueError, RecursionError) as exc:
         raise ParseError(reason, f"not JSON: {type(exc).__name__}") from None
     if not isinstance(document, dict):
         raise ParseError(reason, "the document is not a JSON object")
