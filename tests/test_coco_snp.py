@@ -8,6 +8,7 @@ re-encoded bytes or is refused before verification.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.cli import main
 from services.collector.simulator.snp import SnpSimulator
@@ -430,3 +433,39 @@ def test_a_table_beside_a_json_report_on_the_wire_is_refused(
     appraisal = _appraise(events.evidence_bytes(decoded.evidence), store)
     assert appraisal.status is Status.CONTRAINDICATED
     assert [r.code for r in appraisal.reasons] == [MALFORMED]
+
+
+@functools.cache
+def _base_document() -> dict[str, Any]:
+    pki = AmdTestPki(Product.MILAN, now=NOW)
+    return to_coco_document(parse_evidence(SnpSimulator(pki).evidence(NONCE)))
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    index=st.integers(min_value=0, max_value=len(SEV_FIELD_ORDER) - 1),
+    value=_JSON_VALUES,
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=4),
+)
+def test_arbitrary_values_and_bytes_only_ever_give_a_parse_error(
+    index: int, value: Any, flips: list[tuple[int, int]]
+) -> None:
+    changed = _edit(_base_document(), f"attestation_report.{SEV_FIELD_ORDER[index]}", value)
+    data = bytearray(_json(changed))
+    for position, byte in flips:
+        data[position % len(data)] = byte
+    try:
+        parsed = load_evidence(bytes(data))
+    except ParseError as exc:
+        assert exc.reason == MALFORMED or not jsondoc.is_json_document(bytes(data))
+    else:
+        assert (
+            to_coco_document(parsed)["attestation_report"] == json.loads(data)["attestation_report"]
+        )
