@@ -170,7 +170,11 @@ def test_reencode_parse_render_is_the_identity(
     signing_key: SigningKey,
 ) -> None:
     document, store = _sim_document(pkis, product, version, signing_key)
-    assert list(document["attestation_report"]) == SEV_FIELD_ORDER
+    report = document["attestation_report"]
+    assert list(report) == SEV_FIELD_ORDER
+    assert list(report["launch_tcb"]) == ["fmc", "bootloader", "tee", "snp", "microcode"]
+    assert list(report["current"]) == ["major", "minor", "build"]
+    assert list(report["signature"]) == ["r", "s"]
     assert [c["cert_type"] for c in document["cert_chain"]] == [signing_key.name, "ASK", "ARK"]
     first = parse_coco_evidence(_json(document))
     assert to_coco_document(first) == document

@@ -166,7 +166,8 @@ def parse_coco_evidence(data: bytes) -> SnpEvidence:
 
 
 def to_coco_document(evidence: SnpEvidence) -> dict[str, Any]:
-    """The CoCo JSON form of parsed evidence (what an agent on that guest would have sent)."""
+    """The CoCo JSON form of parsed evidence (what an agent on that guest would have sent);
+    certificate-table entries of GUIDs other than the VCEK/VLEK/ASK/ARK/CRL ones are left out."""
     chain = None
     if evidence.cert_table is not None:
         chain = [
