@@ -55,14 +55,18 @@ class _Evidence(
 
 
 class SnpEvidence(_Evidence, frozen=True, tag="snp"):
-    """A raw 1184-byte ATTESTATION_REPORT plus the extended-report certificate table."""
+    """A raw 1184-byte ATTESTATION_REPORT plus the extended-report certificate table, or in
+    ``report`` alone Confidential Containers' JSON document (report and ``cert_chain``); the
+    verifier tells the two apart by content (JSON starts with ``{``, a report never does)."""
 
     report: Blob
     certificates: Blob | None = None
 
 
 class TdxEvidence(_Evidence, frozen=True, tag="tdx"):
-    """A raw DCAP TDX quote (v4 or v5), and the firmware's CCEL event log when the node has it."""
+    """A raw DCAP TDX quote (v4 or v5), and the firmware's CCEL event log when the node has it;
+    or in ``quote`` Confidential Containers' JSON document (base64 quote and CCEL), told apart
+    by content. A CCEL inside the document takes precedence over ``event_log``."""
 
     quote: Blob
     event_log: Blob | None = None

@@ -15,8 +15,10 @@ from services.mesh.errors import ParseError
 from services.verifier.families.azure.hcl import parse_hcl_report
 from services.verifier.families.cca.parse import parse_token
 from services.verifier.families.dcap import parse_quote
+from services.verifier.families.dcap.coco import parse_tdx_document
 from services.verifier.families.nitro.parse import parse_document
 from services.verifier.families.snp import parse_cert_table, parse_evidence
+from services.verifier.families.snp.coco import parse_coco_evidence
 from services.verifier.families.tpm.eventlog import parse_event_log
 from services.verifier.families.tpm.structures import parse_attest, parse_signature
 
@@ -38,7 +40,9 @@ def _wire(data: bytes) -> None:
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "snp": _parser(parse_evidence),
     "snp-certtable": _parser(parse_cert_table),
+    "snp-coco": _parser(parse_coco_evidence),
     "dcap": _parser(parse_quote),
+    "tdx-coco": _parser(parse_tdx_document),
     "nitro": _parser(parse_document),
     "cca": _parser(parse_token),
     "tpm-attest": _parser(parse_attest),

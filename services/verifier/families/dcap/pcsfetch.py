@@ -14,8 +14,10 @@ from cryptography import x509
 
 from services.mesh.errors import ParseError
 from services.verifier.collateral import CollateralRequest
+from services.verifier.families import jsondoc
 from services.verifier.families.dcap import collateral as files
 from services.verifier.families.dcap.certs import DECODE_ERRORS, common_name
+from services.verifier.families.dcap.coco import parse_tdx_document
 from services.verifier.families.dcap.pck import PCK_CA_CNS, parse_sgx_extensions
 from services.verifier.families.dcap.pcs import parse_tcb_info_body
 from services.verifier.families.dcap.quote import parse_quote
@@ -75,10 +77,13 @@ def requests_for(
     base: str = DEFAULT_PCS,
     root_crl_url: str = DEFAULT_ROOT_CRL,
 ) -> list[CollateralRequest]:
-    """The collateral files ``evidence`` needs that ``have`` lacks; none for unreadable quotes."""
+    """The collateral files ``evidence`` (a raw quote or a CoCo TDX document) needs that
+    ``have`` lacks; none for unreadable quotes."""
     if all(name in have for name in files.FILES):
         return []
     try:
+        if jsondoc.is_json_document(evidence):
+            evidence = parse_tdx_document(evidence).quote
         quote = parse_quote(evidence)
         certs = x509.load_pem_x509_certificates(quote.certification.pck_chain_pem)
         if len(certs) < 2:

@@ -3,6 +3,8 @@
 parse.py      ATTESTATION_REPORT v2/v3/v4/v5 <-> AttestationReport (decoder and encoder)
 fields.py     TCB_VERSION (Milan/Genoa vs Turin), POLICY and PLATFORM_INFO bit fields
 certtable.py  the extended-report certificate table (GUID-keyed VCEK/VLEK/ASK/ARK)
+coco.py       Confidential Containers' JSON form, re-encoded to the exact report bytes
+evidence.py   either form, told apart by content
 certs.py      VCEK/VLEK extensions, the VEK -> ASK/ASVK -> ARK link checks, caches
 crl.py        AMD's CRL (optional ``crl.der`` collateral): revoked ASK/ASVK
 verify.py     signature, chain, VEK/report consistency, REPORT_DATA binding

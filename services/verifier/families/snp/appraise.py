@@ -1,6 +1,7 @@
 """SEV-SNP appraisal: claims, an EAR trust vector and a status, never an exception.
 
-:class:`SnpVerifier` runs parse -> verify -> policy on raw evidence. Malformed or untrusted
+:class:`SnpVerifier` runs parse -> verify -> policy on evidence in either form (the raw report
+with its optional certificate table, or Confidential Containers' JSON). Malformed or untrusted
 evidence becomes a contraindicated :class:`Appraisal` carrying every reason found; ``verified``
 is true only when the report signature and the whole VEK chain hold.
 
@@ -39,7 +40,8 @@ from services.verifier.families.base import (
     worst,
 )
 from services.verifier.families.snp import policy as snp_policy
-from services.verifier.families.snp.parse import AttestationReport, parse_evidence
+from services.verifier.families.snp.evidence import is_coco, load_evidence
+from services.verifier.families.snp.parse import AttestationReport
 from services.verifier.families.snp.policy import SnpPolicy
 from services.verifier.families.snp.verify import SnpVerification, verify
 
@@ -89,12 +91,13 @@ class SnpVerifier:
     def appraise(self, evidence: bytes, options: VerifyOptions) -> Appraisal:
         """Parse, verify and appraise ``evidence``; never raises for bad input."""
         try:
-            parsed = parse_evidence(evidence)
+            parsed = load_evidence(evidence)
         except ParseError as exc:
             return unparsable(FAMILY, exc)
         report = parsed.report
         result = verify(parsed, options)
-        checks = [Check("parse", True, _describe(report, parsed.cert_table is not None))]
+        described = _describe(report, parsed.cert_table is not None, coco=is_coco(evidence))
+        checks = [Check("parse", True, described)]
         checks += result.checks
         policy_reasons, policy_checks = snp_policy.evaluate(
             self.policy,
@@ -178,11 +181,12 @@ def _version(major: int, minor: int, build: int) -> str:
     return f"{major}.{minor}.{build}"
 
 
-def _describe(report: AttestationReport, with_table: bool) -> str:
+def _describe(report: AttestationReport, with_table: bool, *, coco: bool) -> str:
     hint = report.product_hint
     where = f", CPUID {hint.value}" if hint else ""
     table = ", with certificate table" if with_table else ""
-    return f"ATTESTATION_REPORT VERSION {report.version}{where}{table}"
+    form = " (re-encoded from Confidential Containers JSON)" if coco else ""
+    return f"ATTESTATION_REPORT VERSION {report.version}{where}{table}{form}"
 
 
 def _trust_vector(

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 from services.mesh.errors import ParseError
 from services.verifier.collateral import CollateralRequest
-from services.verifier.families.snp.parse import Product, SigningKey, parse_evidence
+from services.verifier.families.snp.evidence import load_evidence
+from services.verifier.families.snp.parse import Product, SigningKey
 
 DEFAULT_KDS = "https://kdsintf.amd.com"
 MAX_CERT_BYTES = 16 * 1024
@@ -52,7 +53,7 @@ def requests_for(
     report, which does not name its product); no VCEK for VLEK-signed or chip-masked reports.
     """
     try:
-        parsed = parse_evidence(evidence)
+        parsed = load_evidence(evidence)
     except ParseError:
         return []
     report = parsed.report
