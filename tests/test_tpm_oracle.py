@@ -6,6 +6,8 @@ nonce it expects, and the quote's pcrDigest against the PCR values the agent sen
 quote layer of our ``tpm`` family, written by other people on a different parser, so on every
 shared vector, on every single-byte change of their signed parts and on simulated quotes from our
 test TPM the two must reach the same accept/reject and, when both accept, the same PCR values.
+The vTPM quotes inside the Azure SNP evidence (all of that family's vectors, and every byte flip
+of one quote) get the same comparison, with the AK taken from the HCL runtime data.
 
 Keylime has no notion of time or of AK certificates in this check (it trusts an AK through its
 registrar instead), so what it can judge is the quote: an AK certificate that does not chain is
@@ -29,6 +31,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from services.testing.tpm_pki import QuoteKnobs, TestTpm, TpmTestPki
 from services.testing.vectors import (
@@ -38,6 +41,7 @@ from services.testing.vectors import (
     vectors_root,
     verify_options,
 )
+from services.verifier.families.azure import AzSnpVtpmVerifier
 from services.verifier.families.base import Appraisal, VerifyOptions
 from services.verifier.families.tpm import HashAlg, TpmVerifier
 from services.verifier.trust import TrustStore
@@ -108,26 +112,39 @@ def _pcr_blob(attest: bytes, values: list[bytes]) -> bytes:
     return blob
 
 
-def keylime_verdict(evidence: bytes, nonce: bytes, hash_alg: str = "sha256") -> Verdict:
-    """Run keylime's ``checkquote`` on our evidence JSON; any exception is its rejection."""
+def keylime_check(
+    ak: bytes, message: bytes, signature: bytes, pcrs: list[bytes], nonce: bytes, hash_alg: str
+) -> Verdict:
+    """Keylime's ``checkquote`` on a quote; ``ak`` is a SubjectPublicKeyInfo (DER)."""
     tpm_util = importlib.import_module("keylime.tpm.tpm_util")
-    document = json.loads(evidence)
-    quote = document["tpm_quote"]
-    message = base64.b64decode(quote["message"])
     try:
-        ak = serialization.load_der_public_key(base64.b64decode(document["ak_public"]))
-        ak_pem = ak.public_bytes(
+        key = serialization.load_der_public_key(ak)
+        ak_pem = key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        blob = _pcr_blob(message, [bytes.fromhex(v) for v in quote["pcrs"]])
-        pcrs: dict[int, str] = tpm_util.checkquote(
-            ak_pem, nonce, base64.b64decode(quote["signature"]), message, blob, hash_alg
+        blob = _pcr_blob(message, pcrs)
+        values: dict[int, str] = tpm_util.checkquote(
+            ak_pem, nonce, signature, message, blob, hash_alg
         )
     # Keylime reports every failure (bad signature, nonce, digest, malformed bytes) by raising,
     # plain Exception included; here any of them is the oracle's "rejected".
     except Exception as exc:  # noqa: BLE001
         return Verdict(None, f"{type(exc).__name__}: {exc}")
-    return Verdict(pcrs)
+    return Verdict(values)
+
+
+def keylime_verdict(evidence: bytes, nonce: bytes, hash_alg: str = "sha256") -> Verdict:
+    """Keylime's verdict on the ``tpm`` family's evidence JSON."""
+    document = json.loads(evidence)
+    quote = document["tpm_quote"]
+    return keylime_check(
+        base64.b64decode(document["ak_public"]),
+        base64.b64decode(quote["message"]),
+        base64.b64decode(quote["signature"]),
+        [bytes.fromhex(v) for v in quote["pcrs"]],
+        nonce,
+        hash_alg,
+    )
 
 
 def quote_accepted(appraisal: Appraisal) -> bool:
@@ -239,6 +256,101 @@ def test_changed_pcr_values_and_wrong_nonce_are_rejected_by_both(
     verdict = keylime_verdict(vector.evidence, wrong)
     assert_agree(appraisal, verdict)
     assert "nonce" in verdict.error and not verdict.accepted
+
+
+# --- the vTPM quotes inside the Azure SNP evidence ----------------------------------------------
+
+AZURE = list(iter_vectors("az-snp-vtpm")) if vectors_root() is not None else []
+AZURE_BY_ID = {v.id: v for v in AZURE}
+AK_SCHEME = struct.pack(">HH", 0x0014, 0x000B)  # TPM_ALG_RSASSA, TPM_ALG_SHA256
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def azure_keylime_verdict(evidence: bytes, nonce: bytes) -> Verdict:
+    """Keylime on the vTPM quote of trustee's Azure evidence, with the AK of its HCL runtime data.
+
+    The adapter reads the evidence as the attestation agent writes it (v0: byte arrays, v1: hex
+    and base64url), finds the runtime-data JSON in the HCL report and its ``HCLAkPub`` JWK, and
+    marshals Azure's raw RSASSA-SHA256 AK signature as the TPMT_SIGNATURE keylime expects.
+    """
+    document = json.loads(evidence)
+    try:
+        if "version" in document:
+            quote, hcl = document["tpm_quote"], _b64url(document["hcl_report"])
+            message, raw = bytes.fromhex(quote["message"]), bytes.fromhex(quote["signature"])
+            pcrs = [bytes.fromhex(v) for v in quote["pcrs"]]
+        else:
+            quote, hcl = document["quote"], bytes(document["report"])
+            message, raw = bytes(quote["message"]), bytes(quote["signature"])
+            pcrs = [bytes(v) for v in quote["pcrs"]]
+        text = hcl[hcl.index(b'{"keys"') :].decode("latin-1")
+        runtime, _ = json.JSONDecoder().raw_decode(text)
+        (jwk,) = [k for k in runtime["keys"] if k.get("kid") == "HCLAkPub"]
+        key = rsa.RSAPublicNumbers(
+            int.from_bytes(_b64url(jwk["e"])), int.from_bytes(_b64url(jwk["n"]))
+        ).public_key()
+    # The evidence or its runtime data is malformed: the oracle has no quote to judge.
+    except (ValueError, KeyError, TypeError) as exc:
+        return Verdict(None, f"{type(exc).__name__}: {exc}")
+    if len(raw) == (key.key_size + 7) // 8:
+        raw = AK_SCHEME + struct.pack(">H", len(raw)) + raw
+    ak = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return keylime_check(ak, message, raw, pcrs, nonce, "sha256")
+
+
+@NEEDS_VECTORS
+@pytest.mark.vectors
+@pytest.mark.parametrize("vector", AZURE, ids=[v.id for v in AZURE])
+def test_azure_vtpm_quote_verdicts_agree(vector: Vector, store: TrustStore) -> None:
+    """Keylime judges the vTPM quote only: a broken SNP report is ours alone to reject."""
+    source = vector if vector.kind == "positive" else AZURE_BY_ID[vector.meta["negative_of"]]
+    nonce = _vector_nonce(source)
+    appraisal = AzSnpVtpmVerifier().appraise(
+        vector.evidence, verify_options(vector, store, expected_report_data=nonce)
+    )
+    verdict = azure_keylime_verdict(vector.evidence, nonce)
+    assert_agree(appraisal, verdict)
+    assert appraisal.verified is vector.expect["verifies"]
+    if vector.expect["verifies"]:
+        assert verdict.accepted
+    if "TPM quote signature" in vector.meta.get("mutation", ""):
+        assert not verdict.accepted
+    if verdict.accepted and not appraisal.verified:
+        assert not [r.code for r in appraisal.reasons if r.code.startswith("tpm.")]
+
+
+@NEEDS_VECTORS
+@pytest.mark.vectors
+@pytest.mark.parametrize("part", ["message", "signature"])
+def test_every_byte_flip_of_an_azure_vtpm_quote_is_rejected_by_both(
+    part: str, store: TrustStore
+) -> None:
+    vector = AZURE_BY_ID["azsnp-trustee-hcl-report-raw"]
+    nonce = _vector_nonce(vector)
+    options = verify_options(vector, store, expected_report_data=nonce)
+    verifier = AzSnpVtpmVerifier()
+    document = json.loads(vector.evidence)
+    raw = bytes.fromhex(document["tpm_quote"][part])
+    disagreements, accepted = [], []
+    for offset in range(len(raw)):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0x01
+        document["tpm_quote"][part] = flipped.hex()
+        evidence = json.dumps(document).encode()
+        ours = quote_accepted(verifier.appraise(evidence, options))
+        theirs = azure_keylime_verdict(evidence, nonce).accepted
+        if ours is not theirs:
+            disagreements.append((offset, ours, theirs))
+        if ours or theirs:
+            accepted.append(offset)
+    assert len(raw) > 100
+    assert disagreements == []
+    assert accepted == []
 
 
 # --- simulated quotes from the test TPM ----------------------------------------------------------
