@@ -134,6 +134,32 @@ def test_real_documents_expire_for_both(
 
 @NEEDS_VECTORS
 @pytest.mark.vectors
+def test_byte_flips_of_a_real_document_are_rejected_by_both(
+    store: TrustStore, epsilon_at: Oracle
+) -> None:
+    """Every byte of the COSE signature and every 29th byte before it (envelope, protected
+    header, payload fields, certificates), one bit each: neither may accept any of them."""
+    (vector,) = [v for v in VECTORS if v.id == "nitro-base-2024-11-30"]
+    raw = vector.evidence
+    options = verify_options(vector, store)
+    offsets = [*range(0, len(raw) - 96, 29), *range(len(raw) - 96, len(raw))]
+    disagreements, accepted = [], []
+    for offset in offsets:
+        flipped = bytearray(raw)
+        flipped[offset] ^= 0x01
+        ours = NitroVerifier().appraise(bytes(flipped), options).verified
+        theirs = epsilon_at(bytes(flipped), _aws_root(), vector.at).valid
+        if ours is not theirs:
+            disagreements.append((offset, ours, theirs))
+        if ours or theirs:
+            accepted.append(offset)
+    assert len(offsets) > 200
+    assert disagreements == []
+    assert accepted == []
+
+
+@NEEDS_VECTORS
+@pytest.mark.vectors
 def test_every_vector_of_the_family_is_compared() -> None:
     kinds = {v.kind for v in VECTORS}
     assert kinds == {"positive", "negative"}
