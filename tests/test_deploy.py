@@ -400,7 +400,7 @@ def test_custom_values_take_effect(
     for _, _, pod in pod_specs(docs):
         for container in pod["containers"]:
             env = {e["name"] for e in container.get("env", [])}
-            assert "ATTESTMESH_OTLP_ENDPOINT" not in env and "SSL_CERT_FILE" not in env
+            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "SSL_CERT_FILE" not in env
 
 
 @needs_helm
@@ -640,6 +640,37 @@ def test_every_service_is_probed_through_its_heartbeat(renders: dict[str, list[D
 
 
 @needs_helm
+def test_every_container_is_probed_and_services_serve_metrics(
+    renders: dict[str, list[Doc]],
+) -> None:
+    docs = renders["cert-manager"]
+    raw = one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
+    config = msgspec.json.decode(raw.encode(), type=Config)
+    assert config.metrics_port == 9464 and config.metrics_host == "0.0.0.0"
+    sidecars = 0
+    for workload, meta, pod in pod_specs(docs):
+        for container in pod["containers"]:
+            assert "livenessProbe" in container, (workload, container["name"])
+        if meta["labels"]["app.kubernetes.io/component"] == "nats":
+            (exporter,) = [c for c in pod["containers"] if c["name"] == "metrics"]
+            assert exporter["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+            sidecars += 1
+            continue
+        (main,) = pod["containers"]
+        assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in main["ports"]
+        annotations = meta["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == "9464"
+    assert sidecars == 1
+    services = one(docs, "NetworkPolicy", f"{FULLNAME}-services")["spec"]
+    (scrape,) = services["ingress"]
+    assert scrape["ports"] == [{"port": 9464, "protocol": "TCP"}]
+    assert scrape["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "observability"
+    }
+
+
+@needs_helm
 def test_services_get_the_otlp_endpoint_and_their_identity(renders: dict[str, list[Doc]]) -> None:
     from services.verifier import registry
 
@@ -650,7 +681,8 @@ def test_services_get_the_otlp_endpoint_and_their_identity(renders: dict[str, li
             continue
         (main,) = pod["containers"]
         env = {e["name"]: e.get("value") for e in main["env"]}
-        assert env["ATTESTMESH_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
         assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]
         assert main["args"][0] == component, workload
         assert main["args"][-2:] == ["--config", "/etc/attestmesh/config/config.json"]
@@ -676,8 +708,11 @@ def test_network_policies_confine_every_pod(renders: dict[str, list[Doc]], name:
         types = {t for p in covering for t in p["spec"]["policyTypes"]}
         assert types == {"Ingress", "Egress"}, workload
 
-    # Services: nothing in; out only to NATS, DNS and the OpenTelemetry Collector.
-    assert services["ingress"] == []
+    # Services: only metrics scrapes in, from the scrapers' namespace; out only to NATS, DNS
+    # and the OpenTelemetry Collector.
+    for rule in services["ingress"]:
+        assert rule["ports"] == [{"port": 9464, "protocol": "TCP"}]
+        assert all("namespaceSelector" in peer for peer in rule["from"])
     ports = {(p["port"], p["protocol"]) for rule in services["egress"] for p in rule["ports"]}
     assert ports <= {(4222, "TCP"), (53, "UDP"), (53, "TCP"), (4318, "TCP")}
     (to_nats,) = [
