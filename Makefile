@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
-# A software TPM and the TSS library the real TPM source builds against (tests use swtpm).
-SYSTEM_PACKAGES := swtpm swtpm-tools libtss2-dev libtss2-tcti-swtpm0 pkg-config
+# A software TPM and the TSS library the real TPM source builds against (tests use swtpm), and
+# the Prometheus server the metrics test scrapes the mesh with.
+SYSTEM_PACKAGES := swtpm swtpm-tools libtss2-dev libtss2-tcti-swtpm0 pkg-config prometheus
 
 .PHONY: run test lint bench install clean
 
@@ -17,12 +18,13 @@ $(BIN)/python:
 # System packages come from the distribution when we may install them (root + apt-get);
 # elsewhere the software-TPM test says what is missing and skips.
 $(VENV)/.system: | $(BIN)/python
-	@if command -v swtpm >/dev/null 2>&1 && pkg-config --exists tss2-esys 2>/dev/null; then :; \
+	@if command -v swtpm >/dev/null 2>&1 && pkg-config --exists tss2-esys 2>/dev/null \
+		&& command -v prometheus >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing $(SYSTEM_PACKAGES)"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
-		|| echo "warning: could not install $(SYSTEM_PACKAGES); the swtpm test will skip"; \
+		|| echo "warning: could not install $(SYSTEM_PACKAGES); the swtpm and Prometheus tests will skip"; \
 	else echo "note: $(SYSTEM_PACKAGES) not installed (needs root and apt-get)"; fi
 	@touch $@
 

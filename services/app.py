@@ -15,7 +15,7 @@ from typing import Any
 
 from services.broker.sealing import KeyFileSource
 from services.broker.service import BrokerService
-from services.mesh import subjects, telemetry
+from services.mesh import metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.health import Heartbeat
@@ -44,13 +44,20 @@ def trust_store(config: Config) -> TrustStore:
 
 
 async def alongside(
-    config: Config, bus: Bus, stop: asyncio.Event, work: Coroutine[Any, Any, None]
+    config: Config,
+    bus: Bus,
+    stop: asyncio.Event,
+    work: Coroutine[Any, Any, None],
+    consumers: list[tuple[str, str]] | None = None,
 ) -> None:
-    """Run ``work`` with the service's heartbeat beside it (when a health file is set)."""
-    if config.health_file is None:
-        await work
-        return
-    await asyncio.gather(work, Heartbeat(Path(config.health_file), bus).run(stop))
+    """Run ``work`` with the service's heartbeat (when a health file is set) and, when metrics
+    are exported, a poller of its durable ``consumers``' lag beside it."""
+    tasks: list[Coroutine[Any, Any, None]] = [work]
+    if config.health_file is not None:
+        tasks.append(Heartbeat(Path(config.health_file), bus).run(stop))
+    if consumers and telemetry.metrics_enabled():
+        tasks.append(metrics.ConsumerLag(consumers).run(bus.js, stop))
+    await asyncio.gather(*tasks)
 
 
 async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
@@ -74,7 +81,8 @@ async def verifier(config: Config, family: str, stop: asyncio.Event) -> None:
         )
         log.info("verifier.started", family=family)
         run = worker.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-        await alongside(config, bus, stop, run)
+        lag = [(subjects.STREAM_EVIDENCE, f"verifier-{family}")]
+        await alongside(config, bus, stop, run, lag)
 
 
 async def policy(config: Config, stop: asyncio.Event) -> None:
@@ -93,7 +101,7 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
         await service.start()
         log.info("policy.started", trusted=service.trusted.names())
         run = service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-        await alongside(config, bus, stop, run)
+        await alongside(config, bus, stop, run, [(subjects.STREAM_VERDICTS, "policy")])
 
 
 async def broker(config: Config, stop: asyncio.Event) -> None:
@@ -106,14 +114,20 @@ async def broker(config: Config, stop: asyncio.Event) -> None:
         await service.start()
         log.info("broker.started")
         run = service.run(stop, max_deliver=config.max_deliver, ack_wait=config.ack_wait_s)
-        await alongside(config, bus, stop, run)
+        await alongside(config, bus, stop, run, [(subjects.STREAM_DECISIONS, "broker")])
 
 
 def run(
     service: str, config: Config, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 ) -> int:
     """Run ``main`` until SIGINT/SIGTERM, then shut down cleanly; return an exit code."""
-    telemetry.configure(service, level=config.log_level, otlp_endpoint=config.otlp_endpoint)
+    telemetry.configure(
+        service,
+        level=config.log_level,
+        otlp_endpoint=config.otlp_endpoint,
+        metrics_port=config.metrics_port,
+        metrics_host=config.metrics_host,
+    )
 
     async def runner() -> None:
         stop = asyncio.Event()

@@ -336,8 +336,16 @@ def _collector(args: argparse.Namespace) -> int:
     return app.run("collector", config, main)
 
 
+SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up"})
+"""Commands that configure their own logging (JSON lines, traces); the rest talk to a person."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in SERVICES:
+        from services.mesh import telemetry
+
+        telemetry.configure_cli()
     try:
         if args.command == "verify":
             return verify(args)

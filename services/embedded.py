@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,7 @@ class Mesh:
         self.config_path = config_path
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.metrics_ports: dict[str, int] = {}
         self._logs: list[IO[bytes]] = []
 
     def start(self) -> None:
@@ -94,11 +96,13 @@ class Mesh:
         for name, args in commands.items():
             log = (self.log_dir / f"{name}.log").open("ab")
             self._logs.append(log)
+            port = self.metrics_ports.setdefault(name, free_port())
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env={**os.environ, "ATTESTMESH_METRICS_PORT": str(port)},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
             )
@@ -118,6 +122,23 @@ class Mesh:
                 proc.wait()
         for log in self._logs:
             log.close()
+
+
+def free_port() -> int:
+    """A loopback port free right now, for a child's metrics endpoint (the child binds it
+    within a second, so the window for another process to take it is small)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:
+    """``<data-dir>/metrics.json``: each process's Prometheus scrape URL, for a scrape config."""
+    path = data_dir / "metrics.json"
+    urls = {name: f"http://127.0.0.1:{port}/metrics" for name, port in sorted(ports.items())}
+    path.write_text(json.dumps(urls, indent=2) + "\n")
+    return path
 
 
 def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
@@ -234,19 +255,23 @@ def up(
         nats_url = server.url
     assert nats_url is not None
     config, config_path = prepare(data_dir, nats_url)
-    telemetry.configure(
+    up_port = telemetry.configure(
         "up",
         level="warning",
         otlp_endpoint=config.otlp_endpoint,
         stream=open(os.devnull, "w"),  # noqa: SIM115
+        metrics_port=0,
     )
     mesh = Mesh(config, config_path, data_dir / "logs")
+    if up_port is not None:
+        mesh.metrics_ports["up-nodes"] = up_port
     quiet = as_json
     summary = Summary(nodes=nodes)
     code = 0
     try:
         asyncio.run(seed_secret(config, DEFAULT_RESOURCE))
         mesh.start()
+        write_metrics_map(data_dir, mesh.metrics_ports)
         if not quiet:
             print(
                 f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "

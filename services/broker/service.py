@@ -25,7 +25,7 @@ from services.broker import release
 from services.broker.audit import AuditLog, Outcome
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, Rejected, ReleaseError, SealingError, VerificationError
 from services.mesh.keys import TrustedKeys
@@ -160,6 +160,7 @@ class BrokerService:
                 await self.bus.publish(
                     subjects.revoked(decision.node), revocation, msg_id=f"revoke-{held.decision_id}"
                 )
+                metrics.revocations.add(1)
 
     async def current_decision(self, node: str) -> HeldDecision:
         """The node's recorded decision, re-verified; refusals say why there is none."""
@@ -175,6 +176,15 @@ class BrokerService:
             raise ReleaseError("broker.decision_invalid", exc.reason) from None
 
     async def on_secret_request(self, msg: Msg) -> events.Message:
+        answer = await self._answer(msg)
+        if isinstance(answer, events.SecretResponse):
+            outcome = "released" if answer.ok else _refusal_kind(answer.reason)
+            metrics.releases.add(1, {"outcome": outcome, "reason": answer.reason})
+        else:
+            metrics.releases.add(1, {"outcome": "malformed", "reason": answer.reason})
+        return answer
+
+    async def _answer(self, msg: Msg) -> events.SecretResponse | events.Refusal:
         with tracer.start_as_current_span(
             "broker.release", context=telemetry.extract(msg.headers)
         ) as span:
@@ -256,3 +266,8 @@ class BrokerService:
             trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",
         )
         return entry.seq
+
+
+def _refusal_kind(reason: str) -> str:
+    """``pending`` for the retry signal a collector polls through, else ``refused``."""
+    return "pending" if reason == "broker.decision_pending" else "refused"

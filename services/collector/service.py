@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from services.broker import release
 from services.collector.sources.base import EvidenceSource
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 from services.verifier.worker import expected_report_data
@@ -70,11 +70,18 @@ class CollectorNode:
             span.set_attribute("attestmesh.node", self.node)
             span.set_attribute("attestmesh.family", self.source.family)
             try:
-                return await self._round(started)
+                result = await self._round(started)
             except AttestmeshError as exc:
                 span.set_attribute("attestmesh.error", exc.reason)
                 log.warning("round.failed", node=self.node, reason=exc.reason)
-                return RoundResult(self.node, "none", False, False, _ms(started), reason=exc.reason)
+                result = RoundResult(self.node, "none", False, False, _ms(started), exc.reason)
+            outcome = (
+                "released" if result.released else "denied" if result.status != "none" else "failed"
+            )
+            metrics.attestation_seconds.record(
+                result.latency_ms / 1000.0, {"family": self.source.family, "outcome": outcome}
+            )
+            return result
 
     async def _round(self, started: float) -> RoundResult:
         challenge = await self.bus.request(

@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.config import Config
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 
@@ -356,6 +356,7 @@ class Bus:
             payload=msg.data[: events.MAX_MESSAGE_BYTES // 2],
         )
         await self.publish(subjects.dlq(stream), letter)
+        metrics.dead_letters.add(1, {"stream": stream, "reason": reason})
         log.warning("consume.dead_lettered", stream=stream, reason=reason, deliveries=deliveries)
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.term()

@@ -59,6 +59,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     health_file: str | None = None
     """Touched while connected to NATS; ``attestmesh health`` checks it (Kubernetes probe)."""
     otlp_endpoint: str | None = None
+    """Alias for ``OTEL_EXPORTER_OTLP_ENDPOINT``; the standard ``OTEL_*`` variables win."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (0: any free one); none: no scrape endpoint."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint (``0.0.0.0`` in a pod, so Prometheus can scrape it)."""
     log_level: str = "info"
 
     @property
@@ -72,7 +77,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
-    """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides."""
+    """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides.
+
+    The file wins over the environment, except where it leaves a setting null: a saved config
+    shared by several processes (``attestmesh up``'s) leaves per-process settings, such as the
+    metrics port, to each process's environment.
+    """
     raw: dict[str, object] = {}
     if path is not None:
         try:
@@ -87,15 +97,28 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Con
         "ATTESTMESH_DATA_DIR": "data_dir",
         "ATTESTMESH_ROOTS": "roots_dir",
         "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
+        "ATTESTMESH_METRICS_PORT": "metrics_port",
     }
     for env, field in env_map.items():
-        if env in os.environ and field not in raw:
+        if env in os.environ and raw.get(field) is None:
             raw[field] = os.environ[env]
+    if isinstance(raw.get("metrics_port"), str):
+        raw["metrics_port"] = _port(str(raw["metrics_port"]))
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError("config.invalid", str(exc)) from None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError("config.invalid", f"metrics port {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError("config.invalid", f"metrics port {port} is out of range")
+    return port
 
 
 def save(config: Config, path: str | os.PathLike[str]) -> None:

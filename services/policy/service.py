@@ -17,7 +17,7 @@ from typing import Any
 import nats.errors
 from nats.aio.msg import Msg
 
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, PolicyError, Rejected, VerificationError
 from services.mesh.keys import SigningKey, TrustedKeys
@@ -229,4 +229,5 @@ class PolicyService:
             token=token,
         )
         await self.bus.publish(subjects.decision(verdict.node), decision)
+        metrics.decisions.add(1, {"allow": str(allow).lower()})
         log.info("decision.published", node=verdict.node, allow=allow, reasons=reasons)

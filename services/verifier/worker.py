@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from nats.aio.msg import Msg
 
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey
 from services.verifier import ear
@@ -111,9 +112,14 @@ class VerifierWorker:
             event = events.decode(msg.data, events.EvidenceEvent)
             span.set_attribute("attestmesh.node", event.node)
             span.set_attribute("attestmesh.family", self.family)
+            metrics.evidence_received.add(1, {"family": self.family})
             extra = await self.fetch_collateral(event)
+            started = time.perf_counter()
             appraisal = await asyncio.to_thread(
                 self.appraise, event, subjects.node_of(msg.subject), extra
+            )
+            metrics.verification_seconds.record(
+                time.perf_counter() - started, {"family": self.family}
             )
             span.set_attribute("attestmesh.status", str(appraisal.status))
             span.set_attribute("attestmesh.reasons", [r.code for r in appraisal.reasons])
@@ -156,6 +162,7 @@ class VerifierWorker:
             ear=token,
         )
         await self.bus.publish(subjects.verdict(self.family, event.node), verdict)
+        metrics.verdicts.add(1, {"family": self.family, "status": appraisal.status.value})
         log.info(
             "verdict.published",
             node=event.node,

@@ -139,5 +139,9 @@ Per-node collector identities are named collector-node-<node>.
 {{- if .Values.collateral.existingConfigMap -}}
 {{- $_ := set $c "collateral_dir" "/etc/attestmesh/collateral" -}}
 {{- end -}}
+{{- if .Values.metrics.enabled -}}
+{{- $_ := set $c "metrics_port" (int .Values.metrics.port) -}}
+{{- $_ := set $c "metrics_host" "0.0.0.0" -}}
+{{- end -}}
 {{- toPrettyJson $c -}}
 {{- end -}}

@@ -32,6 +32,11 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   annotations:
+    {{- if $root.Values.metrics.enabled }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $root.Values.metrics.port | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
     checksum/config: {{ include "attestmesh.configJson" $root | sha256sum }}
     checksum/trusted-keys: {{ toJson $root.Values.trustedKeys | sha256sum }}
     {{- if $root.Values.secrets.create }}
@@ -128,8 +133,10 @@ spec:
         - name: OTEL_RESOURCE_ATTRIBUTES
           value: "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.node.name=$(NODE_NAME),service.namespace=attestmesh"
         {{- with $root.Values.otel.endpoint }}
-        - name: ATTESTMESH_OTLP_ENDPOINT
+        - name: OTEL_EXPORTER_OTLP_ENDPOINT
           value: {{ . | quote }}
+        - name: OTEL_EXPORTER_OTLP_PROTOCOL
+          value: {{ $root.Values.otel.protocol | quote }}
         {{- end }}
         {{- if $root.Values.nats.tls.enabled }}
         # The cluster CA, so the default TLS context verifies the NATS server.
@@ -140,6 +147,10 @@ spec:
           value: "1"
         - name: HOME
           value: /tmp
+      {{- if $root.Values.metrics.enabled }}
+      ports:
+        - {name: metrics, containerPort: {{ $root.Values.metrics.port }}, protocol: TCP}
+      {{- end }}
       # The service touches /tmp/attestmesh-health while connected to NATS (config
       # health_file); a process that loses the bus or wedges stops touching it.
       startupProbe:
