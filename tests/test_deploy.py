@@ -714,6 +714,7 @@ CREATE = [
     for s in (
         "EVIDENCE", "VERDICTS", "DECISIONS", "DLQ",
         "KV_nonces", "KV_refvalues", "KV_policies", "KV_collateral", "KV_broker-state",
+        "KV_node-pins",
     )
 ]  # fmt: skip
 
@@ -762,6 +763,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *_kv("nonces", write=True, watch=False),
             *_kv("policies", write=True, watch=True),
             *_kv("refvalues", write=False, watch=True),
+            *_kv("node-pins", write=True, watch=False),
             "attest.decision.*",
             "attest.dlq.VERDICTS",
         },
@@ -786,6 +788,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *_kv("collateral", write=True, watch=False),
             *_kv("refvalues", write=True, watch=True),
             *_kv("policies", write=True, watch=True),
+            *_kv("node-pins", write=True, watch=False),
         },
         "subscribe": {INBOX},
         "responder": False,
