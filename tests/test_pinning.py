@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy.pins import PinStore
 from services.testing.mesh import TestMesh
+from services.verifier.collateral import CollateralRequest, store
+from services.verifier.families.snp.kds import DEFAULT_KDS, crl_url
+from services.verifier.families.snp.parse import Product
 from services.verifier.worker import expected_report_data
 
 POLICY_DEBUG = 1 << 19
@@ -291,3 +295,29 @@ async def test_pinning_can_be_switched_off(
         assert await _pin_of(bus, "node-o") is None
     finally:
         await running.stop()
+
+
+async def test_other_hardware_cannot_shield_a_node_from_revocation(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    """Impostor evidence is refused, and must not displace the node's own evidence in the
+    verifier's memory: a collateral change afterwards still revokes the real node."""
+    revoked: asyncio.Queue[events.Revocation] = asyncio.Queue()
+
+    async def on_revoked(msg: Msg) -> None:
+        revoked.put_nowait(events.decode(msg.data, events.Revocation))
+
+    watch = await bus.nc.subscribe(subjects.revoked("node-v"), cb=on_revoked)
+    node = mesh.node(bus, "node-v")
+    assert (await node.attest_once()).released
+    impostor = CollectorNode(bus, "node-v", _other_chip(mesh, "node-v"), decision_timeout=10)
+    assert (await impostor.attest_once()).reason == "node.identity_mismatch"
+
+    request = CollateralRequest("crl.der", crl_url(DEFAULT_KDS, Product.MILAN))
+    collateral = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
+    await store(collateral, request, mesh.pki.amd.crl(revoke=("ask",)), at=time.time())
+    announcement = await asyncio.wait_for(revoked.get(), 20)
+    await watch.unsubscribe()
+    assert announcement.node == "node-v"
+    refused = await _ask_again(bus, node)
+    assert not refused.ok and refused.reason == "broker.revoked"

@@ -121,7 +121,7 @@ class VerifierWorker:
             await self.publish_verdict(event, appraisal)
             if self.reappraiser is not None and appraisal.authenticated:
                 # Only evidence that proved it is the node may later revoke the node.
-                self.reappraiser.remember(event, appraisal.status)
+                self.reappraiser.remember(event, appraisal.status, appraisal.hwid)
 
     async def publish_verdict(
         self, event: events.EvidenceEvent, appraisal: Appraisal, *, reappraisal: bool = False
