@@ -189,8 +189,12 @@ async def test_racing_pins_agree_and_a_reset_frees_the_name(bus: Bus) -> None:
     assert found is not None
     winner = found[0].hwid
     assert await second.check("node-p", winner) is True
-    with pytest.raises(Rejected):
+    with pytest.raises(Rejected) as info:
         await second.check("node-p", "")  # evidence naming no hardware never matches a pin
+    assert info.value.reason == "node.identity_mismatch"
+    with pytest.raises(Rejected) as info:
+        await second.pin("node-q", "")  # nor can it pin a name: pinning fails closed
+    assert info.value.reason == "node.hwid_missing"
     reset = await first.reset("node-p")
     assert reset is not None and reset.hwid == winner
     assert await first.reset("node-p") is None and await first.check("node-p", "x") is False

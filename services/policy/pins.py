@@ -22,6 +22,7 @@ from services.mesh.errors import ParseError, Rejected
 from services.mesh.kv import KeyValue, WriteConflictError
 
 IDENTITY_MISMATCH = "node.identity_mismatch"
+HWID_MISSING = "node.hwid_missing"
 MAX_RETRIES = 16
 
 
@@ -61,7 +62,7 @@ class PinStore:
         """Pin ``node`` to ``hwid`` unless pinned already; a racing pin to other hardware
         wins and this one is refused as a mismatch."""
         if not hwid:
-            raise Rejected(IDENTITY_MISMATCH, "the evidence names no hardware identity to pin")
+            raise Rejected(HWID_MISSING, "the evidence names no hardware identity to pin")
         record = Pin(hwid=hwid, pinned_at=self._clock(), evidence_id=evidence_id)
         for _ in range(MAX_RETRIES):
             found = await self.get(node)
