@@ -775,6 +775,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *CREATE,
             *_consumer("DECISIONS", "broker", "attest.decision.>"),
             *_kv("broker-state", write=True, watch=True),
+            *_kv("node-pins", write=True, watch=False),  # `attestmesh node reset` in its pod
             "attest.revoked.*",
             "attest.dlq.DECISIONS",
         },
@@ -788,7 +789,6 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *_kv("collateral", write=True, watch=False),
             *_kv("refvalues", write=True, watch=True),
             *_kv("policies", write=True, watch=True),
-            *_kv("node-pins", write=True, watch=False),
         },
         "subscribe": {INBOX},
         "responder": False,

@@ -102,6 +102,8 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (list "attest.revoked.*" "attest.dlq.DECISIONS") -}}
 {{- $sub = append $sub "attest.secret.* broker" -}}
 {{- $responder = true -}}
@@ -121,9 +123,7 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
-  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
-  (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
-  (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray) -}}
+  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray) -}}
 {{- else -}}
 {{- fail (printf "attestmesh: no NATS permissions defined for identity %q" $id) -}}
 {{- end -}}
