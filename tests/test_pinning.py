@@ -321,3 +321,22 @@ async def test_other_hardware_cannot_shield_a_node_from_revocation(
     assert announcement.node == "node-v"
     refused = await _ask_again(bus, node)
     assert not refused.ok and refused.reason == "broker.revoked"
+
+
+async def test_node_reset_of_an_unpinned_or_invalid_name(
+    nats_server: NatsServer, bus: Bus, tmp_path: Path
+) -> None:
+    config = tmp_path / "cli.json"
+    config.write_text(json.dumps({"nats_url": nats_server.url, "data_dir": str(tmp_path)}))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        unpinned = await asyncio.to_thread(
+            cli.main, ["node", "reset", "node-u", "--config", str(config)]
+        )
+        invalid = await asyncio.to_thread(
+            cli.main, ["node", "reset", "a.b.>", "--config", str(config)]
+        )
+    assert unpinned == 0 and "not pinned" in out.getvalue()
+    assert invalid == 2 and "subject.bad_token" in err.getvalue()
+    state = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+    assert [k for k in await state.keys() if k.startswith("audit.")] == []  # nothing to audit
