@@ -97,6 +97,7 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
             },
             nonce_ttl=config.nonce_ttl_s,
             decision_ttl=config.decision_ttl_s,
+            pinning=config.pinning,
         )
         await service.start()
         log.info("policy.started", trusted=service.trusted.names())

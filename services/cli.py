@@ -93,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     roots.add_argument("--roots", type=Path, help="trust directory (default: user data dir)")
     roots.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
 
+    node = sub.add_parser("node", help="manage node identities (hardware pins)")
+    node.add_argument("action", choices=["reset"])
+    node.add_argument("name", help="the node whose hardware pin to clear (audited)")
+    where = node.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
+    where.add_argument("--config", type=Path)
+
     refs = sub.add_parser("refvalues", help="provision reference values for a family")
     refs.add_argument("family", choices=registry.families())
     refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
@@ -259,6 +266,28 @@ def _secret(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _node(args: argparse.Namespace) -> int:
+    from services.broker.sealing import KeyFileSource
+    from services.mesh import subjects
+    from services.mesh.bus import Bus
+    from services.nodes import reset_node
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    config = config_mod.load(args.config, **overrides)
+    name = subjects.token(args.name)
+
+    async def main() -> bool:
+        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+            sealing = KeyFileSource.in_data_dir(Path(config.data_dir))
+            return await reset_node(bus, name, sealing) is not None
+
+    if asyncio.run(main()):
+        print(f"{name}: hardware pin cleared (audited); its next allowed attestation pins anew")
+    else:
+        print(f"{name}: not pinned, nothing to reset")
+    return EXIT_OK
+
+
 def _refvalues(args: argparse.Namespace) -> int:
     from services.mesh import subjects
     from services.mesh.bus import Bus
@@ -372,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "refvalues":
             return _refvalues(args)
+        if args.command == "node":
+            return _node(args)
         if args.command == "roots":
             return _roots(args)
         if args.command == "collateral":

@@ -748,6 +748,7 @@ CREATE = [
     for s in (
         "EVIDENCE", "VERDICTS", "DECISIONS", "DLQ",
         "KV_nonces", "KV_refvalues", "KV_policies", "KV_collateral", "KV_broker-state",
+        "KV_node-pins",
     )
 ]  # fmt: skip
 
@@ -796,6 +797,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *_kv("nonces", write=True, watch=False),
             *_kv("policies", write=True, watch=True),
             *_kv("refvalues", write=False, watch=True),
+            *_kv("node-pins", write=True, watch=False),
             "attest.decision.*",
             "attest.dlq.VERDICTS",
         },
@@ -807,6 +809,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *CREATE,
             *_consumer("DECISIONS", "broker", "attest.decision.>"),
             *_kv("broker-state", write=True, watch=True),
+            *_kv("node-pins", write=True, watch=False),  # `attestmesh node reset` in its pod
             "attest.revoked.*",
             "attest.dlq.DECISIONS",
         },

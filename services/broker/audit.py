@@ -45,6 +45,8 @@ class Outcome(enum.StrEnum):
 
     RELEASED = "released"
     REFUSED = "refused"
+    PIN_RESET = "pin_reset"
+    """An operator released a node's hardware pin (``attestmesh node reset``)."""
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

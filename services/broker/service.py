@@ -52,6 +52,7 @@ class HeldDecision:
     verdict_id: str
     evidence_id: str
     reappraisal: bool
+    refused: bool = False
 
 
 def may_read(node: str, resource: str) -> bool:
@@ -113,6 +114,7 @@ class BrokerService:
                 verdict_id=str(claims["verdict_id"]),
                 evidence_id=str(claims["evidence_id"]),
                 reappraisal=claims.get("reappraisal") is True,
+                refused=claims.get("refused") is True,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
@@ -130,8 +132,16 @@ class BrokerService:
                 if exc.reason == "token.expired":
                     return
                 raise Rejected(exc.reason, exc.detail) from None
-            if held.allow != decision.allow or subjects.node_of(msg.subject) != decision.node:
+            if (
+                held.allow != decision.allow
+                or held.refused != decision.refused
+                or subjects.node_of(msg.subject) != decision.node
+            ):
                 raise Rejected("broker.routing_mismatch", "routing fields disagree with token")
+            if held.refused:
+                # Evidence that did not prove it is the node: the node's standing is unchanged.
+                log.info("decision.refusal_ignored", node=decision.node)
+                return
             key = DECISION_PREFIX + decision.node
             while True:
                 current = await self.state.get(key)

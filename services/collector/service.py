@@ -120,6 +120,10 @@ class CollectorNode:
         finally:
             await sub.unsubscribe()
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
+        if decision.refused:
+            # The mesh refused this evidence; the node's previous decision stays in force.
+            reason = decision.reason or "policy.refused"
+            return RoundResult(self.node, decision.status, False, False, _ms(started), reason)
         self.last_public_key, self.last_decision_id = public, decision.id
         self.last_evidence_id = event.id
         if not decision.allow:

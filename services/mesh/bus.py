@@ -175,6 +175,7 @@ class Bus:
             api.KeyValueConfig(bucket=subjects.BUCKET_POLICIES, history=5),
             api.KeyValueConfig(bucket=subjects.BUCKET_COLLATERAL, history=1),
             api.KeyValueConfig(bucket=subjects.BUCKET_BROKER, history=1),
+            api.KeyValueConfig(bucket=subjects.BUCKET_PINS, history=5),
         ]
         for kv in buckets:
             kv.storage = api.StorageType.FILE
@@ -323,7 +324,7 @@ class Bus:
         try:
             await handler(msg)
         except (ParseError, Rejected) as exc:
-            await self._dead_letter(msg, stream, exc.reason, deliveries)
+            await self._dead_letter(msg, stream, exc.reason, deliveries, exc.detail)
             return
         except AttestmeshError as exc:
             await self._retry_or_dead_letter(msg, stream, exc.reason, deliveries, max_deliver)
@@ -347,11 +348,14 @@ class Bus:
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.nak(delay=min(0.2 * 2**deliveries, 10.0))
 
-    async def _dead_letter(self, msg: Msg, stream: str, reason: str, deliveries: int) -> None:
+    async def _dead_letter(
+        self, msg: Msg, stream: str, reason: str, deliveries: int, detail: str = ""
+    ) -> None:
         letter = events.DeadLetter(
             stream=stream,
             subject=msg.subject,
             reason=reason,
+            detail=detail[: events.MAX_DETAIL],
             deliveries=deliveries,
             payload=msg.data[: events.MAX_MESSAGE_BYTES // 2],
         )

@@ -56,6 +56,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Per family, the verifier's appraisal policy (``{"snp": {"min_reported_tcb": ...}}``)."""
     allow_warning: bool = False
     allow_simulated: bool = False
+    pinning: bool = True
+    """Pin each node name to the hardware of its first allowed attestation (README: node
+    identity and pinning); ``attestmesh node reset NAME`` releases a pin."""
     health_file: str | None = None
     """Touched while connected to NATS; ``attestmesh health`` checks it (Kubernetes probe)."""
     otlp_endpoint: str | None = None

@@ -22,6 +22,7 @@ from services.mesh.errors import ParseError
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_DETAIL = 1024
 
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ResourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_.-]{1,128}$")]
@@ -187,6 +188,12 @@ class Decision(Message, frozen=True, kw_only=True):
     allow: bool
     expires_at: datetime
     token: Jws
+    refused: bool = False
+    """A refusal rather than a decision: the evidence did not prove it is the node, or came
+    from other hardware than the node's pinned one. It only tells the waiting collector that
+    its round failed; the broker records and revokes nothing (the signed token says so too)."""
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""
+    """For a refusal, why (``evidence.unauthenticated``, ``node.identity_mismatch``)."""
 
 
 class Revocation(Message, frozen=True, kw_only=True):
@@ -235,6 +242,8 @@ class DeadLetter(Message, frozen=True, kw_only=True):
     reason: str
     deliveries: int
     payload: bytes
+    detail: str = ""
+    """The refusal's detail (for unauthenticated evidence: the family's reason codes)."""
 
 
 T = TypeVar("T", bound=Message)

@@ -23,6 +23,7 @@ BUCKET_REFVALUES = "refvalues"
 BUCKET_POLICIES = "policies"
 BUCKET_COLLATERAL = "collateral"
 BUCKET_BROKER = "broker-state"
+BUCKET_PINS = "node-pins"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

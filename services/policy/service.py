@@ -3,6 +3,13 @@
 A verdict is acted on only if its EAR verifies under a known verifier key, its routing fields
 agree with the signed content, and its nonce is fresh; anything else is dead-lettered with the
 reason. The Rego policy and reference values live in KV and are recompiled when they change.
+
+Only evidence that proves it is the node may change the node's standing: a verdict on evidence
+that did not authenticate (bad signature or chain, wrong binding, wrong subject), or that came
+from other hardware than the node's pin (:mod:`.pins`), is dead-lettered and answered with a
+signed *refusal* that tells the waiting collector its round failed while the broker keeps the
+node's current decision. Such a verdict does not spend the nonce either, so junk sent with a
+node's challenge cannot make the node's real evidence look like a replay.
 """
 
 from __future__ import annotations
@@ -10,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -25,15 +32,19 @@ from services.mesh.natskv import NatsKeyValue
 from services.policy import refvalues
 from services.policy.engine import PolicyEngine, default_policy
 from services.policy.nonces import NonceStore
+from services.policy.pins import PinStore
 from services.verifier import ear
 from services.verifier.families.base import Status
 from services.verifier.worker import derived_id
+
+T = TypeVar("T")
 
 log = telemetry.logger("policy")
 tracer = telemetry.tracer("policy")
 
 POLICY_KEY = "release"
 POLICY_SIGNER = "policy"
+UNAUTHENTICATED = "evidence.unauthenticated"
 
 
 class PolicyService:
@@ -47,8 +58,11 @@ class PolicyService:
         nonce_ttl: float = 120.0,
         decision_ttl: float = 300.0,
         clock: Callable[[], datetime] = events.utcnow,
+        pinning: bool = True,
     ) -> None:
         self.bus = bus
+        self.pinning = pinning
+        self.pins: PinStore | None = None
         self.key = key
         self.trusted = trusted
         self.settings = settings or {}
@@ -64,6 +78,10 @@ class PolicyService:
             ttl=self.nonce_ttl,
             clock=self.clock,
         )
+        if self.pinning:
+            self.pins = PinStore(
+                NatsKeyValue(await self.bus.key_value(subjects.BUCKET_PINS)), clock=self.clock
+            )
         policies = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
         if await policies.get(POLICY_KEY) is None:
             with contextlib.suppress(Exception):
@@ -159,6 +177,7 @@ class PolicyService:
             if result.reappraisal:
                 await self.revoke_on_reappraisal(verdict, result)
                 return
+            pinned = await self.check_identity(verdict, result)
             try:
                 await self.nonces.consume(result.subject.nonce, verdict.node, verdict.id)
             except Rejected as exc:
@@ -176,8 +195,75 @@ class PolicyService:
                     "node": verdict.node,
                 }
             )
+            if outcome.allow and self.pins is not None and not pinned:
+                await self.refuse_on_error(
+                    verdict,
+                    result,
+                    self.pins.pin(verdict.node, result.hwid, evidence_id=verdict.evidence_id),
+                )
+                log.info("node.pinned", node=verdict.node, hwid=result.hwid)
             await self.publish_decision(verdict, result, outcome.allow, outcome.reasons)
             span.set_attribute("attestmesh.allow", outcome.allow)
+
+    async def check_identity(self, verdict: events.Verdict, result: ear.Result) -> bool:
+        """Refuse evidence that did not prove it is the node, or that comes from other
+        hardware than the node's pin; return whether the node is pinned already."""
+        if not result.authenticated:
+            codes = ",".join(r.get("code", "") for r in result.reasons)[: events.MAX_DETAIL]
+            await self.refuse(verdict, result, UNAUTHENTICATED)
+            raise Rejected(UNAUTHENTICATED, codes or "the verifier did not authenticate it")
+        if self.pins is None:
+            return False
+        return await self.refuse_on_error(
+            verdict, result, self.pins.check(verdict.node, result.hwid)
+        )
+
+    async def refuse_on_error(
+        self, verdict: events.Verdict, result: ear.Result, step: Awaitable[T]
+    ) -> T:
+        """Await a pin step; when it refuses the evidence, tell the collector, then re-raise."""
+        try:
+            return await step
+        except Rejected as exc:
+            log.warning("verdict.refused", node=verdict.node, reason=exc.reason)
+            await self.refuse(verdict, result, exc.reason)
+            raise
+
+    async def refuse(self, verdict: events.Verdict, result: ear.Result, reason: str) -> None:
+        """Publish a signed refusal on the node's decision subject: the collector waiting for
+        this evidence learns its round failed; the broker records and revokes nothing."""
+        now = self.clock()
+        refusal_id = derived_id("refusal", verdict.id)
+        token = self.key.sign(
+            {
+                "iat": int(now.timestamp()),
+                "exp": int(now.timestamp()) + int(self.decision_ttl),
+                "jti": refusal_id,
+                "node": verdict.node,
+                "family": result.family,
+                "status": str(Status.CONTRAINDICATED),
+                "allow": False,
+                "refused": True,
+                "reasons": [reason] + [r.get("code", "") for r in result.reasons],
+                "public_key": ear.b64url(result.subject.public_key),
+                "verdict_id": verdict.id,
+                "evidence_id": verdict.evidence_id,
+                "policy_id": self.engine.policy_id if self.engine is not None else "",
+                "reappraisal": False,
+            }
+        )
+        refusal = events.Decision(
+            id=refusal_id,
+            node=verdict.node,
+            evidence_id=verdict.evidence_id,
+            status=Status.CONTRAINDICATED.value,
+            allow=False,
+            expires_at=now + timedelta(seconds=self.decision_ttl),
+            token=token,
+            refused=True,
+            reason=reason,
+        )
+        await self.bus.publish(subjects.decision(verdict.node), refusal)
 
     async def revoke_on_reappraisal(self, verdict: events.Verdict, result: ear.Result) -> None:
         """A verifier re-checked a node's evidence against changed collateral (a revoked

@@ -53,8 +53,10 @@ class TestMesh:
         *,
         settings: dict[str, bool] | None = None,
         decision_ttl: float = 300.0,
+        pinning: bool = True,
     ) -> None:
         self.server = server
+        self.pinning = pinning
         self.workdir = workdir
         self.keys_dir = workdir / "keys"
         self.pki: TestPki = test_pki(workdir / "test-pki")
@@ -109,6 +111,7 @@ class TestMesh:
                 self.trusted,
                 settings=self.settings,
                 decision_ttl=self.decision_ttl,
+                pinning=self.pinning,
             )
             await service.start()
             return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)

@@ -17,6 +17,7 @@ from services import __version__
 from services.mesh.errors import VerificationError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.verifier.families.base import Appraisal, Status
+from services.verifier.families.hwid import MAX_HWID
 
 PROFILE = "tag:github.com,2023:veraison/ear"
 VERIFIER_PREFIX = "verifier-"
@@ -56,6 +57,11 @@ class Result:
     verified: bool
     reappraisal: bool = False
     """Issued by a verifier re-checking earlier evidence after its collateral changed."""
+    authenticated: bool = False
+    """The evidence proved it is the node: signature, chain, binding and envelope all hold.
+    Absent from a token means false, so only evidence a verifier vouched for changes state."""
+    hwid: str = ""
+    """The hardware identity the evidence proved (see ``families.hwid``); empty if none."""
 
 
 def issue(
@@ -68,6 +74,7 @@ def issue(
     reappraisal: bool = False,
 ) -> str:
     """Sign ``appraisal`` of ``subject`` as an EAR JWT valid for ``ttl`` seconds."""
+    authenticated = appraisal.authenticated
     iat = int(now.timestamp())
     claims = {
         "eat_profile": PROFILE,
@@ -81,6 +88,8 @@ def issue(
                 "ear.trustworthiness-vector": appraisal.trust_vector,
                 "ear.appraisal-policy-id": f"attestmesh/{appraisal.family}/default",
                 "attestmesh.verified": appraisal.verified,
+                "attestmesh.authenticated": authenticated,
+                "attestmesh.hwid": appraisal.hwid if authenticated else "",
                 "attestmesh.claims": appraisal.claims,
                 "attestmesh.reasons": [
                     {"code": r.code, "message": r.message} for r in appraisal.reasons
@@ -123,6 +132,14 @@ def read(token: str, trusted: TrustedKeys, *, now: datetime) -> Result:
             issued_at=int(claims["iat"]),
             verified=sub["attestmesh.verified"] is True,
             reappraisal=claims.get("attestmesh.reappraisal") is True,
+            authenticated=sub.get("attestmesh.authenticated") is True,
+            hwid=_hwid(sub.get("attestmesh.hwid", "")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VerificationError("ear.malformed", f"{type(exc).__name__}: {exc}") from None
+
+
+def _hwid(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_HWID:
+        raise VerificationError("ear.malformed", "attestmesh.hwid is not a bounded string")
+    return value

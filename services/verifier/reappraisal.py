@@ -9,7 +9,10 @@ the broker withdraws the node's access and announces ``attest.revoked.<node>``. 
 attestation by the node then starts over.
 
 The memory is per replica and bounded (least recently verified nodes are forgotten first):
-this speeds revocation up, while decision expiry and re-attestation remain the guarantee.
+this speeds revocation up, while decision expiry and re-attestation remain the guarantee. It
+holds only authenticated evidence, one per node *and hardware identity*: evidence from other
+hardware under a node's name (which the policy refuses) must not displace the node's own, or
+it would shield the node from revocation.
 """
 
 from __future__ import annotations
@@ -38,22 +41,27 @@ class Reappraiser:
     def __init__(self, worker: VerifierWorker, *, max_nodes: int = MAX_NODES) -> None:
         self.worker = worker
         self.max_nodes = max_nodes
-        self.latest: OrderedDict[str, tuple[events.EvidenceEvent, Status]] = OrderedDict()
+        self.latest: OrderedDict[tuple[str, str], tuple[events.EvidenceEvent, Status]] = (
+            OrderedDict()
+        )
 
-    def remember(self, event: events.EvidenceEvent, status: Status) -> None:
-        """Keep ``event`` as the node's latest evidence (unless an older one arrived late)."""
-        known = self.latest.get(event.node)
+    def remember(self, event: events.EvidenceEvent, status: Status, hwid: str = "") -> None:
+        """Keep ``event`` as the latest evidence of its node on hardware ``hwid`` (unless an
+        older one arrived late)."""
+        key = (event.node, hwid)
+        known = self.latest.get(key)
         if known is not None and known[0].collected_at > event.collected_at:
             return
-        self.latest[event.node] = (event, status)
-        self.latest.move_to_end(event.node)
+        self.latest[key] = (event, status)
+        self.latest.move_to_end(key)
         while len(self.latest) > self.max_nodes:
             self.latest.popitem(last=False)
 
     async def reappraise_all(self) -> int:
         """Re-check every remembered node; return how many got worse."""
         worse = 0
-        for node, (event, before) in list(self.latest.items()):
+        for key, (event, before) in list(self.latest.items()):
+            node = key[0]
             with tracer.start_as_current_span("verifier.reappraise") as span:
                 span.set_attribute("attestmesh.node", node)
                 extra = await self.worker.fetch_collateral(event)
@@ -62,7 +70,7 @@ class Reappraiser:
                 if SEVERITY[appraisal.status] <= SEVERITY[before]:
                     continue
                 worse += 1
-                self.latest[node] = (event, appraisal.status)
+                self.latest[key] = (event, appraisal.status)
                 await self.worker.publish_verdict(event, appraisal, reappraisal=True)
         return worse
 

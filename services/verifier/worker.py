@@ -123,9 +123,11 @@ class VerifierWorker:
             )
             span.set_attribute("attestmesh.status", str(appraisal.status))
             span.set_attribute("attestmesh.reasons", [r.code for r in appraisal.reasons])
+            span.set_attribute("attestmesh.authenticated", appraisal.authenticated)
             await self.publish_verdict(event, appraisal)
-            if self.reappraiser is not None:
-                self.reappraiser.remember(event, appraisal.status)
+            if self.reappraiser is not None and appraisal.authenticated:
+                # Only evidence that proved it is the node may later revoke the node.
+                self.reappraiser.remember(event, appraisal.status, appraisal.hwid)
 
     async def publish_verdict(
         self, event: events.EvidenceEvent, appraisal: Appraisal, *, reappraisal: bool = False
@@ -169,6 +171,7 @@ class VerifierWorker:
             family=self.family,
             status=str(appraisal.status),
             reasons=[r.code for r in appraisal.reasons],
+            authenticated=appraisal.authenticated,
             reappraisal=reappraisal,
         )
 
@@ -185,7 +188,11 @@ class VerifierWorker:
         subject_node: str,
         extra: Mapping[str, bytes] | None = None,
     ) -> Appraisal:
-        """Check the envelope, then let the family verify the evidence itself."""
+        """Check the envelope, then let the family verify the evidence itself.
+
+        Evidence whose envelope disagrees with it (another node's subject, another family) is
+        never authenticated: it cannot speak for the node named on either side.
+        """
         family = events.family_of(event.evidence)
         if family != self.family or subject_node != event.node:
             return Appraisal(

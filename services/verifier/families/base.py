@@ -109,6 +109,18 @@ class Appraisal:
     reasons: list[Reason] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     verified: bool = False
+    bound: bool = False
+    """The evidence binds the value the caller expected (nonce and key); never true when the
+    caller expected nothing, so evidence checked without a challenge is never authenticated."""
+    hwid: str = ""
+    """The hardware identity the evidence proves (``snp.chip_id:<hex>``...), set only from
+    verified data; empty when verification failed or the family cannot name one."""
+
+    @property
+    def authenticated(self) -> bool:
+        """Signature and chain hold and the evidence answers this very challenge: only such
+        evidence may change a node's standing (see :mod:`services.verifier.identity`)."""
+        return self.verified and self.bound
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` shape of DESIGN.md §6."""
@@ -116,6 +128,8 @@ class Appraisal:
             "status": str(self.status),
             "family": self.family,
             "verified": self.verified,
+            "authenticated": self.authenticated,
+            "hwid": self.hwid,
             "claims": self.claims,
             "trust_vector": self.trust_vector,
             "reasons": [{"code": r.code, "message": r.message} for r in self.reasons],

@@ -14,7 +14,7 @@ Building blocks:
 */}}
 
 {{- define "attestmesh.nats.streamNames" -}}
-{{- toJson (list "EVIDENCE" "VERDICTS" "DECISIONS" "DLQ" "KV_nonces" "KV_refvalues" "KV_policies" "KV_collateral" "KV_broker-state") -}}
+{{- toJson (list "EVIDENCE" "VERDICTS" "DECISIONS" "DLQ" "KV_nonces" "KV_refvalues" "KV_policies" "KV_collateral" "KV_broker-state" "KV_node-pins") -}}
 {{- end -}}
 
 {{/*
@@ -91,6 +91,8 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (list "attest.decision.*" "attest.dlq.VERDICTS") -}}
 {{- $sub = append $sub "attest.nonce policy" -}}
 {{- $responder = true -}}
@@ -100,6 +102,8 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (list "attest.revoked.*" "attest.dlq.DECISIONS") -}}
 {{- $sub = append $sub "attest.secret.* broker" -}}
 {{- $responder = true -}}

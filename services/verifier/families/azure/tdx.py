@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
+from services.verifier.families import hwid
 from services.verifier.families.azure import common
 from services.verifier.families.azure.evidence import parse_evidence
 from services.verifier.families.azure.hcl import ReportType, parse_hcl_report
@@ -104,6 +105,8 @@ class AzTdxVtpmVerifier:
             reasons=reasons,
             checks=findings.checks,
             verified=verified,
+            bound=bound and options.expected_report_data is not None,
+            hwid=(hwid.azure(str(claims.get("ak_public_sha256", ""))) or "") if verified else "",
         )
 
 

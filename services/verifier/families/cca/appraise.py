@@ -27,6 +27,7 @@ import hashlib
 from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
+from services.verifier.families import hwid
 from services.verifier.families.base import (
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
@@ -89,6 +90,8 @@ class CcaVerifier:
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
+            bound=options.expected_report_data is not None and not result.binding_failures,
+            hwid=(hwid.cca(token.platform_claims.instance_id) or "") if result.verified else "",
         )
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import msgspec
 
 from services.mesh.errors import PolicyError
+from services.verifier.families import hwid
 from services.verifier.families.base import (
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
@@ -396,4 +397,15 @@ def to_appraisal(
         reasons=reasons,
         checks=checks,
         verified=verified,
+        bound=verified and _bound(quote, options),
+        hwid=hwid.dcap(result.pck.platform_instance_id, result.pck.ppid)
+        if verified and result.pck is not None
+        else "",
     )
+
+
+def _bound(quote: Quote | None, options: VerifyOptions) -> bool:
+    expected = options.expected_report_data
+    if quote is None or expected is None:
+        return False
+    return hmac.compare_digest(quote.body.report_data, expected)

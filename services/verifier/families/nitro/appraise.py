@@ -25,6 +25,7 @@ from datetime import UTC
 from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
+from services.verifier.families import hwid
 from services.verifier.families.base import (
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
@@ -88,6 +89,8 @@ class NitroVerifier:
             reasons=reasons,
             checks=[parse_check, *result.checks, *policy_checks],
             verified=result.verified,
+            bound=options.expected_report_data is not None and not result.binding_failures,
+            hwid=(hwid.nitro(document.module_id) or "") if result.verified else "",
         )
 
 

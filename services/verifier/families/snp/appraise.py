@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from cryptography.hazmat.primitives import serialization
+
 from services.mesh.errors import ParseError
+from services.verifier.families import hwid
 from services.verifier.families.base import (
     TV_AFFIRMING,
     TV_CONTRAINDICATED,
@@ -115,7 +118,18 @@ class SnpVerifier:
             reasons=reasons,
             checks=checks,
             verified=result.verified,
+            bound=options.expected_report_data is not None and not result.binding_failures,
+            hwid=_hwid(report, result),
         )
+
+
+def _hwid(report: AttestationReport, result: SnpVerification) -> str:
+    if not result.verified or result.vek is None:
+        return ""
+    spki = result.vek.public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hwid.snp(report.chip_id, spki)
 
 
 def claims(report: AttestationReport, result: SnpVerification | None = None) -> dict[str, Any]:

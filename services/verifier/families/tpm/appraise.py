@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from services.mesh.errors import ParseError
+from services.verifier.families import hwid
 from services.verifier.families.base import (
     TRUST_CLAIMS,
     TV_AFFIRMING,
@@ -288,4 +289,6 @@ class TpmVerifier:
             reasons=reasons,
             checks=findings.checks,
             verified=verified,
+            bound=options.expected_report_data is not None and not result.binding_failures,
+            hwid=hwid.tpm(parsed.ak_public) if verified else "",
         )
