@@ -84,6 +84,9 @@ class SigningKey:
         write_private(path, pem)
         return key
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._private.public_key()
+
     def public_pem(self) -> bytes:
         return self._private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
