@@ -337,9 +337,7 @@ async def test_forged_or_unverifiable_checkpoints_fail_closed(kv: MemoryKeyValue
     with pytest.raises(SealingError) as err:
         await kept_log(kv, trusted=other).verify_chain()
     assert err.value.reason == "broker.checkpoint_invalid"
-    forged = checkpoint.sign(
-        impostor, checkpoint.Checkpoint(seq=3, head=GENESIS, count=4, time=T0)
-    )
+    forged = checkpoint.sign(impostor, checkpoint.Checkpoint(seq=3, head=GENESIS, count=4, time=T0))
     kv.overwrite(checkpoint.CHECKPOINT_KEY, forged.encode())
     with pytest.raises(SealingError, match="checkpoint_invalid"):
         await kept_log(kv).verify_chain()
