@@ -13,7 +13,7 @@ import pytest
 from services.broker import checkpoint
 from services.broker.audit import GENESIS, AuditLog, Outcome, audit_key
 from services.broker.sealing import AeadKey, seal
-from services.mesh.errors import SealingError
+from services.mesh.errors import ConfigError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.testing.memkv import MemoryKeyValue
 
@@ -378,3 +378,16 @@ async def test_list_since_filters_by_time(kv: MemoryKeyValue) -> None:
     log = await filled(kv, 5)
     later = await log.entries(since=T0 + timedelta(seconds=4))
     assert [e.seq for e in later] == [3, 4]
+
+
+async def test_a_broker_trusts_its_own_unpublished_checkpoint_key(kv: MemoryKeyValue) -> None:
+    await checkpointed(kv, 3, max_records=1)
+    with pytest.raises(SealingError, match="checkpoint_invalid"):
+        await kept_log(kv, trusted=TrustedKeys({})).verify_chain()
+    own = TrustedKeys({}).including("broker", BROKER.public_key())
+    assert await kept_log(kv, trusted=own).verify_chain() == 1
+
+
+def test_checkpoint_key_must_be_the_brokers(kv: MemoryKeyValue) -> None:
+    with pytest.raises(ConfigError, match="wrong_name"):
+        AuditLog(kv, KEY, signer=SigningKey.generate("policy"))

@@ -38,7 +38,7 @@ import msgspec
 from services.broker import checkpoint as checkpoints
 from services.broker.checkpoint import Checkpoint
 from services.broker.sealing import AeadKey, open_sealed, seal
-from services.mesh.errors import SealingError
+from services.mesh.errors import ConfigError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 
@@ -139,6 +139,8 @@ class AuditLog:
         signer: SigningKey | None = None,
         trusted: TrustedKeys | None = None,
     ) -> None:
+        if signer is not None and signer.name != checkpoints.BROKER_SIGNER:
+            raise ConfigError("keys.wrong_name", f"checkpoints are signed as {signer.name!r}")
         self._kv = kv
         self._key = data_key
         self._clock = clock

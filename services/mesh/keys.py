@@ -128,6 +128,12 @@ class TrustedKeys:
                     keys[path.stem] = loaded
         return cls(keys)
 
+    def including(self, name: str, key: ec.EllipticCurvePublicKey) -> TrustedKeys:
+        """These keys plus ``key`` as ``name`` (a service trusting its own signatures)."""
+        merged = TrustedKeys({})
+        merged._by_kid = {**self._by_kid, _kid(key): _Trusted(name, key)}
+        return merged
+
     def names(self) -> list[str]:
         return sorted(t.name for t in self._by_kid.values())
 
