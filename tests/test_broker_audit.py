@@ -18,6 +18,7 @@ from services.collector.service import DEFAULT_RESOURCE, CollectorNode
 from services.mesh import config as config_mod
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
+from services.mesh.errors import ConfigError
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.testing.mesh import TestMesh
@@ -180,3 +181,36 @@ async def test_audit_cli_fails_fast_when_nats_is_unreachable(
     missing = tmp_path / "no-such-dir"
     assert await _cli("audit", "list", "--data-dir", str(missing)) == 2
     assert "cli.no_config" in capsys.readouterr().err
+
+
+async def test_the_broker_checkpoints_on_its_own_every_n_records(
+    nats_server: NatsServer, tmp_path: Path, bus: Bus
+) -> None:
+    running = TestMesh(nats_server, tmp_path)
+    running.broker_options = {"checkpoint_every": 2, "max_records": 1}
+    await running.start()
+    try:
+        for i in range(2):
+            assert (await running.node(bus, f"node-{i}").attest_once()).released
+        log = await running.audit_log(bus)
+        deadline = time.monotonic() + 10
+        while (anchor := await log.load_checkpoint()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert anchor is not None and anchor.seq >= 1
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+        while len([k for k in await kv.keys() if k.startswith("audit.")]) > 1:
+            assert time.monotonic() < deadline, "not pruned to the bound"
+            await asyncio.sleep(0.1)
+        assert await log.verify_chain() >= 1
+    finally:
+        await running.stop()
+
+
+def test_audit_bounds_are_configurable_and_consistent() -> None:
+    config = config_mod.load(None)
+    assert (config.audit_max_records, config.audit_checkpoint_every) == (100_000, 1000)
+    assert config_mod.load(None, audit_max_records=5000).audit_max_records == 5000
+    with pytest.raises(ConfigError, match="config.invalid"):
+        config_mod.load(None, audit_max_records=10)  # below the checkpoint interval
+    with pytest.raises(ConfigError, match="config.invalid"):
+        config_mod.load(None, audit_max_records=0)

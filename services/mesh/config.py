@@ -67,6 +67,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     audit_maintenance_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     """How often the broker seals its refusal counts, checkpoints and prunes the audit log."""
 
+    def __post_init__(self) -> None:
+        if self.audit_checkpoint_every > self.audit_max_records:
+            raise ValueError("audit_checkpoint_every must not exceed audit_max_records")
+
     @property
     def keys_path(self) -> Path:
         return Path(self.keys_dir) if self.keys_dir else Path(self.data_dir) / "keys"
