@@ -214,3 +214,22 @@ def test_audit_bounds_are_configurable_and_consistent() -> None:
         config_mod.load(None, audit_max_records=10)  # below the checkpoint interval
     with pytest.raises(ConfigError, match="config.invalid"):
         config_mod.load(None, audit_max_records=0)
+
+
+async def test_malformed_and_misrouted_requests_are_counted_not_sealed(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    node = mesh.node(bus, "node-4")
+    assert (await node.attest_once()).released
+    assert mesh.broker is not None
+    mesh.broker.refusals.drain()
+    misrouted = await bus.request(
+        subjects.secret("elsewhere"), _request(node), events.SecretResponse
+    )
+    assert misrouted.reason == "broker.routing_mismatch"
+    reply = await bus.nc.request(subjects.secret("node-4"), b"\xff" * 64, timeout=5)
+    assert events.decode(reply.data, events.Refusal).reason.startswith("wire.")
+    counts = mesh.broker.refusals.peek()
+    assert counts.pop("broker.routing_mismatch") == 1
+    assert list(counts.values()) == [1] and next(iter(counts)).startswith("wire.")
+    assert await _records(mesh, bus) == [Outcome.RELEASED]

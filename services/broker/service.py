@@ -260,7 +260,7 @@ class BrokerService:
             try:
                 request = events.decode(msg.data, events.SecretRequest)
             except ParseError as exc:
-                self.refusals.count(exc.reason)
+                self.refusals.count(exc.reason)  # the message never named a requester
                 return events.Refusal(reason=exc.reason)
             span.set_attribute("attestmesh.node", request.node)
             span.set_attribute("attestmesh.resource", request.resource)
@@ -270,7 +270,11 @@ class BrokerService:
                 response = await self._release(request, span)
             except (ReleaseError, SealingError) as exc:
                 span.set_attribute("attestmesh.refused", exc.reason)
-                log.info("secret.refused", node=request.node, reason=exc.reason)
+                if isinstance(exc, _Counted):  # a flood of these must not flood logs either
+                    self.refusals.count(exc.reason)
+                    log.debug("secret.refused", node=request.node, reason=exc.reason)
+                else:
+                    log.info("secret.refused", node=request.node, reason=exc.reason)
                 return events.SecretResponse(
                     node=request.node, resource=request.resource, ok=False, reason=exc.reason
                 )
@@ -281,12 +285,10 @@ class BrokerService:
         try:
             held = await self.current_decision(request.node)
         except ReleaseError as exc:
-            self.refusals.count(exc.reason)
             raise _Counted(exc.reason, exc.detail) from None
         if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
             return held
         if not hmac.compare_digest(held.decision_id, request.decision_id):
-            self.refusals.count("broker.decision_pending")
             raise _Counted("broker.decision_pending", "that decision is not the current one")
         return held
 
@@ -295,13 +297,14 @@ class BrokerService:
     ) -> ReleaseError:
         """Seal a refusal to the decision's holder once per (decision, reason); count repeats."""
         assert self.answers is not None
-        if await self.answers.claim(request.node, held.decision_id, held.issued_at, f"x:{reason}"):
-            try:
-                await self._audit(request, held, Outcome.REFUSED, reason, span)
-            except SealingError as exc:
-                log.error("audit.append_failed", reason=exc.reason)
-        else:
-            self.refusals.count(reason)
+        if not await self.answers.claim(
+            request.node, held.decision_id, held.issued_at, f"x:{reason}"
+        ):
+            return _Counted(reason, "refused again")
+        try:
+            await self._audit(request, held, Outcome.REFUSED, reason, span)
+        except SealingError as exc:
+            log.error("audit.append_failed", reason=exc.reason)
         return ReleaseError(reason, "refused")
 
     async def _release(
@@ -322,7 +325,6 @@ class BrokerService:
         if not await self.answers.claim(
             request.node, held.decision_id, held.issued_at, f"r:{request.resource}"
         ):
-            self.refusals.count("broker.already_released")
             raise _Counted("broker.already_released", "answered once for this decision")
         wrapped = release.wrap(
             secret,
