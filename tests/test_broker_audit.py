@@ -146,6 +146,9 @@ async def test_audit_cli_verifies_a_pruned_log_and_detects_deletion(
     assert sorted(k for k in await kv.keys() if k.startswith("audit.")) == [
         audit_key(i) for i in (2, 3, 4)
     ]
+    # Pruned by purging, not deleting: no delete markers pile up in the bucket's stream.
+    info = await bus.js.stream_info(f"KV_{subjects.BUCKET_BROKER}")
+    assert info.state.messages == len(await kv.keys())
     for node in nodes[:2]:
         assert (await node.attest_once()).released
     config = str(_config_file(mesh, tmp_path, mesh.server.url))

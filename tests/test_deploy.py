@@ -779,6 +779,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *CREATE,
             *_consumer("DECISIONS", "broker", "attest.decision.>"),
             *_kv("broker-state", write=True, watch=True),
+            "$JS.API.STREAM.PURGE.KV_broker-state",  # audit retention, without delete markers
             "attest.revoked.*",
             "attest.dlq.DECISIONS",
         },

@@ -393,6 +393,16 @@ class AuditLog:
             return 0
         cutoff = min(anchor.seq, seqs[-1] + 1 - max_records)
         doomed = [seq for seq in seqs if seq < cutoff]
-        for seq in doomed:  # oldest first: a crash leaves a contiguous suffix
-            await self._kv.delete(audit_key(seq))
+        if not doomed:
+            return 0
+        oldest_kept = await self._kv.get(audit_key(cutoff))
+        if oldest_kept is None:
+            raise SealingError("broker.audit_chain_broken", f"{audit_key(cutoff)} vanished")
+        # Record n+1 is only ever created after record n, so everything written before the
+        # oldest kept record is older: one purge, no per-key delete markers left behind.
+        await self._kv.purge_before(AUDIT_PREFIX, oldest_kept[1])
+        remaining = set(await self._sequence_numbers())
+        for seq in doomed:  # rewritten since (so newer): oldest first, keeping a suffix
+            if seq in remaining:
+                await self._kv.delete(audit_key(seq))
         return len(doomed)
