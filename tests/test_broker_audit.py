@@ -236,3 +236,24 @@ async def test_malformed_and_misrouted_requests_are_counted_not_sealed(
     assert counts.pop("broker.routing_mismatch") == 1
     assert list(counts.values()) == [1] and next(iter(counts)).startswith("wire.")
     assert await _records(mesh, bus) == [Outcome.RELEASED]
+
+
+async def test_purge_before_removes_only_older_keys_under_the_prefix(bus: Bus) -> None:
+    from services.mesh.errors import BusError
+    from services.testing.memkv import MemoryKeyValue
+
+    nats_kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+    for kv in (MemoryKeyValue(), nats_kv):
+        first = await kv.create("audit.000000000000", b"a")
+        await kv.create("auditx", b"b")
+        await kv.create("other.1", b"c")
+        keep = await kv.create("audit.000000000001", b"d")
+        await kv.purge_before("audit.", keep)
+        assert sorted(await kv.keys()) == ["audit.000000000001", "auditx", "other.1"]
+        assert first < keep
+        with pytest.raises(BusError, match="invalid_key"):
+            await kv.purge_before("audit", keep)
+        for key in await kv.keys():
+            await kv.delete(key)
+    info = await bus.js.stream_info(f"KV_{subjects.BUCKET_BROKER}")
+    assert info.state.messages == 3  # the three delete markers from the clean-up, no more
