@@ -104,7 +104,7 @@ def generate(
     for family in families:
         users["verifiers"][family] = identity(f"verifier-{family}", signs=True)
     users["policy"] = identity("policy", signs=True)
-    users["broker"] = identity("broker", signs=False, seals=True)
+    users["broker"] = identity("broker", signs=True, seals=True)  # signs audit checkpoints
     users["collector"] = identity("collector", signs=False)
     users["admin"] = identity("admin", signs=False)
 

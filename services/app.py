@@ -105,12 +105,29 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
         await alongside(config, bus, stop, run, [(subjects.STREAM_VERDICTS, "policy")])
 
 
+def broker_signer(config: Config) -> SigningKey | None:
+    """The broker's checkpoint key, if provisioned (``keys_dir/broker.key``).
+
+    It is not created here: its public half must reach whoever runs ``attestmesh audit
+    verify``, so provisioning it is a deployment step (``attestmesh up`` does it). Without
+    it the audit log is kept whole, never pruned.
+    """
+    if not (config.keys_path / "broker.key").exists():
+        log.warning("audit.no_checkpoint_key", detail="audit log will not be pruned")
+        return None
+    return SigningKey.load_or_create("broker", config.keys_path)
+
+
 async def broker(config: Config, stop: asyncio.Event) -> None:
     async with Bus.session(config, "broker") as bus:
         service = BrokerService(
             bus,
             TrustedKeys.load(config.trusted_keys_path),
             KeyFileSource.in_data_dir(Path(config.data_dir)),
+            signer=broker_signer(config),
+            max_records=config.audit_max_records,
+            checkpoint_every=config.audit_checkpoint_every,
+            maintenance_interval=config.audit_maintenance_interval_s,
         )
         await service.start()
         log.info("broker.started")

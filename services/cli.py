@@ -100,6 +100,15 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
     where.add_argument("--config", type=Path)
 
+    audit = sub.add_parser("audit", help="verify or list the broker's release audit log")
+    audit.add_argument("action", choices=["verify", "list"])
+    audit.add_argument("--since", help="list: only records from this time on (RFC 3339)")
+    audit.add_argument("--json", action="store_true")
+    where = audit.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", type=Path, help="an `up` data directory (its config.json)")
+    where.add_argument("--config", type=Path)
+    audit.add_argument("--timeout", type=float, default=10.0, help="seconds to reach NATS")
+
     refs = sub.add_parser("refvalues", help="provision reference values for a family")
     refs.add_argument("family", choices=registry.families())
     refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
@@ -399,6 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"attestmesh: unhealthy: {problem}", file=sys.stderr)
                 return EXIT_CONTRAINDICATED
             return EXIT_OK
+        if args.command == "audit":
+            from services.auditcli import run_audit
+
+            return run_audit(args)
         if args.command == "refvalues":
             return _refvalues(args)
         if args.command == "node":

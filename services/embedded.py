@@ -145,7 +145,7 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
     """Keys, test PKI and the shared config file for a simulated deployment."""
     data_dir.mkdir(parents=True, exist_ok=True)
     keys_dir = data_dir / "keys"
-    for name in [*(f"verifier-{f}" for f in FAMILIES), "policy"]:
+    for name in [*(f"verifier-{f}" for f in FAMILIES), "policy", "broker"]:
         SigningKey.load_or_create(name, keys_dir).publish_to(keys_dir / "trusted")
     pki = test_pki(data_dir / "test-pki")
     config = config_mod.load(

@@ -388,7 +388,7 @@ def test_custom_values_take_effect(
     }
     assert set(secrets) == expected | {f"{FULLNAME}-trusted-keys"}
     broker = secrets[f"{FULLNAME}-broker"]["data"]
-    assert set(broker) == {"nats.seed", "broker-sealing.key"}
+    assert set(broker) == {"nats.seed", "broker-sealing.key", "signing.key"}
     assert len(base64.b64decode(broker["broker-sealing.key"])) == 32
     assert set(secrets[f"{FULLNAME}-policy"]["data"]) == {"nats.seed", "signing.key"}
     roots = one(docs, "ConfigMap", f"{FULLNAME}-trust-roots")["data"]
@@ -569,7 +569,9 @@ def test_installed_keys_are_accepted_by_the_services(
         {
             "identity/nats.seed": private["broker"]["natsSeed"].encode(),
             "identity/broker-sealing.key": sealing,
+            "identity/signing.key": private["broker"]["signingKey"].encode(),
             "trusted/policy.pem": trusted["policy"].encode(),
+            "trusted/broker.pem": trusted["broker"].encode(),
         },
     )
     dst.mkdir()
@@ -580,7 +582,11 @@ def test_installed_keys_are_accepted_by_the_services(
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     KeyFileSource.in_data_dir(data_dir).sealing_key()
     assert key_file.read_bytes() == sealing
-    assert TrustedKeys.load(local(config["keys_dir"], dst) / "trusted").names() == ["policy"]
+    broker_keys = local(config["keys_dir"], dst)
+    assert TrustedKeys.load(broker_keys / "trusted").names() == ["broker", "policy"]
+    # Its audit-checkpoint key, installed rather than invented, matches the published half.
+    checkpoint_key = SigningKey.load_or_create("broker", broker_keys)
+    assert checkpoint_key.public_pem().decode() == trusted["broker"]
 
     # Missing material stops the pod instead of letting a service invent a key.
     src, dst = tmp_path / "empty-src", tmp_path / "empty-run"
@@ -810,6 +816,7 @@ def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dic
             *_consumer("DECISIONS", "broker", "attest.decision.>"),
             *_kv("broker-state", write=True, watch=True),
             *_kv("node-pins", write=True, watch=False),  # `attestmesh node reset` in its pod
+            "$JS.API.STREAM.PURGE.KV_broker-state",  # audit retention, without delete markers
             "attest.revoked.*",
             "attest.dlq.DECISIONS",
         },
@@ -1240,4 +1247,4 @@ def test_gen_identities_writes_usable_material(identities: dict[str, Any]) -> No
             )
             assert pem.decode() == identities["public"]["trustedKeys"][identity]
     assert len(base64.b64decode(secrets[f"{FULLNAME}-broker"]["broker-sealing.key"])) == 32
-    assert "signing.key" not in secrets[f"{FULLNAME}-broker"]
+    assert "signing.key" in secrets[f"{FULLNAME}-broker"]  # audit checkpoints

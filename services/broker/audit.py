@@ -1,17 +1,27 @@
-"""The release audit log: sealed, hash-chained, append-only records in the broker bucket.
+"""The release audit log: sealed, hash-chained records in the broker bucket, with retention.
 
-Each release decision (released or refused) becomes one :class:`AuditRecord` under
-``audit.<seq>`` (12-digit, zero-padded), sealed with the data key with the key and sequence
-number in the associated data. Each record carries the SHA-256 of the previous *sealed*
-record, so :meth:`AuditLog.verify_chain` detects a record deleted from the middle,
-reordered, or swapped for another. Records hold only metadata (node, resource, decision id,
-verdict digest, outcome, trace id), never secret values.
+Each release decision (released, or refused to a requester holding the node's current
+decision) becomes one :class:`AuditRecord` under ``audit.<seq>`` (12-digit, zero-padded),
+sealed with the data key with the key and sequence number in the associated data. Refusals
+to unknown requesters are not sealed one by one: the broker counts them and appends a
+periodic ``summary`` record carrying the counts. Each record carries the SHA-256 of the
+previous *sealed* record, so a record deleted from the middle, reordered, or swapped for
+another breaks the chain. Records hold only metadata (node, resource, decision id, verdict
+digest, outcome, trace id), never secret values.
+
+Retention: :meth:`AuditLog.checkpoint` verifies the chain since the last checkpoint and signs
+its head with the broker key (:mod:`services.broker.checkpoint`); :meth:`AuditLog.prune` then
+deletes the oldest records beyond ``max_records``, but never the checkpoint's head or
+anything after it. Verification starts at the checkpoint: its signature, then the hash of
+its head record, then every link forward. What is pruned must be a prefix, so a gap, a
+rewrite or a deletion at or after the checkpoint fails; deleting the oldest retained record
+before it looks like pruning, by design.
 
 Appends use create-if-absent on the next sequence number, so replicas sharing a bucket
 serialise on it: the loser of a race reads the winner's record, advances its head and
-retries. Deleting the newest records leaves a valid shorter chain; a running log catches
-that (it remembers the longest chain it has seen), a freshly started one cannot without an
-external anchor.
+retries. Deleting the newest records after the checkpoint leaves a valid shorter chain; a
+running log catches that (it remembers the highest sequence it has seen), and no log can be
+cut back behind the stored checkpoint.
 """
 
 from __future__ import annotations
@@ -25,15 +35,21 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from services.broker import checkpoint as checkpoints
+from services.broker.checkpoint import Checkpoint
 from services.broker.sealing import AeadKey, open_sealed, seal
-from services.mesh.errors import SealingError
+from services.mesh.errors import ConfigError, SealingError
+from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 
 AUDIT_PREFIX = "audit."
 SEQ_DIGITS = 12
 MAX_FIELD = 253
 MAX_APPEND_RETRIES = 64
+MAX_COUNTS = 64
+DEFAULT_MAX_RECORDS = 100_000
 GENESIS = bytes(32)
+SUMMARY_REASON = "broker.refusals_counted"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _REASON = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
@@ -41,16 +57,20 @@ _SEQ_KEY = re.compile(r"audit\.([0-9]{12})")
 
 
 class Outcome(enum.StrEnum):
-    """What the broker did with a secret request."""
+    """What the broker did with a secret request (``summary``: counted refusals)."""
 
     RELEASED = "released"
     REFUSED = "refused"
     PIN_RESET = "pin_reset"
     """An operator released a node's hardware pin (``attestmesh node reset``)."""
+    SUMMARY = "summary"
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One release decision; ``prev`` is the SHA-256 of the previous sealed record."""
+    """One release decision; ``prev`` is the SHA-256 of the previous sealed record.
+
+    ``counts`` is set only on ``summary`` records: refusals per reason since the last one.
+    """
 
     seq: int
     time: datetime
@@ -62,6 +82,7 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     reason: str = ""
     trace_id: str = ""
     prev: bytes
+    counts: dict[str, int] = {}
 
 
 def audit_key(seq: int) -> str:
@@ -74,7 +95,14 @@ def _utcnow() -> datetime:
 
 
 def _check_fields(
-    *, node: str, resource: str, decision_id: str, verdict_digest: str, reason: str, trace_id: str
+    *,
+    node: str,
+    resource: str,
+    decision_id: str,
+    verdict_digest: str,
+    reason: str,
+    trace_id: str,
+    counts: dict[str, int],
 ) -> None:
     problems = [
         label
@@ -87,19 +115,39 @@ def _check_fields(
         problems.append("reason (dotted code)")
     if trace_id and _TRACE_ID.fullmatch(trace_id) is None:
         problems.append("trace_id (32 lowercase hex)")
+    if len(counts) > MAX_COUNTS or any(
+        len(code) > MAX_FIELD or _REASON.fullmatch(code) is None or number < 1
+        for code, number in counts.items()
+    ):
+        problems.append(f"counts (at most {MAX_COUNTS} dotted codes, positive)")
     if problems:
         raise SealingError("broker.audit_field_invalid", ", ".join(problems))
 
 
 class AuditLog:
-    """Append and read the chained audit records in ``kv``."""
+    """Append, read, checkpoint and prune the chained audit records in ``kv``.
+
+    ``signer`` (the broker's key) is needed only to write checkpoints; ``trusted`` (holding
+    the broker's public key) to read them. A stored checkpoint that cannot be verified is an
+    error, never ignored.
+    """
 
     def __init__(
-        self, kv: KeyValue, data_key: AeadKey, *, clock: Callable[[], datetime] = _utcnow
+        self,
+        kv: KeyValue,
+        data_key: AeadKey,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        signer: SigningKey | None = None,
+        trusted: TrustedKeys | None = None,
     ) -> None:
+        if signer is not None and signer.name != checkpoints.BROKER_SIGNER:
+            raise ConfigError("keys.wrong_name", f"checkpoints are signed as {signer.name!r}")
         self._kv = kv
         self._key = data_key
         self._clock = clock
+        self._signer = signer
+        self._trusted = trusted
         self._head: tuple[int, bytes] | None = None
         self._longest = 0
 
@@ -129,8 +177,46 @@ class AuditLog:
             seqs.append(int(match.group(1)))
         return sorted(seqs)
 
-    async def _find_head(self) -> tuple[int, bytes]:
+    async def load_checkpoint(self) -> Checkpoint | None:
+        """The stored checkpoint, its signature verified (``None`` if there is none)."""
+        return await checkpoints.load(self._kv, self._trusted)
+
+    async def _retained(self) -> tuple[list[int], Checkpoint | None]:
+        """Retained sequence numbers and the checkpoint, after the structural checks.
+
+        Retained records must be one contiguous run (pruning removes a prefix); with a
+        checkpoint the run must include its head, else they must start at 0.
+        """
         seqs = await self._sequence_numbers()
+        anchor = await self.load_checkpoint()
+        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+            raise SealingError("broker.audit_chain_broken", f"missing records {missing[:8]}")
+        last = seqs[-1] if seqs else -1
+        if anchor is not None:
+            if last < anchor.seq:
+                raise SealingError(
+                    "broker.audit_truncated",
+                    f"the checkpoint covers record {anchor.seq}, the log ends at {last}",
+                )
+            if seqs[0] > anchor.seq:
+                raise SealingError(
+                    "broker.audit_chain_broken",
+                    f"the checkpoint's head record {anchor.seq} is missing",
+                )
+        elif seqs and seqs[0] != 0:
+            raise SealingError(
+                "broker.audit_chain_broken", f"records before {seqs[0]} missing, no checkpoint"
+            )
+        if last + 1 < self._longest:
+            raise SealingError(
+                "broker.audit_truncated",
+                f"the log ends at {last}, but {self._longest - 1} was seen earlier",
+            )
+        return seqs, anchor
+
+    async def _find_head(self) -> tuple[int, bytes]:
+        seqs, _ = await self._retained()
         if not seqs:
             return 0, GENESIS
         last = seqs[-1]
@@ -159,8 +245,10 @@ class AuditLog:
         outcome: Outcome,
         reason: str = "",
         trace_id: str = "",
+        counts: dict[str, int] | None = None,
     ) -> AuditRecord:
-        """Record one release decision and return it as stored."""
+        """Record one release decision (or a refusal summary) and return it as stored."""
+        tally = dict(counts or {})
         _check_fields(
             node=node,
             resource=resource,
@@ -168,6 +256,7 @@ class AuditLog:
             verdict_digest=verdict_digest,
             reason=reason,
             trace_id=trace_id,
+            counts=tally,
         )
         now = self._clock()
         if now.tzinfo is None:
@@ -187,6 +276,7 @@ class AuditLog:
                 reason=reason,
                 trace_id=trace_id,
                 prev=prev,
+                counts=tally,
             )
             blob = seal(
                 self._key,
@@ -205,33 +295,116 @@ class AuditLog:
             return record
         raise SealingError("broker.write_conflict", "audit append kept conflicting")
 
-    async def entries(self) -> list[AuditRecord]:
-        """Every record in order, after verifying the whole chain."""
-        seqs = await self._sequence_numbers()
-        if seqs != list(range(len(seqs))):
-            missing = sorted(set(range(seqs[-1] + 1)) - set(seqs))
-            raise SealingError("broker.audit_chain_broken", f"missing records {missing[:8]}")
-        if len(seqs) < self._longest:
-            raise SealingError(
-                "broker.audit_truncated",
-                f"{len(seqs)} records, but {self._longest} were seen earlier",
-            )
-        records = []
-        prev = GENESIS
+    async def append_summary(self, counts: dict[str, int]) -> AuditRecord:
+        """One sealed record for many counted refusals (never one per request)."""
+        return await self.append(
+            node="*",
+            resource="*",
+            decision_id="none",
+            verdict_digest=hashlib.sha256(b"").hexdigest(),
+            outcome=Outcome.SUMMARY,
+            reason=SUMMARY_REASON,
+            counts=counts,
+        )
+
+    async def _walk(
+        self, seqs: list[int], anchor: Checkpoint | None
+    ) -> tuple[list[AuditRecord], bytes]:
+        """Open ``seqs`` in order, checking every link and the checkpoint's head hash.
+
+        The first record's own link is checked only if it is record 0 (its predecessor may
+        have been pruned); every later one must follow its predecessor exactly.
+        """
+        records: list[AuditRecord] = []
+        prev: bytes | None = None
         for seq in seqs:
             found = await self._kv.get(audit_key(seq))
             if found is None:
                 raise SealingError("broker.audit_chain_broken", f"{audit_key(seq)} vanished")
             record = self._open(seq, found[0])
-            if not hmac.compare_digest(record.prev, prev):
+            expected = GENESIS if seq == 0 else prev
+            if expected is not None and not hmac.compare_digest(record.prev, expected):
                 raise SealingError(
                     "broker.audit_chain_broken", f"{audit_key(seq)} does not follow its predecessor"
                 )
             prev = hashlib.sha256(found[0]).digest()
+            if (
+                anchor is not None
+                and seq == anchor.seq
+                and not hmac.compare_digest(prev, anchor.head)
+            ):
+                raise SealingError(
+                    "broker.audit_chain_broken", f"{audit_key(seq)} is not the checkpointed head"
+                )
             records.append(record)
-        self._longest = max(self._longest, len(records))
-        return records
+        return records, prev if prev is not None else GENESIS
+
+    async def entries(self, since: datetime | None = None) -> list[AuditRecord]:
+        """Every retained record (from ``since`` on), after verifying all of them."""
+        seqs, anchor = await self._retained()
+        records, _ = await self._walk(seqs, anchor)
+        if seqs:
+            self._longest = max(self._longest, seqs[-1] + 1)
+        if since is None:
+            return records
+        return [record for record in records if record.time >= since]
 
     async def verify_chain(self) -> int:
-        """Verify the chain end to end; return its length or raise ``SealingError``."""
-        return len(await self.entries())
+        """Verify from the checkpoint's head (or record 0) to the current head.
+
+        Returns how many records were checked; raises ``SealingError`` on any break.
+        """
+        seqs, anchor = await self._retained()
+        start = anchor.seq if anchor is not None else 0
+        checked = [seq for seq in seqs if seq >= start]
+        await self._walk(checked, anchor)
+        if seqs:
+            self._longest = max(self._longest, seqs[-1] + 1)
+        return len(checked)
+
+    async def checkpoint(self) -> Checkpoint | None:
+        """Verify the chain since the last checkpoint and sign its head; ``None`` if empty.
+
+        The chain is verified before it is signed, so a checkpoint never vouches for a log
+        that was already broken.
+        """
+        if self._signer is None:
+            raise SealingError("broker.checkpoint_unsigned", "no broker signing key")
+        seqs, anchor = await self._retained()
+        start = anchor.seq if anchor is not None else 0
+        walked = [seq for seq in seqs if seq >= start]
+        if not walked:
+            return None
+        _, head = await self._walk(walked, anchor)
+        if anchor is not None and anchor.seq == walked[-1]:
+            return anchor
+        made = Checkpoint(seq=walked[-1], head=head, count=walked[-1] + 1, time=self._clock())
+        token = checkpoints.sign(self._signer, made)
+        trusted = self._trusted or TrustedKeys({self._signer.name: self._signer.public_key()})
+        await checkpoints.store(self._kv, token, made, trusted)
+        return made
+
+    async def prune(self, max_records: int) -> int:
+        """Delete the oldest records beyond ``max_records``, never the checkpoint's head or
+        anything after it; return how many were deleted. Without a checkpoint, nothing is
+        pruned (the records would then be unverifiable)."""
+        if max_records < 1:
+            raise SealingError("broker.audit_field_invalid", "max_records must be positive")
+        seqs, anchor = await self._retained()
+        if anchor is None or not seqs:
+            return 0
+        cutoff = min(anchor.seq, seqs[-1] + 1 - max_records)
+        doomed = [seq for seq in seqs if seq < cutoff]
+        if not doomed:
+            return 0
+        oldest_kept = await self._kv.get(audit_key(cutoff))
+        if oldest_kept is None:
+            raise SealingError("broker.audit_chain_broken", f"{audit_key(cutoff)} vanished")
+        # Record n+1 is only ever created after record n, so everything written before the
+        # oldest kept record is older: one purge, no per-key delete markers left behind.
+        await self._kv.purge_before(AUDIT_PREFIX, oldest_kept[1])
+        remaining = set(await self._sequence_numbers())
+        for seq in doomed:  # rewritten since (so newer): oldest first, keeping a suffix
+            if seq in remaining:
+                await self._kv.delete(audit_key(seq))
+        return len(doomed)

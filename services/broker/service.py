@@ -2,14 +2,19 @@
 
 A secret leaves the broker only (1) for a node holding an unexpired *allow* decision signed
 by the policy service, (2) for a resource that node may read (``default/*`` or its own
-``<node>/*``), and (3) HPKE-wrapped to the very public key its evidence bound. Every answer,
-released or refused, is written to the sealed audit log. Decisions are kept as the policy's
-signed tokens in the ``broker-state`` bucket, so replicas share them and a restarted broker
-re-verifies them instead of trusting its own memory.
+``<node>/*``), and (3) HPKE-wrapped to the very public key its evidence bound, and (4) once
+per decision and resource (:mod:`services.broker.answers`). Releases, and refusals to the
+holder of the node's current decision (once per decision and reason), are written to the
+sealed audit log; refusals to anyone else, and repeats, are only counted and sealed as a
+periodic summary, so requests cannot be turned into unbounded audit growth. A maintenance
+task signs audit checkpoints and prunes the log to its configured bound. Decisions are kept
+as the policy's signed tokens in the ``broker-state`` bucket, so replicas share them and a
+restarted broker re-verifies them instead of trusting its own memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -22,13 +27,14 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from services.broker import release
-from services.broker.audit import AuditLog, Outcome
+from services.broker.answers import Answers, RefusalCounter
+from services.broker.audit import DEFAULT_MAX_RECORDS, AuditLog, Outcome
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, Rejected, ReleaseError, SealingError, VerificationError
-from services.mesh.keys import TrustedKeys
+from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
 from services.verifier.ear import unb64url
@@ -38,6 +44,12 @@ tracer = telemetry.tracer("broker")
 
 DECISION_PREFIX = "decision."
 POLICY_SIGNER = "policy"
+DEFAULT_CHECKPOINT_EVERY = 1000
+DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
+
+
+class _Counted(ReleaseError):
+    """A refusal that is counted, never sealed on its own (see :mod:`.answers`)."""
 
 
 @dataclass(frozen=True)
@@ -69,19 +81,39 @@ class BrokerService:
         sealing: SealingKeySource,
         *,
         clock: Callable[[], datetime] = events.utcnow,
+        signer: SigningKey | None = None,
+        max_records: int = DEFAULT_MAX_RECORDS,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        maintenance_interval: float = DEFAULT_MAINTENANCE_INTERVAL_S,
     ) -> None:
+        """``signer`` is the broker's own key for audit checkpoints; without it the log is
+        never checkpointed and so never pruned (records are kept rather than lost)."""
         self.bus = bus
         self.trusted = trusted
         self.sealing = sealing
         self.clock = clock
+        self.signer = signer
+        self.max_records = max_records
+        self.checkpoint_every = checkpoint_every
+        self.maintenance_interval = maintenance_interval
         self.state: KeyValue | None = None
         self.store: SecretStore | None = None
         self.audit: AuditLog | None = None
+        self.answers: Answers | None = None
+        self.refusals = RefusalCounter()
+        self._maintain_now = asyncio.Event()
 
     async def start(self, *, seed: dict[str, bytes] | None = None) -> None:
         self.state = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_BROKER))
         self.store = await SecretStore.open(self.state, self.sealing)
-        self.audit = AuditLog(self.state, await load_keyring(self.state, self.sealing))
+        data_key = await load_keyring(self.state, self.sealing)
+        audit_trusted = self.trusted
+        if self.signer is not None:  # its own checkpoints, even if not yet published
+            audit_trusted = self.trusted.including(self.signer.name, self.signer.public_key())
+        self.audit = AuditLog(
+            self.state, data_key, clock=self.clock, signer=self.signer, trusted=audit_trusted
+        )
+        self.answers = Answers(self.state, data_key)
         existing = set(await self.store.list())
         for name, value in (seed or {}).items():
             if name not in existing:
@@ -90,15 +122,62 @@ class BrokerService:
         await self.bus.serve(subjects.SECRET_ALL, self.on_secret_request, queue="broker")
 
     async def run(self, stop: Any, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
-        await self.bus.consume(
-            stream=subjects.STREAM_DECISIONS,
-            durable="broker",
-            subject=subjects.DECISION_ALL,
-            handler=self.handle_decision,
-            stop=stop,
-            max_deliver=max_deliver,
-            ack_wait=ack_wait,
-        )
+        maintenance = asyncio.create_task(self._maintenance(stop))
+        try:
+            await self.bus.consume(
+                stream=subjects.STREAM_DECISIONS,
+                durable="broker",
+                subject=subjects.DECISION_ALL,
+                handler=self.handle_decision,
+                stop=stop,
+                max_deliver=max_deliver,
+                ack_wait=ack_wait,
+            )
+        finally:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+            with contextlib.suppress(SealingError):
+                await self.flush_refusals()
+
+    async def _maintenance(self, stop: asyncio.Event) -> None:
+        """Every interval, or when an append reaches a checkpoint boundary: seal the refusal
+        summary, checkpoint and prune. A failure is logged and retried next time; it never
+        stops the broker answering."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._maintain_now.wait(), self.maintenance_interval)
+            self._maintain_now.clear()
+            try:
+                await self.maintain()
+            except SealingError as exc:
+                log.error("audit.maintenance_failed", reason=exc.reason)
+
+    async def flush_refusals(self) -> int:
+        """Seal the counted refusals as one summary record; return how many it covered."""
+        assert self.audit is not None
+        counts = self.refusals.drain()
+        if not counts:
+            return 0
+        try:
+            await self.audit.append_summary(counts)
+        except SealingError:
+            self.refusals.restore(counts)
+            raise
+        return sum(counts.values())
+
+    async def maintain(self) -> int:
+        """Flush the refusal summary, then checkpoint and prune; return records pruned."""
+        assert self.audit is not None
+        await self.flush_refusals()
+        if self.signer is None:
+            return 0
+        made = await self.audit.checkpoint()
+        if made is None:
+            return 0
+        pruned = await self.audit.prune(self.max_records)
+        log.info("audit.checkpointed", seq=made.seq, pruned=pruned)
+        return pruned
 
     def _read_token(self, token: str) -> HeldDecision:
         claims = self.trusted.verify(
@@ -201,44 +280,72 @@ class BrokerService:
             try:
                 request = events.decode(msg.data, events.SecretRequest)
             except ParseError as exc:
+                self.refusals.count(exc.reason)  # the message never named a requester
                 return events.Refusal(reason=exc.reason)
             span.set_attribute("attestmesh.node", request.node)
             span.set_attribute("attestmesh.resource", request.resource)
             try:
                 if subjects.node_of(msg.subject) != request.node:
-                    raise ReleaseError("broker.routing_mismatch", "subject names another node")
+                    raise _Counted("broker.routing_mismatch", "subject names another node")
                 response = await self._release(request, span)
             except (ReleaseError, SealingError) as exc:
                 span.set_attribute("attestmesh.refused", exc.reason)
-                log.info("secret.refused", node=request.node, reason=exc.reason)
-                if exc.reason != "broker.decision_pending":  # a retry signal, not a refusal
-                    await self._audit(request, None, Outcome.REFUSED, exc.reason, span)
+                if isinstance(exc, _Counted):  # a flood of these must not flood logs either
+                    self.refusals.count(exc.reason)
+                    log.debug("secret.refused", node=request.node, reason=exc.reason)
+                else:
+                    log.info("secret.refused", node=request.node, reason=exc.reason)
                 return events.SecretResponse(
                     node=request.node, resource=request.resource, ok=False, reason=exc.reason
                 )
             return response
 
+    async def _holder(self, request: events.SecretRequest) -> HeldDecision:
+        """The node's current decision, if the request names it; else a counted refusal."""
+        try:
+            held = await self.current_decision(request.node)
+        except ReleaseError as exc:
+            raise _Counted(exc.reason, exc.detail) from None
+        if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
+            return held
+        if not hmac.compare_digest(held.decision_id, request.decision_id):
+            raise _Counted("broker.decision_pending", "that decision is not the current one")
+        return held
+
+    async def _refuse(
+        self, request: events.SecretRequest, held: HeldDecision, reason: str, span: trace.Span
+    ) -> ReleaseError:
+        """Seal a refusal to the decision's holder once per (decision, reason); count repeats."""
+        assert self.answers is not None
+        if not await self.answers.claim(
+            request.node, held.decision_id, held.issued_at, f"x:{reason}"
+        ):
+            return _Counted(reason, "refused again")
+        try:
+            await self._audit(request, held, Outcome.REFUSED, reason, span)
+        except SealingError as exc:
+            log.error("audit.append_failed", reason=exc.reason)
+        return ReleaseError(reason, "refused")
+
     async def _release(
         self, request: events.SecretRequest, span: trace.Span
     ) -> events.SecretResponse:
-        assert self.store is not None
-        held = await self.current_decision(request.node)
-        if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
-            raise ReleaseError("broker.revoked", "this evidence failed a re-appraisal")
-        if not hmac.compare_digest(held.decision_id, request.decision_id):
-            raise ReleaseError("broker.decision_pending", "that decision is not the current one")
-        if not held.allow:
-            raise ReleaseError("broker.not_allowed", "the node's latest decision denies release")
-        if not hmac.compare_digest(held.public_key, request.public_key):
-            raise ReleaseError("broker.key_mismatch", "key differs from the attested key")
-        if not may_read(request.node, request.resource):
-            raise ReleaseError("broker.resource_forbidden", "resource outside the node's scope")
-        try:
-            secret = await self.store.get(request.resource)
-        except SealingError as exc:
-            if exc.reason == "broker.secret_not_found":
-                raise ReleaseError("broker.unknown_resource", request.resource) from None
-            raise
+        assert self.store is not None and self.answers is not None
+        held = await self._holder(request)
+        reason = self._check(request, held)
+        secret = b""
+        if reason is None:
+            try:
+                secret = await self.store.get(request.resource)
+            except SealingError as exc:
+                found = exc.reason != "broker.secret_not_found"
+                reason = exc.reason if found else "broker.unknown_resource"
+        if reason is not None:
+            raise await self._refuse(request, held, reason, span)
+        if not await self.answers.claim(
+            request.node, held.decision_id, held.issued_at, f"r:{request.resource}"
+        ):
+            raise _Counted("broker.already_released", "answered once for this decision")
         wrapped = release.wrap(
             secret,
             request.public_key,
@@ -247,30 +354,45 @@ class BrokerService:
         )
         record = await self._audit(request, held, Outcome.RELEASED, "", span)
         log.info("secret.released", node=request.node, resource=request.resource)
+        if self.checkpoint_every > 0 and (record + 1) % self.checkpoint_every == 0:
+            self._maintain_now.set()
         return events.SecretResponse(
             node=request.node,
             resource=request.resource,
             ok=True,
             enc=wrapped.enc,
             ciphertext=wrapped.ciphertext,
-            audit_id=str(record) if record is not None else "",
+            audit_id=str(record),
         )
+
+    @staticmethod
+    def _check(request: events.SecretRequest, held: HeldDecision) -> str | None:
+        """Why the decision's holder may not have this resource, or ``None``."""
+        if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
+            return "broker.revoked"
+        if not held.allow:
+            return "broker.not_allowed"
+        if not hmac.compare_digest(held.public_key, request.public_key):
+            return "broker.key_mismatch"
+        if not may_read(request.node, request.resource):
+            return "broker.resource_forbidden"
+        return None
 
     async def _audit(
         self,
         request: events.SecretRequest,
-        held: HeldDecision | None,
+        held: HeldDecision,
         outcome: Outcome,
         reason: str,
         span: trace.Span,
-    ) -> int | None:
+    ) -> int:
         assert self.audit is not None
         ctx = span.get_span_context()
         entry = await self.audit.append(
             node=request.node,
             resource=request.resource,
-            decision_id=held.decision_id if held else "none",
-            verdict_digest=hashlib.sha256((held.verdict_id if held else "").encode()).hexdigest(),
+            decision_id=held.decision_id,
+            verdict_digest=hashlib.sha256(held.verdict_id.encode()).hexdigest(),
             outcome=outcome,
             reason=reason,
             trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",

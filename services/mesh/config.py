@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -68,6 +68,16 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint (``0.0.0.0`` in a pod, so Prometheus can scrape it)."""
     log_level: str = "info"
+    audit_max_records: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    """The broker keeps at most this many audit records behind its newest checkpoint."""
+    audit_checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    """The broker signs an audit checkpoint after this many records (and every interval)."""
+    audit_maintenance_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    """How often the broker seals its refusal counts, checkpoints and prunes the audit log."""
+
+    def __post_init__(self) -> None:
+        if self.audit_checkpoint_every > self.audit_max_records:
+            raise ValueError("audit_checkpoint_every must not exceed audit_max_records")
 
     @property
     def keys_path(self) -> Path:

@@ -84,6 +84,9 @@ class SigningKey:
         write_private(path, pem)
         return key
 
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._private.public_key()
+
     def public_pem(self) -> bytes:
         return self._private.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -124,6 +127,12 @@ class TrustedKeys:
                 if isinstance(loaded, ec.EllipticCurvePublicKey):
                     keys[path.stem] = loaded
         return cls(keys)
+
+    def including(self, name: str, key: ec.EllipticCurvePublicKey) -> TrustedKeys:
+        """These keys plus ``key`` as ``name`` (a service trusting its own signatures)."""
+        merged = TrustedKeys({})
+        merged._by_kid = {**self._by_kid, _kid(key): _Trusted(name, key)}
+        return merged
 
     def names(self) -> list[str]:
         return sorted(t.name for t in self._by_kid.values())

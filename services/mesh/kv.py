@@ -34,6 +34,14 @@ class WriteConflictError(BusError):
     """
 
 
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is a valid key followed by one dot (``audit.``)."""
+    if not prefix.endswith(".") or len(prefix) < 2:
+        raise BusError(INVALID_KEY, "a key prefix ends in a dot")
+    validate_key(prefix[:-1])
+    return prefix
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if NATS KV can store it verbatim, else raise ``kv.invalid_key``.
 
@@ -81,4 +89,13 @@ class KeyValue(Protocol):
 
     async def keys(self) -> list[str]:
         """All present keys, in no particular order."""
+        ...
+
+    async def purge_before(self, prefix: str, revision: int) -> None:
+        """Remove, without leaving delete markers, every key under ``prefix`` (which ends
+        in a dot) last written before ``revision``.
+
+        Retention uses this rather than :meth:`delete`: on JetStream a delete leaves a
+        marker per key, which would grow without bound as old records are pruned.
+        """
         ...

@@ -7,7 +7,13 @@ import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
 
 from services.mesh.errors import BusError
-from services.mesh.kv import KEY_EXISTS, REVISION_CONFLICT, WriteConflictError, validate_key
+from services.mesh.kv import (
+    KEY_EXISTS,
+    REVISION_CONFLICT,
+    WriteConflictError,
+    validate_key,
+    validate_prefix,
+)
 
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
@@ -66,6 +72,16 @@ class NatsKeyValue:
         except nats.js.errors.APIError as exc:
             if exc.err_code == 10071:
                 raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
+            raise BusError("kv.api_error", f"{exc.code}") from None
+        except _UNAVAILABLE as exc:
+            raise BusError("kv.unavailable", type(exc).__name__) from None
+
+    async def purge_before(self, prefix: str, revision: int) -> None:
+        # A filtered stream purge up to a sequence: KV revisions are stream sequences.
+        subject = f"{self._kv._pre}{validate_prefix(prefix)}>"
+        try:
+            await self._kv._js.purge_stream(self._kv._stream, seq=revision, subject=subject)
+        except nats.js.errors.APIError as exc:
             raise BusError("kv.api_error", f"{exc.code}") from None
         except _UNAVAILABLE as exc:
             raise BusError("kv.unavailable", type(exc).__name__) from None

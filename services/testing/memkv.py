@@ -19,6 +19,7 @@ from services.mesh.kv import (
     REVISION_CONFLICT,
     WriteConflictError,
     validate_key,
+    validate_prefix,
 )
 
 
@@ -80,6 +81,14 @@ class MemoryKeyValue:
         """All present keys."""
         await asyncio.sleep(0)
         return list(self._data)
+
+    async def purge_before(self, prefix: str, revision: int) -> None:
+        """Drop keys under ``prefix`` last written before ``revision`` (no markers here)."""
+        validate_prefix(prefix)
+        await asyncio.sleep(0)
+        for key in [k for k, (_, rev) in self._data.items() if k.startswith(prefix)]:
+            if self._data[key][1] < revision:
+                del self._data[key]
 
     def overwrite(self, key: str, value: bytes) -> int:
         """Write unconditionally, as someone with raw access to the bucket could."""

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from services.broker.audit import AuditLog
 from services.broker.sealing import KeyFileSource
 from services.broker.service import BrokerService
-from services.broker.store import SecretStore
+from services.broker.store import SecretStore, load_keyring
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode
 from services.collector.simulator.node import TestPki, simulated_source, test_pki
 from services.mesh import events, subjects
@@ -66,7 +67,11 @@ class TestMesh:
         self.verifier_key.publish_to(self.keys_dir / "trusted")
         self.policy_key = SigningKey.load_or_create("policy", self.keys_dir)
         self.policy_key.publish_to(self.keys_dir / "trusted")
+        self.broker_key = SigningKey.load_or_create("broker", self.keys_dir)
+        self.broker_key.publish_to(self.keys_dir / "trusted")
+        self.broker_options: dict[str, Any] = {}
         self.running: dict[str, _Running] = {}
+        self.broker: BrokerService | None = None
         self.secret = os.urandom(32)
 
     @property
@@ -120,8 +125,15 @@ class TestMesh:
 
     async def start_broker(self) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
-            service = BrokerService(bus, self.trusted, KeyFileSource.in_data_dir(self.workdir))
+            service = BrokerService(
+                bus,
+                self.trusted,
+                KeyFileSource.in_data_dir(self.workdir),
+                signer=self.broker_key,
+                **self.broker_options,
+            )
             await service.start(seed={DEFAULT_RESOURCE: self.secret})
+            self.broker = service
             return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
 
         await self._launch("broker", build)
@@ -137,6 +149,12 @@ class TestMesh:
     async def stop(self) -> None:
         for name in list(self.running):
             await self.halt(name)
+
+    async def audit_log(self, bus: Bus) -> AuditLog:
+        """A reader of the broker's audit log (its own connection's view of the bucket)."""
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
+        data_key = await load_keyring(kv, KeyFileSource.in_data_dir(self.workdir))
+        return AuditLog(kv, data_key, trusted=self.trusted)
 
     async def stored_secret(self, bus: Bus, resource: str = DEFAULT_RESOURCE) -> bytes:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))

@@ -104,7 +104,7 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
-  (list "attest.revoked.*" "attest.dlq.DECISIONS") -}}
+  (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.dlq.DECISIONS") -}}
 {{- $sub = append $sub "attest.secret.* broker" -}}
 {{- $responder = true -}}
 {{- else if eq $id "collector" -}}

@@ -1,0 +1,141 @@
+"""Answer each release once: per-decision claims shared by replicas, and refusal counting.
+
+**Repeats are refused, not re-answered.** A repeated request for a (decision, resource)
+already released gets ``broker.already_released`` and adds no audit record. Returning a
+cached copy of the first answer was the alternative; it was rejected because the wrapped
+secret is bound (HPKE associated data) to the *first request's id*, so a repeat (which
+carries a new id) could not open it anyway: caching would store wrapped secrets in the
+bucket (up to 64 KiB each, per decision and resource) for an answer no honest client can
+use. The collector is unaffected: it retries only while the broker says
+``broker.no_decision`` or ``broker.decision_pending``, and nothing is claimed then. A node
+whose reply was lost re-attests, which its next round does anyway.
+
+**Claims.** ``answered.<node>`` holds, sealed, the node's current decision id and what has
+been answered under it (``r:<resource>`` for a release, ``x:<reason>`` for a refusal to the
+decision's holder). A release first *claims* its resource with compare-and-set, and only the
+winner wraps, audits and answers; so the "once" holds across replicas sharing the bucket and
+across restarts. A claim made just before a crash is never answered: that fails closed (the
+node re-attests). A new decision for the node replaces the record, which keeps it to one
+small key per node.
+
+**Counting.** Requests from anyone not holding the node's current decision (no decision,
+expired, unknown id, malformed, wrong subject) and repeats are counted per reason in memory
+(:class:`RefusalCounter`, bounded) and written as one periodic sealed summary record, so a
+flood of them cannot grow the audit log.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from services.broker.sealing import AeadKey, open_sealed, seal
+from services.mesh.errors import SealingError
+from services.mesh.kv import KeyValue, WriteConflictError
+
+ANSWERED_PREFIX = "answered."
+MAX_ITEMS = 4096
+MAX_CAS_RETRIES = 32
+MAX_REASONS = 32
+OTHER_REASON = "broker.other"
+_REASON = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+){0,7}")
+
+
+class _Answered(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    decision_id: str
+    issued_at: int
+    items: list[str] = []
+
+
+def answered_key(node: str) -> str:
+    return ANSWERED_PREFIX + node
+
+
+class Answers:
+    """Claims on (decision, item) pairs in the broker bucket, sealed with the data key."""
+
+    def __init__(self, kv: KeyValue, data_key: AeadKey) -> None:
+        self._kv = kv
+        self._key = data_key
+
+    def __repr__(self) -> str:
+        return "Answers()"
+
+    def _read(self, key: str, blob: bytes) -> tuple[_Answered, int]:
+        opened = open_sealed(self._key, blob, purpose="answered", name=key)
+        try:
+            return msgspec.msgpack.decode(opened.plaintext, type=_Answered), opened.version
+        except msgspec.DecodeError as exc:
+            raise SealingError("broker.seal_malformed", f"{key} does not decode") from exc
+
+    async def claim(self, node: str, decision_id: str, issued_at: int, item: str) -> bool:
+        """Claim ``item`` under ``decision_id``; ``False`` if it was already claimed.
+
+        Also ``False`` if the node's record names a newer decision: the request's decision
+        has been superseded, so it must not be answered again either.
+        """
+        key = answered_key(node)
+        for _ in range(MAX_CAS_RETRIES):
+            found = await self._kv.get(key)
+            version = 0
+            items: list[str] = []
+            if found is not None:
+                current, version = self._read(key, found[0])
+                if current.decision_id == decision_id:
+                    if item in current.items:
+                        return False
+                    items = list(current.items)
+                elif current.issued_at > issued_at:
+                    return False
+            if len(items) >= MAX_ITEMS:
+                raise SealingError("broker.answers_full", f"at most {MAX_ITEMS} per decision")
+            record = _Answered(decision_id, issued_at, [*items, item])
+            blob = seal(
+                self._key,
+                msgspec.msgpack.encode(record),
+                purpose="answered",
+                name=key,
+                version=version + 1,
+            )
+            try:
+                if found is None:
+                    await self._kv.create(key, blob)
+                else:
+                    await self._kv.update(key, blob, found[1])
+            except WriteConflictError:
+                continue
+            return True
+        raise SealingError("broker.write_conflict", f"claim on {key} kept conflicting")
+
+
+class RefusalCounter:
+    """Refusals per reason since the last summary; at most :data:`MAX_REASONS` distinct
+    reasons are kept (anything beyond, or not a dotted code, counts as ``broker.other``)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def count(self, reason: str, number: int = 1) -> None:
+        if _REASON.fullmatch(reason) is None or (
+            reason not in self._counts and len(self._counts) >= MAX_REASONS - 1
+        ):
+            reason = OTHER_REASON
+        self._counts[reason] = self._counts.get(reason, 0) + number
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    def peek(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def drain(self) -> dict[str, int]:
+        """The counts so far, resetting them (the caller seals them as one summary)."""
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def restore(self, counts: dict[str, int]) -> None:
+        """Put back counts whose summary could not be written, so none are lost."""
+        for reason, number in counts.items():
+            self.count(reason, number)
