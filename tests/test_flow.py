@@ -12,12 +12,12 @@ import pytest
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
+from services.collector.service import RoundResult
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey
 from services.mesh.server import NatsServer
-from services.testing.mesh import TestMesh
+from services.testing.mesh import TestMesh, ask_again
 from services.verifier import ear
 from services.verifier.families.base import Appraisal, Status
 from services.verifier.worker import derived_id
@@ -83,20 +83,6 @@ def _forged_verdict(
         ear=token,
     )
 
-
-async def _ask_again(bus: Bus, node: CollectorNode) -> events.SecretResponse:
-    """Request the node's secret again under its last decision (the wrapped key is unused)."""
-    return await bus.request(
-        subjects.secret(node.node),
-        events.SecretRequest(
-            node=node.node,
-            resource=DEFAULT_RESOURCE,
-            public_key=node.last_public_key,
-            decision_id=node.last_decision_id,
-            evidence_id=node.last_evidence_id,
-        ),
-        events.SecretResponse,
-    )
 
 
 async def test_several_nodes_attest_and_decrypt_their_secret(mesh: TestMesh, bus: Bus) -> None:
@@ -250,7 +236,7 @@ async def test_decisions_expire(nats_server: NatsServer, tmp_path: Path, bus: Bu
         node = running.node(bus, "node-x")
         assert (await node.attest_once()).released
         await asyncio.sleep(3.1)
-        refused = await _ask_again(bus, node)
+        refused = await ask_again(bus, node)
         assert not refused.ok and refused.reason == "broker.decision_expired"
     finally:
         await running.stop()
@@ -355,7 +341,7 @@ async def test_a_collateral_change_revokes_affected_nodes(mesh: TestMesh, bus: B
     second = await asyncio.wait_for(revoked.get(), 20)
     assert {first.node, second.node} == {"node-c", "node-d"}
     await sub.unsubscribe()
-    refused = await _ask_again(bus, node)
+    refused = await ask_again(bus, node)
     assert not refused.ok and refused.reason == "broker.revoked"
     # A fresh attestation is now judged under the new CRL too.
     again = await node.attest_once()
@@ -377,7 +363,7 @@ async def test_a_stale_reappraisal_revokes_nothing(mesh: TestMesh, bus: Bus) -> 
     )
     await bus.publish(subjects.verdict("snp", "node-s2"), stale)
     await asyncio.sleep(1.0)  # the policy decides; the broker must ignore it
-    still = await _ask_again(bus, node)
+    still = await ask_again(bus, node)
     # Answered once already, but not revoked: the node's current decision was never replaced
     # (``already_released`` is only said to the holder of the current decision).
     assert still.reason == "broker.already_released"

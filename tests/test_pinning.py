@@ -27,7 +27,7 @@ from services import cli
 from services.broker.audit import AuditLog, Outcome
 from services.broker.sealing import KeyFileSource
 from services.broker.store import load_keyring
-from services.collector.service import DEFAULT_RESOURCE, CollectorNode
+from services.collector.service import CollectorNode
 from services.collector.simulator.node import SimulatedSnp
 from services.collector.simulator.snp import DEFAULT_POLICY
 from services.mesh import events, subjects
@@ -35,7 +35,7 @@ from services.mesh.bus import Bus
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy.pins import PinStore
-from services.testing.mesh import TestMesh
+from services.testing.mesh import TestMesh, ask_again
 from services.verifier.collateral import CollateralRequest, store
 from services.verifier.families.snp.kds import DEFAULT_KDS, crl_url
 from services.verifier.families.snp.parse import Product
@@ -126,20 +126,6 @@ async def _letters(bus: Bus, count: int) -> list[events.DeadLetter]:
     raise AssertionError(f"expected {count} dead letters on VERDICTS")
 
 
-async def _ask_again(bus: Bus, node: CollectorNode) -> events.SecretResponse:
-    """Ask for the node's secret again under its last decision."""
-    return await bus.request(
-        subjects.secret(node.node),
-        events.SecretRequest(
-            node=node.node,
-            resource=DEFAULT_RESOURCE,
-            public_key=node.last_public_key,
-            decision_id=node.last_decision_id,
-            evidence_id=node.last_evidence_id,
-        ),
-        events.SecretResponse,
-    )
-
 
 async def _pin_of(bus: Bus, node: str) -> str | None:
     found = await PinStore(NatsKeyValue(await bus.key_value(subjects.BUCKET_PINS))).get(node)
@@ -194,8 +180,10 @@ async def test_evidence_that_does_not_prove_it_is_the_node_changes_nothing(
     await watch.unsubscribe()
     assert revoked.nodes == [], revoked.nodes
     for node in (victim, bystander):
-        still = await _ask_again(bus, node)
-        assert still.ok, (node.node, still.reason)
+        # Releases are answered once per decision: "already released" (not "not allowed",
+        # "revoked" or "pending") proves the decision that released is still the current one.
+        still = await ask_again(bus, node)
+        assert still.reason == "broker.already_released", (node.node, still.reason)
     assert await _pin_of(bus, "node-x") == pin
     assert (await victim.attest_once()).released  # and the real node carries on
 
@@ -252,7 +240,7 @@ async def test_the_nodes_own_failing_evidence_revokes_and_a_reset_repins(
     assert failed.status == "contraindicated" and not failed.allowed and failed.reason == ""
     announcement = await asyncio.wait_for(revoked.get(), 20)
     assert announcement.node == "node-r"
-    refused = await _ask_again(bus, node)
+    refused = await ask_again(bus, node)
     assert not refused.ok
     await watch.unsubscribe()
 
@@ -319,7 +307,7 @@ async def test_other_hardware_cannot_shield_a_node_from_revocation(
     announcement = await asyncio.wait_for(revoked.get(), 20)
     await watch.unsubscribe()
     assert announcement.node == "node-v"
-    refused = await _ask_again(bus, node)
+    refused = await ask_again(bus, node)
     assert not refused.ok and refused.reason == "broker.revoked"
 
 

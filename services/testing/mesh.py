@@ -196,3 +196,18 @@ class _Tampering:
         evidence = self.inner.collect(report_data)  # type: ignore[attr-defined]
         assert isinstance(evidence, events.SnpEvidence)
         return self.tamper(evidence)
+
+
+async def ask_again(bus: Bus, node: CollectorNode) -> events.SecretResponse:
+    """Request the node's secret again under its last decision (as a replayer would)."""
+    return await bus.request(
+        subjects.secret(node.node),
+        events.SecretRequest(
+            node=node.node,
+            resource=DEFAULT_RESOURCE,
+            public_key=node.last_public_key,
+            decision_id=node.last_decision_id,
+            evidence_id=node.last_evidence_id,
+        ),
+        events.SecretResponse,
+    )
