@@ -2,14 +2,16 @@
 
 A verdict is acted on only if its EAR verifies under a known verifier key, its routing fields
 agree with the signed content, and its nonce is fresh; anything else is dead-lettered with the
-reason. The Rego policy and reference values live in KV and are recompiled when they change.
+reason. The Rego policy and reference values live in KV as operator-signed documents and are
+recompiled when they change (:mod:`services.policy.loader`); the service never writes or
+signs them itself, so holding its key does not let anyone change what it allows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,9 +24,10 @@ from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, PolicyError, Rejected, VerificationError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
-from services.policy import refvalues
-from services.policy.engine import PolicyEngine, default_policy
+from services.policy.engine import Outcome, PolicyEngine
+from services.policy.loader import UNAVAILABLE, Loader
 from services.policy.nonces import NonceStore
+from services.policy.release_policy import POLICY_KEY
 from services.verifier import ear
 from services.verifier.families.base import Status
 from services.verifier.worker import derived_id
@@ -32,8 +35,10 @@ from services.verifier.worker import derived_id
 log = telemetry.logger("policy")
 tracer = telemetry.tracer("policy")
 
-POLICY_KEY = "release"
+__all__ = ["POLICY_KEY", "POLICY_SIGNER", "PolicyService"]
+
 POLICY_SIGNER = "policy"
+RETRY_BLOCKED_S = 2.0
 
 
 class PolicyService:
@@ -55,37 +60,34 @@ class PolicyService:
         self.nonce_ttl = nonce_ttl
         self.decision_ttl = decision_ttl
         self.clock = clock
-        self.engine: PolicyEngine | None = None
+        self.loader: Loader | None = None
         self.nonces: NonceStore | None = None
 
     async def start(self) -> None:
+        """Start serving even with no usable policy: decisions are then denied with a reason
+        (fail closed) until an operator-signed policy arrives, rather than crash-looping."""
         self.nonces = NonceStore(
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_NONCES)),
             ttl=self.nonce_ttl,
             clock=self.clock,
         )
-        policies = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
-        if await policies.get(POLICY_KEY) is None:
-            with contextlib.suppress(Exception):
-                await policies.create(POLICY_KEY, default_policy().encode())
+        self.loader = Loader(
+            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES)),
+            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES)),
+            self.trusted,
+            settings=self.settings,
+        )
         await self.reload()
         await self.bus.serve(subjects.NONCE, self.on_nonce_request, queue="policy")
 
+    @property
+    def engine(self) -> PolicyEngine | None:
+        return self.loader.engine if self.loader else None
+
     async def reload(self) -> None:
-        """Recompile from KV; a policy that fails to compile keeps the previous one in force."""
-        policies = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
-        refs = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES))
-        entry = await policies.get(POLICY_KEY)
-        source = entry[0].decode() if entry else default_policy()
-        revision = entry[1] if entry else 0
-        try:
-            data = {"refvalues": await refvalues.load_all(refs), "settings": self.settings}
-            self.engine = PolicyEngine(source, data, policy_id=f"{POLICY_KEY}@{revision}")
-            log.info("policy.loaded", policy_id=self.engine.policy_id)
-        except PolicyError as exc:
-            log.error("policy.reload_failed", reason=exc.reason, detail=exc.detail[:300])
-            if self.engine is None:
-                raise
+        """Rebuild from KV; see :mod:`services.policy.loader` for what is refused and why."""
+        assert self.loader is not None
+        await self.loader.reload()
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Recompile whenever the policy or reference values change."""
@@ -94,15 +96,19 @@ class PolicyService:
             for b in (subjects.BUCKET_POLICIES, subjects.BUCKET_REFVALUES)
         ]
         initial_done = [False] * len(watchers)
+        last_try = time.monotonic()
         while not stop.is_set():
             changed = False
+            blocked = self.loader is not None and self.loader.blocked is not None
+            if blocked and time.monotonic() - last_try > RETRY_BLOCKED_S:
+                changed, last_try = True, time.monotonic()
             for i, watcher in enumerate(watchers):
                 try:
                     entry = await watcher.updates(timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 if entry is None:
-                    initial_done[i] = True
+                    initial_done[i] = changed = True  # catches writes made before watching
                 elif initial_done[i]:
                     changed = True
             if changed:
@@ -137,7 +143,7 @@ class PolicyService:
             return challenge
 
     async def handle_verdict(self, msg: Msg) -> None:
-        assert self.nonces is not None and self.engine is not None
+        assert self.nonces is not None and self.loader is not None
         with tracer.start_as_current_span(
             "policy.appraise", context=telemetry.extract(msg.headers)
         ) as span:
@@ -165,19 +171,35 @@ class PolicyService:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 span.set_attribute("attestmesh.rejected", exc.reason)
                 raise
-            outcome = self.engine.evaluate(
-                {
-                    "family": result.family,
-                    "status": str(result.status),
-                    "verified": result.verified,
-                    "claims": result.claims,
-                    "reasons": [r.get("code", "") for r in result.reasons],
-                    "simulated": result.subject.simulated,
-                    "node": verdict.node,
-                }
-            )
-            await self.publish_decision(verdict, result, outcome.allow, outcome.reasons)
-            span.set_attribute("attestmesh.allow", outcome.allow)
+            engine, blocked = self.loader.engine, self.loader.blocked
+            if blocked is not None or engine is None:
+                log.warning("verdict.denied_blocked", node=verdict.node, reason=blocked)
+                allow, reasons = False, [blocked or UNAVAILABLE]
+            else:
+                outcome = self._evaluate(
+                    engine,
+                    {
+                        "family": result.family,
+                        "status": str(result.status),
+                        "verified": result.verified,
+                        "claims": result.claims,
+                        "reasons": [r.get("code", "") for r in result.reasons],
+                        "simulated": result.subject.simulated,
+                        "node": verdict.node,
+                    },
+                )
+                allow, reasons = outcome.allow, outcome.reasons
+            await self.publish_decision(verdict, result, allow, reasons)
+            span.set_attribute("attestmesh.allow", allow)
+
+    @staticmethod
+    def _evaluate(engine: PolicyEngine, document: dict[str, Any]) -> Outcome:
+        """An evaluation error is a deny naming it, never a crash or a retry loop."""
+        try:
+            return engine.evaluate(document)
+        except PolicyError as exc:
+            log.error("policy.evaluation_failed", reason=exc.reason)
+            return Outcome(allow=False, reasons=[exc.reason])
 
     async def revoke_on_reappraisal(self, verdict: events.Verdict, result: ear.Result) -> None:
         """A verifier re-checked a node's evidence against changed collateral (a revoked
@@ -198,7 +220,6 @@ class PolicyService:
         *,
         reappraisal: bool = False,
     ) -> None:
-        assert self.engine is not None
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", verdict.id)
@@ -215,7 +236,7 @@ class PolicyService:
                 "public_key": ear.b64url(result.subject.public_key),
                 "verdict_id": verdict.id,
                 "evidence_id": verdict.evidence_id,
-                "policy_id": self.engine.policy_id,
+                "policy_id": self.engine.policy_id if self.engine else "none",
                 "reappraisal": reappraisal,
             }
         )

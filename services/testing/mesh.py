@@ -23,6 +23,10 @@ from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
+from services.policy import release_policy
+from services.policy.documents import OPERATOR
+from services.policy.engine import default_policy
+from services.policy.release_policy import POLICY_KEY
 from services.policy.service import PolicyService
 from services.verifier import registry
 from services.verifier.collateral import CollateralCache
@@ -64,7 +68,11 @@ class TestMesh:
         self.verifier_key.publish_to(self.keys_dir / "trusted")
         self.policy_key = SigningKey.load_or_create("policy", self.keys_dir)
         self.policy_key.publish_to(self.keys_dir / "trusted")
+        self.operator_key = SigningKey.load_or_create(OPERATOR, self.keys_dir)
+        self.operator_key.publish_to(self.keys_dir / "trusted")
         self.running: dict[str, _Running] = {}
+        self.policy: PolicyService | None = None
+        """The running policy service (tests read what it refused and why)."""
         self.secret = os.urandom(32)
 
     @property
@@ -101,8 +109,17 @@ class TestMesh:
 
         await self._launch("verifier-snp", build)
 
-    async def start_policy(self) -> None:
+    async def seed_policy(self, bus: Bus) -> None:
+        """The packaged policy, operator-signed, unless a policy is already stored (the
+        operator's step before a policy service can decide anything)."""
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+        if await kv.get(POLICY_KEY) is None:
+            await release_policy.store(kv, default_policy(), operator=self.operator_key)
+
+    async def start_policy(self, *, seed: bool = True) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            if seed:
+                await self.seed_policy(bus)
             service = PolicyService(
                 bus,
                 self.policy_key,
@@ -110,6 +127,7 @@ class TestMesh:
                 settings=self.settings,
                 decision_ttl=self.decision_ttl,
             )
+            self.policy = service
             await service.start()
             return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
 
@@ -157,7 +175,14 @@ class TestMesh:
             if received is not None:
                 received[name] = secret
 
-        return CollectorNode(bus, name, source, decision_timeout=decision_timeout, on_secret=keep)
+        return CollectorNode(
+            bus,
+            name,
+            source,
+            TrustedKeys.from_pem("policy", self.policy_key.public_pem()),
+            decision_timeout=decision_timeout,
+            on_secret=keep,
+        )
 
 
 class _Tampering:
