@@ -126,15 +126,26 @@ def open_signed(raw: bytes, trusted: TrustedKeys, *, bucket: str, key: str, kind
     )
 
 
-def claimed_version(raw: bytes) -> int:
-    """The version ``raw`` claims, unverified (0 if none): a writer's next version must
-    exceed it whoever signed it, or readers that saw it would take the new one as a
-    rollback."""
-    try:
-        envelope = msgspec.json.decode(raw[:MAX_DOCUMENT_BYTES], type=_Envelope)
-        return msgspec.json.decode(envelope.body, type=_Body).version
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        return 0
+def next_version(
+    current: bytes | None, signer: SigningKey, issued_at: datetime, *, bucket: str, key: str
+) -> int:
+    """The version for a new document: the issue time in microseconds, or one more than the
+    signer's own version found in KV if that is higher (a clock set back).
+
+    Versions come from the clock rather than from counting what is in KV, because what is
+    in KV may be an older signed document a writer put back: counting from it would give
+    the operator's next document a version readers have already seen, and they would
+    refuse it as a rollback. Versions claimed by other signers are not followed, so junk
+    with a huge version cannot exhaust the range.
+    """
+    previous = 0
+    if current is not None:
+        own = TrustedKeys.from_pem(signer.name, signer.public_pem())
+        try:
+            previous = open_signed(current, own, bucket=bucket, key=key, kind="document").version
+        except PolicyError:
+            previous = 0
+    return max(previous + 1, int(issued_at.timestamp() * 1_000_000))
 
 
 async def put_signed(
@@ -145,13 +156,16 @@ async def put_signed(
     key: str,
     payload: bytes,
 ) -> int:
-    """Write ``payload`` signed, one version above what is there; return that version.
+    """Write ``payload`` signed, with a version above any this signer wrote; return it.
 
     Compare-and-set, so two operators writing at once cannot both take the same version.
     """
     while True:
         current = await kv.get(key)
-        version = claimed_version(current[0]) + 1 if current else 1
+        issued_at = events.utcnow()
+        version = next_version(
+            current[0] if current else None, signer, issued_at, bucket=bucket, key=key
+        )
         if version > MAX_VERSION:
             raise PolicyError("document.version_exhausted", f"{bucket}/{key}")
         raw = seal(
@@ -160,7 +174,7 @@ async def put_signed(
             key=key,
             payload=payload,
             version=version,
-            issued_at=events.utcnow(),
+            issued_at=issued_at,
         )
         try:
             if current is None:
