@@ -281,3 +281,23 @@ async def test_a_failed_refvalues_read_blocks_decisions(mesh: TestMesh, bus: Bus
     await bus.setup(nonce_ttl=60.0)  # the bucket is back (empty): decisions resume
     await _until(lambda: loader.blocked is None, "unblocked decisions")
     await _attest_until(node, lambda r: r.released)
+
+
+async def test_reference_values_overwritten_before_a_start_deny_their_family(
+    nats_server: NatsServer, tmp_path: Path, bus: Bus
+) -> None:
+    """A replica starting after ``refvalues/snp`` was replaced has no good version to keep;
+    going without the family's reference values would let every measurement through."""
+    running = TestMesh(nats_server, tmp_path)
+    refs = await _kv(bus, subjects.BUCKET_REFVALUES)
+    await refs.create("snp", b'{"measurement": []}')  # unsigned: "anything goes"
+    await running.start()
+    try:
+        node = running.node(bus, "node-w")
+        claims = await _denied(bus, running, node)
+        assert claims["reasons"][:2] == ["policy.refvalues_unavailable", "refvalues.unsigned"]
+        values = {"measurement": [_measurement(node)]}
+        await refvalues.store(refs, "snp", values, operator=running.operator_key)
+        await _attest_until(node, lambda r: r.released)
+    finally:
+        await running.stop()

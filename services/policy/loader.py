@@ -9,7 +9,8 @@ documents ever take effect. Failure never loosens anything:
   not compile leaves the last good version in force;
 * with no good policy at all, every decision is a deny with ``policy.unavailable``;
 * a failed read of either bucket blocks decisions (``policy.unavailable`` /
-  ``policy.refvalues_unavailable``) until a read succeeds: evaluating with missing
+  ``policy.refvalues_unavailable``) until a read succeeds, and so do a family's stored
+  reference values refused with no good version in force: evaluating with missing
   reference values would let any measurement through.
 """
 
@@ -61,6 +62,17 @@ class Loader:
         """Set: every decision is a deny with this reason (nothing good is known, or the
         buckets cannot be read right now)."""
         self._fingerprint: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self.unusable_refvalues: dict[str, str] = {}
+        """Families whose stored reference values were refused with none good in force (a
+        service that starts after they were overwritten): their decisions are denied, as
+        going without reference values would let every measurement through."""
+
+    def blocked_for(self, family: str) -> list[str]:
+        """Why a decision for ``family`` must be a deny whatever the policy says (or [])."""
+        if self.blocked is not None or self.engine is None:
+            return [self.blocked or UNAVAILABLE]
+        refusal = self.unusable_refvalues.get(family)
+        return [REFVALUES_UNAVAILABLE, refusal] if refusal else []
 
     async def reload(self) -> None:
         try:
@@ -75,10 +87,14 @@ class Loader:
             return
         policy = self.policy_ledger.offer(POLICY_KEY, entry[0] if entry else None)
         refs: dict[str, Document] = {}
+        unusable: dict[str, str] = {}
         for family in sorted(set(stored) | self.ref_ledger.keys()):
             document = self.ref_ledger.offer(family, stored.get(family))
             if document is not None:
                 refs[family] = document
+            else:
+                unusable[family] = self.ref_ledger.refusals.get(family, "refvalues.invalid")
+        self.unusable_refvalues = unusable
         if policy is None:
             self._block(UNAVAILABLE, "no operator-signed policy has been accepted")
             return

@@ -171,10 +171,10 @@ class PolicyService:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 span.set_attribute("attestmesh.rejected", exc.reason)
                 raise
-            engine, blocked = self.loader.engine, self.loader.blocked
-            if blocked is not None or engine is None:
-                log.warning("verdict.denied_blocked", node=verdict.node, reason=blocked)
-                allow, reasons = False, [blocked or UNAVAILABLE]
+            engine, blocked = self.loader.engine, self.loader.blocked_for(result.family)
+            if blocked or engine is None:
+                log.warning("verdict.denied_blocked", node=verdict.node, reasons=blocked)
+                allow, reasons = False, blocked or [UNAVAILABLE]
             else:
                 outcome = self._evaluate(
                     engine,
