@@ -296,7 +296,7 @@ async def test_reference_values_overwritten_before_a_start_deny_their_family(
         node = running.node(bus, "node-w")
         claims = await _denied(bus, running, node)
         assert claims["reasons"][:2] == ["policy.refvalues_unavailable", "refvalues.unsigned"]
-        values = {"measurement": [_measurement(node)]}
+        values: refvalues.RefValues = {"measurement": [_measurement(node)]}
         await refvalues.store(refs, "snp", values, operator=running.operator_key)
         await _attest_until(node, lambda r: r.released)
     finally:
