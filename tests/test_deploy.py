@@ -489,6 +489,18 @@ def test_private_keys_reach_only_the_init_container(
         assert volume["emptyDir"]["medium"] == "Memory", workload
 
 
+@needs_helm
+def test_collectors_get_only_the_policy_key_to_check_decisions(
+    renders: dict[str, list[Doc]],
+) -> None:
+    """A collector acts only on decisions the policy signed: it needs that public key."""
+    pod = one(renders["cert-manager"], "DaemonSet", f"{FULLNAME}-collector")["spec"]["template"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "trusted"]
+    assert volume["secret"]["items"] == [{"key": "policy.pem", "path": "policy.pem"}]
+    (init,) = pod["spec"]["initContainers"]
+    assert 'put "$src/trusted/policy.pem" "$dst/keys/trusted/policy.pem"' in init["args"][0]
+
+
 def _init_script(docs: list[Doc], deployment: str) -> str:
     pod = one(docs, "Deployment", deployment)["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
