@@ -301,3 +301,41 @@ async def test_reference_values_overwritten_before_a_start_deny_their_family(
         await _attest_until(node, lambda r: r.released)
     finally:
         await running.stop()
+
+
+async def test_a_restarted_policy_service_still_refuses_a_rollback_and_a_deletion(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    """The writer puts back the older signed policy and deletes the reference values while
+    no replica is running; the one that starts next learns the newer ones from history."""
+    policies = await _kv(bus, subjects.BUCKET_POLICIES)
+    refs = await _kv(bus, subjects.BUCKET_REFVALUES)
+    node = mesh.node(bus, "node-h")
+    first = await policies.get(POLICY_KEY)
+    assert first is not None
+    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]}, operator=mesh.operator_key)
+    await release_policy.store(policies, MAINTENANCE, operator=mesh.operator_key)
+    maintenance = await _policy_id(mesh, policies)
+    await _attest_until(node, lambda r: not r.allowed)
+
+    await mesh.halt("policy")
+    await _overwrite(policies, POLICY_KEY, first[0])
+    await refs.delete("snp")
+    await mesh.start_policy()
+    assert mesh.policy is not None and mesh.policy.loader is not None
+    assert mesh.policy.loader.policy_ledger.refusals[POLICY_KEY] == "policy.rollback"
+    assert mesh.policy.loader.ref_ledger.refusals["snp"] == "refvalues.deleted"
+    claims = await _denied(bus, mesh, node)
+    assert claims["reasons"][:1] == ["closed for maintenance"]
+    assert claims["policy_id"] == maintenance
+
+    # Back to the default policy (signed anew): the reference values still hold.
+    await release_policy.store(policies, default_policy(), operator=mesh.operator_key)
+    current = await _policy_id(mesh, policies)
+    for _ in range(60):
+        claims = await _denied(bus, mesh, node)
+        if claims["policy_id"] == current:
+            break
+        await asyncio.sleep(0.1)
+    assert claims["policy_id"] == current
+    assert NOT_A_REFERENCE_VALUE in claims["reasons"], claims

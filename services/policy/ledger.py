@@ -76,6 +76,24 @@ class Ledger:
                 return current
         return document
 
+    def prime(self, key: str, history: list[bytes]) -> None:
+        """Take the newest valid document among ``history`` (the key's earlier KV values) as
+        in force, so a service that starts after an older signed document was put back, or
+        after the key was deleted, still knows the newer one. Used once, at start."""
+        best: Document | None = self._good.get(key)
+        for raw in history:
+            try:
+                document = documents.open_signed(
+                    raw, self.trusted, bucket=self.bucket, key=key, kind=self.kind
+                )
+                self.validate(document.payload)
+            except PolicyError:
+                continue
+            if best is None or document.version > best.version:
+                best = document
+        if best is not None:
+            self._good[key] = best
+
     def commit(self, document: Document) -> None:
         current = self._good.get(document.key)
         if current is None or current.digest != document.digest:

@@ -16,6 +16,7 @@ documents ever take effect. Failure never loosens anything:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
@@ -39,6 +40,10 @@ _READ_ERRORS = (BusError, nats.errors.Error)
 """``nats.errors.Error`` too: a bucket error the KV seam does not map must still block."""
 
 
+History = Callable[[str], Awaitable[dict[str, list[bytes]]]]
+"""Per bucket: every key's retained earlier values (deletions left out)."""
+
+
 class Loader:
     def __init__(
         self,
@@ -47,10 +52,13 @@ class Loader:
         trusted: TrustedKeys,
         *,
         settings: dict[str, Any],
+        history: History | None = None,
     ) -> None:
         self.policies = policies
         self.refs = refs
         self.settings = settings
+        self.history = history
+        self._primed = history is None
         self.policy_ledger = Ledger(
             subjects.BUCKET_POLICIES, "policy", trusted, validate=release_policy.validate
         )
@@ -85,6 +93,12 @@ class Loader:
         except _READ_ERRORS as exc:
             self._block(REFVALUES_UNAVAILABLE, f"reading reference values failed: {_describe(exc)}")
             return
+        if not self._primed:
+            try:
+                await self._prime()
+            except _READ_ERRORS as exc:
+                self._block(UNAVAILABLE, f"reading KV history failed: {_describe(exc)}")
+                return
         policy = self.policy_ledger.offer(POLICY_KEY, entry[0] if entry else None)
         refs: dict[str, Document] = {}
         unusable: dict[str, str] = {}
@@ -109,6 +123,19 @@ class Loader:
             self._block(UNAVAILABLE, "no signed policy compiles")
         else:
             self.blocked = None
+
+    async def _prime(self) -> None:
+        """At start, learn the newest signed documents from the buckets' history: without
+        it, a writer could put back an older signed policy (or delete reference values)
+        and wait for a replica to restart. History is bounded (the buckets keep a few
+        values per key), so this narrows that window rather than closing it."""
+        assert self.history is not None
+        for key, values in (await self.history(subjects.BUCKET_POLICIES)).items():
+            if key == POLICY_KEY:
+                self.policy_ledger.prime(key, values)
+        for key, values in (await self.history(subjects.BUCKET_REFVALUES)).items():
+            self.ref_ledger.prime(key, values)
+        self._primed = True
 
     def _adopt(self, policy: Document, refs: dict[str, Document]) -> bool:
         fingerprint = (policy.digest, tuple((f, d.digest) for f, d in sorted(refs.items())))

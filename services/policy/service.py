@@ -39,6 +39,7 @@ __all__ = ["POLICY_KEY", "POLICY_SIGNER", "PolicyService"]
 
 POLICY_SIGNER = "policy"
 RETRY_BLOCKED_S = 2.0
+HISTORY_TIMEOUT_S = 5.0
 
 
 class PolicyService:
@@ -76,9 +77,25 @@ class PolicyService:
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES)),
             self.trusted,
             settings=self.settings,
+            history=self.history,
         )
         await self.reload()
         await self.bus.serve(subjects.NONCE, self.on_nonce_request, queue="policy")
+
+    async def history(self, bucket: str) -> dict[str, list[bytes]]:
+        """Every key's retained values in ``bucket``, oldest first (deletions left out)."""
+        kv = await self.bus.key_value(bucket)
+        watcher = await kv.watch(">", include_history=True)
+        found: dict[str, list[bytes]] = {}
+        try:
+            while True:
+                entry = await watcher.updates(timeout=HISTORY_TIMEOUT_S)
+                if entry is None:
+                    return found
+                if entry.operation is None and entry.value:
+                    found.setdefault(entry.key, []).append(entry.value)
+        finally:
+            await watcher.stop()
 
     @property
     def engine(self) -> PolicyEngine | None:
