@@ -139,11 +139,16 @@ async def test_writers_version_by_time_and_never_repeat_their_own() -> None:
     ahead = documents.MAX_VERSION - 10
     await kv.update("snp", _seal(version=ahead), stored[1])
     assert await refvalues.store(kv, "snp", {}, operator=OPERATOR) == ahead + 1
-    # ...but a version anyone else claims is not (it could only exhaust the range).
-    stored = await kv.get("snp")
-    assert stored is not None
-    await kv.update("snp", _seal(signer=SigningKey.generate("operator"), version=ahead), stored[1])
-    assert await refvalues.store(kv, "snp", {}, operator=OPERATOR) < ahead
+    # ...and so is another signer's from a clock somewhat ahead; one far ahead is not (it
+    # could only exhaust the range).
+    other = SigningKey.generate("operator-2")
+    soon = int(datetime.now(UTC).timestamp() * 1_000_000) + 3600 * 1_000_000
+    for claimed, expected in ((soon, soon + 1), (ahead, None)):
+        stored = await kv.get("snp")
+        assert stored is not None
+        await kv.update("snp", _seal(signer=other, version=claimed), stored[1])
+        version = await refvalues.store(kv, "snp", {}, operator=OPERATOR)
+        assert version == expected if expected else version < soon
 
 
 def test_versions_follow_the_clock_when_kv_holds_an_older_document() -> None:

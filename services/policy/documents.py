@@ -29,6 +29,7 @@ DOMAIN = b"attestmesh operator document v1\x00"
 OPERATOR = "operator"
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_VERSION = 2**53
+MAX_CLOCK_AHEAD_US = 24 * 3600 * 1_000_000
 
 _SIGNER_REASONS = {
     "token.unknown_signer": "unknown_signer",
@@ -129,23 +130,35 @@ def open_signed(raw: bytes, trusted: TrustedKeys, *, bucket: str, key: str, kind
 def next_version(
     current: bytes | None, signer: SigningKey, issued_at: datetime, *, bucket: str, key: str
 ) -> int:
-    """The version for a new document: the issue time in microseconds, or one more than the
-    signer's own version found in KV if that is higher (a clock set back).
+    """The version for a new document: the issue time in microseconds, unless the document
+    in KV claims a higher one (another operator's clock running ahead, or this one set
+    back), in which case one more than that.
 
     Versions come from the clock rather than from counting what is in KV, because what is
     in KV may be an older signed document a writer put back: counting from it would give
     the operator's next document a version readers have already seen, and they would
-    refuse it as a rollback. Versions claimed by other signers are not followed, so junk
-    with a huge version cannot exhaust the range.
+    refuse it as a rollback. A claim is followed unverified (the writer may not hold the
+    other operators' keys), but only up to :data:`MAX_CLOCK_AHEAD_US` ahead of the clock
+    unless this signer made it, so junk with a huge version cannot exhaust the range.
     """
+    now = int(issued_at.timestamp() * 1_000_000)
     previous = 0
     if current is not None:
-        own = TrustedKeys.from_pem(signer.name, signer.public_pem())
-        try:
-            previous = open_signed(current, own, bucket=bucket, key=key, kind="document").version
-        except PolicyError:
-            previous = 0
-    return max(previous + 1, int(issued_at.timestamp() * 1_000_000))
+        claimed = _claimed(current)
+        if claimed is not None:
+            version, kid = claimed
+            if kid == signer.kid or version <= now + MAX_CLOCK_AHEAD_US:
+                previous = version
+    return max(previous + 1, now)
+
+
+def _claimed(raw: bytes) -> tuple[int, str] | None:
+    """The version and key id a stored document claims, unverified."""
+    try:
+        envelope = msgspec.json.decode(raw, type=_Envelope)
+        return msgspec.json.decode(envelope.body, type=_Body).version, envelope.kid
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
 
 
 async def put_signed(
