@@ -13,6 +13,9 @@ Writes into OUT (created 0700, files 0600):
   ``secrets.create=true`` on test clusters. Never commit it.
 * ``collector-nodes/<node>.nk`` — with ``--collector-nodes``: each node's seed, to install
   on that host at ``collector.nodeIdentities.seedHostPath``.
+* ``operator.key`` — the operator's signing key for policies and reference values
+  (``attestmesh policies put`` / ``attestmesh refvalues --operator-key``). Only its public
+  half goes to the cluster (``trustedKeys.operator``); keep the key off it.
 
 Needs ``cryptography`` and ``nkeys`` (both in the project's dev extras).
 """
@@ -159,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
     public, secret_list, private, seeds = generate(args.fullname, args.namespace, families, nodes)
     args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write(args.out / "identities.values.json", json.dumps(public, indent=2) + "\n")
     _write(args.out / "secrets.json", json.dumps(secret_list, indent=2) + "\n")
     _write(args.out / "secrets.values.json", json.dumps(private, indent=2) + "\n")
+    operator_pem, operator_public = signing_key()
+    public["trustedKeys"]["operator"] = operator_public
+    _write(args.out / "operator.key", operator_pem)
+    _write(args.out / "identities.values.json", json.dumps(public, indent=2) + "\n")
     if seeds:
         node_dir = args.out / "collector-nodes"
         node_dir.mkdir(mode=0o700, exist_ok=True)

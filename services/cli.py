@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from services import __version__
 from services.mesh import config as config_mod
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
+from services.mesh.keys import SigningKey
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import Appraisal, Status, VerifyOptions
@@ -109,11 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--config", type=Path)
     audit.add_argument("--timeout", type=float, default=10.0, help="seconds to reach NATS")
 
-    refs = sub.add_parser("refvalues", help="provision reference values for a family")
+    refs = sub.add_parser("refvalues", help="provision reference values for a family (signed)")
     refs.add_argument("family", choices=registry.families())
     refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
     refs.add_argument("--config", type=Path)
+    refs.add_argument("--operator-key", type=Path, help=_OPERATOR_KEY_HELP)
+
+    policies = sub.add_parser("policies", help="provision the release policy (signed)")
+    policies.add_argument("action", choices=["put"])
+    policies.add_argument("file", type=Path, nargs="?", help="Rego (default: the packaged one)")
+    policies.add_argument("--config", type=Path)
+    policies.add_argument("--operator-key", type=Path, help=_OPERATOR_KEY_HELP)
     return parser
+
+
+_OPERATOR_KEY_HELP = "operator signing key, PEM (default: operator.key in the keys directory)"
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -297,6 +308,12 @@ def _node(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _operator_key(args: argparse.Namespace, config: config_mod.Config) -> SigningKey:
+    from services.policy.documents import OPERATOR
+
+    return SigningKey.load(OPERATOR, args.operator_key or config.keys_path / "operator.key")
+
+
 def _refvalues(args: argparse.Namespace) -> int:
     from services.mesh import subjects
     from services.mesh.bus import Bus
@@ -305,14 +322,38 @@ def _refvalues(args: argparse.Namespace) -> int:
 
     config = _config(args)
     values = refvalues.validate(_read_bounded(args.file))
+    operator = _operator_key(args, config)
 
-    async def main() -> None:
+    async def main() -> int:
         async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
-            await refvalues.store(kv, args.family, values)
+            return await refvalues.store(kv, args.family, values, operator=operator)
 
-    asyncio.run(main())
-    print(f"reference values for {args.family} stored")
+    version = asyncio.run(main())
+    print(f"reference values for {args.family} stored (version {version}, signed {operator.kid})")
+    return EXIT_OK
+
+
+def _policies(args: argparse.Namespace) -> int:
+    from services.mesh import subjects
+    from services.mesh.bus import Bus
+    from services.mesh.natskv import NatsKeyValue
+    from services.policy import release_policy
+    from services.policy.engine import PolicyEngine, default_policy
+
+    config = _config(args)
+    raw = _read_bounded(args.file) if args.file else default_policy().encode()
+    source = release_policy.validate(raw)
+    PolicyEngine(source, {"refvalues": {}, "settings": {}})  # refuse what would not compile
+    operator = _operator_key(args, config)
+
+    async def main() -> int:
+        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+            return await release_policy.store(kv, source, operator=operator)
+
+    version = asyncio.run(main())
+    print(f"release policy stored (version {version}, signed {operator.kid})")
     return EXIT_OK
 
 
@@ -363,10 +404,13 @@ def _collector(args: argparse.Namespace) -> int:
         if args.simulate
         else detect_source(args.family)
     )
+    trusted = config.policy_trust()
+    if "policy" not in trusted.names():
+        raise ConfigError("collector.no_policy_key", "set policy_key_file to the policy's key")
 
     async def main(stop: asyncio.Event) -> None:
         async with Bus.session(config, f"collector-{args.node}", declare=False) as bus:
-            node = CollectorNode(bus, args.node, source)
+            node = CollectorNode(bus, args.node, source, trusted)
             await app.alongside(
                 config, bus, stop, node.run(stop, interval=config.reattest_interval_s)
             )
@@ -416,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _refvalues(args)
         if args.command == "node":
             return _node(args)
+        if args.command == "policies":
+            return _policies(args)
         if args.command == "roots":
             return _roots(args)
         if args.command == "collateral":

@@ -35,9 +35,14 @@ from services.mesh import config as config_mod
 from services.mesh import subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
-from services.mesh.keys import SigningKey
+from services.mesh.errors import PolicyError
+from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
+from services.policy import documents, release_policy
+from services.policy.documents import OPERATOR
+from services.policy.engine import default_policy
+from services.policy.release_policy import POLICY_KEY
 
 FAMILIES = ("snp", "nitro", "tpm")
 _PR_SET_PDEATHSIG = 1
@@ -142,10 +147,15 @@ def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:
 
 
 def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
-    """Keys, test PKI and the shared config file for a simulated deployment."""
+    """Keys, test PKI and the shared config file for a simulated deployment.
+
+    The operator key is made here too: on one machine ``up`` is the operator, and it signs
+    the default policy with it (:func:`seed_policy`). The policy service only ever gets the
+    public half in ``trusted/``; it never signs what it enforces.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     keys_dir = data_dir / "keys"
-    for name in [*(f"verifier-{f}" for f in FAMILIES), "policy", "broker"]:
+    for name in [*(f"verifier-{f}" for f in FAMILIES), "policy", "broker", OPERATOR]:
         SigningKey.load_or_create(name, keys_dir).publish_to(keys_dir / "trusted")
     pki = test_pki(data_dir / "test-pki")
     config = config_mod.load(
@@ -171,6 +181,30 @@ async def seed_secret(config: Config, resource: str) -> None:
         store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
         if resource not in await store.list():
             await store.put(resource, os.urandom(32))
+
+
+async def seed_policy(config: Config) -> None:
+    """Store the packaged release policy signed by the operator key, unless a policy that
+    key (or a rotated one) signed is already there. An entry that verifies under no
+    operator key, e.g. an unsigned policy left by an older version, is replaced."""
+    operator = SigningKey.load(OPERATOR, config.keys_path / f"{OPERATOR}.key")
+    trusted = TrustedKeys.load(config.trusted_keys_path)
+    async with Bus.session(config, "up-seed") as bus:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+        current = await kv.get(POLICY_KEY)
+        if current is not None:
+            try:
+                documents.open_signed(
+                    current[0],
+                    trusted,
+                    bucket=subjects.BUCKET_POLICIES,
+                    key=POLICY_KEY,
+                    kind="policy",
+                )
+                return
+            except PolicyError:
+                pass
+        await release_policy.store(kv, default_policy(), operator=operator)
 
 
 def _line(result: RoundResult) -> str:
@@ -211,10 +245,11 @@ async def drive(
     pki = test_pki(Path(config.data_dir) / "test-pki")
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
+    trusted = config.policy_trust()
     async with Bus.session(config, "up-nodes") as bus:
         await wait_until_ready(bus, mesh)
         collectors = [
-            CollectorNode(bus, f"{family}-{i + 1}", simulated_source(family, pki, seed=i))
+            CollectorNode(bus, f"{family}-{i + 1}", simulated_source(family, pki, seed=i), trusted)
             for i, family in ((i, FAMILIES[i % len(FAMILIES)]) for i in range(nodes))
         ]
         tasks = [
@@ -270,6 +305,7 @@ def up(
     code = 0
     try:
         asyncio.run(seed_secret(config, DEFAULT_RESOURCE))
+        asyncio.run(seed_policy(config))
         mesh.start()
         write_metrics_map(data_dir, mesh.metrics_ports)
         if not quiet:

@@ -488,6 +488,18 @@ def test_private_keys_reach_only_the_init_container(
         assert volume["emptyDir"]["medium"] == "Memory", workload
 
 
+@needs_helm
+def test_collectors_get_only_the_policy_key_to_check_decisions(
+    renders: dict[str, list[Doc]],
+) -> None:
+    """A collector acts only on decisions the policy signed: it needs that public key."""
+    pod = one(renders["cert-manager"], "DaemonSet", f"{FULLNAME}-collector")["spec"]["template"]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "trusted"]
+    assert volume["secret"]["items"] == [{"key": "policy.pem", "path": "policy.pem"}]
+    (init,) = pod["spec"]["initContainers"]
+    assert 'put "$src/trusted/policy.pem" "$dst/keys/trusted/policy.pem"' in init["args"][0]
+
+
 def _init_script(docs: list[Doc], deployment: str) -> str:
     pod = one(docs, "Deployment", deployment)["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
@@ -530,13 +542,14 @@ def test_installed_keys_are_accepted_by_the_services(
     def local(path: str, dst: Path) -> Path:
         return dst / Path(path).relative_to("/run/attestmesh")
 
-    # policy: its own signing key, the verifiers' public keys, its NATS seed.
+    # policy: its own signing key, the verifiers' and the operator's public keys, its seed.
     src, dst = tmp_path / "policy-src", tmp_path / "policy-run"
     _project_secret(
         src,
         {
             "identity/nats.seed": private["policy"]["natsSeed"].encode(),
             "identity/signing.key": private["policy"]["signingKey"].encode(),
+            "trusted/operator.pem": trusted["operator"].encode(),
             **{
                 f"trusted/verifier-{f}.pem": trusted[f"verifier-{f}"].encode()
                 for f in ("snp", "tdx", "sgx")
@@ -552,8 +565,13 @@ def test_installed_keys_are_accepted_by_the_services(
     key = SigningKey.load_or_create("policy", keys_dir)
     assert key.public_pem().decode() == trusted["policy"]
     assert TrustedKeys.load(keys_dir / "trusted").names() == [
-        f"verifier-{f}" for f in ("sgx", "snp", "tdx")
+        "operator",
+        *(f"verifier-{f}" for f in ("sgx", "snp", "tdx")),
     ]
+    # The operator's private key stays with the operator (written beside the values).
+    operator = SigningKey.load("operator", identities["dir"] / "operator.key")
+    assert operator.public_pem().decode() == trusted["operator"]
+    assert "operator" not in private
     seed = local(config["nats_nkey_seed_file"], dst)
     assert seed.read_text() == private["policy"]["natsSeed"]
     for path in (seed, keys_dir / "policy.key"):

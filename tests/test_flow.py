@@ -273,14 +273,15 @@ async def test_policy_and_reference_values_reload_without_a_restart(
 ) -> None:
     from services.collector.simulator.node import SimulatedSnp
     from services.mesh.natskv import NatsKeyValue
-    from services.policy import refvalues
-    from services.policy.service import POLICY_KEY
+    from services.policy import refvalues, release_policy
+    from services.policy.engine import default_policy
 
     node = mesh.node(bus, "node-p")
     assert (await node.attest_once()).released
 
     refs = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
-    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]})
+    operator = mesh.operator_key
+    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]}, operator=operator)
     for _ in range(50):  # the watcher recompiles asynchronously
         result = await node.attest_once()
         if not result.allowed:
@@ -290,14 +291,12 @@ async def test_policy_and_reference_values_reload_without_a_restart(
 
     assert isinstance(node.source, SimulatedSnp)
     measurement = node.source.measurement.hex()
-    await refvalues.store(refs, "snp", {"measurement": [measurement]})
+    await refvalues.store(refs, "snp", {"measurement": [measurement]}, operator=operator)
     policies = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-    current = await policies.get(POLICY_KEY)
-    assert current is not None
-    deny_all = b"package attestmesh.release\nimport rego.v1\n" + (
-        b'decision := {"allow": false, "reasons": ["closed for maintenance"]}'
+    deny_all = "package attestmesh.release\nimport rego.v1\n" + (
+        'decision := {"allow": false, "reasons": ["closed for maintenance"]}'
     )
-    await policies.update(POLICY_KEY, deny_all, current[1])
+    await release_policy.store(policies, deny_all, operator=operator)
     for _ in range(50):
         result = await node.attest_once()
         if not result.allowed:
@@ -305,7 +304,9 @@ async def test_policy_and_reference_values_reload_without_a_restart(
         await asyncio.sleep(0.1)
     assert not result.allowed
 
-    await policies.update(POLICY_KEY, current[0], (await policies.get(POLICY_KEY) or (b"", 0))[1])
+    # Back to the default policy: a new signed version (putting back the old one would be
+    # a rollback, and refused).
+    await release_policy.store(policies, default_policy(), operator=operator)
     for _ in range(50):
         result = await node.attest_once()
         if result.released:

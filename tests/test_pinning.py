@@ -126,7 +126,6 @@ async def _letters(bus: Bus, count: int) -> list[events.DeadLetter]:
     raise AssertionError(f"expected {count} dead letters on VERDICTS")
 
 
-
 async def _pin_of(bus: Bus, node: str) -> str | None:
     found = await PinStore(NatsKeyValue(await bus.key_value(subjects.BUCKET_PINS))).get(node)
     return found[0].hwid if found is not None else None
@@ -146,7 +145,9 @@ async def test_evidence_that_does_not_prove_it_is_the_node_changes_nothing(
 
     # (a) junk bytes and (b) a well-formed report with a broken signature, under X's name:
     # the collector that sent them learns at once that its round was refused.
-    junk = await CollectorNode(bus, "node-x", _Junk(), decision_timeout=10).attest_once()
+    junk = await CollectorNode(
+        bus, "node-x", _Junk(), mesh.collector_trust(), decision_timeout=10
+    ).attest_once()
     forged = await mesh.node(bus, "node-x", tamper=_flip_signature).attest_once()
     for result in (junk, forged):
         assert result.reason == "evidence.unauthenticated", result
@@ -164,7 +165,9 @@ async def test_evidence_that_does_not_prove_it_is_the_node_changes_nothing(
     await bus.publish(subjects.evidence("snp", "node-y"), crossed)
 
     # (d) valid, authenticated evidence from another chip under X's name.
-    impostor = CollectorNode(bus, "node-x", _other_chip(mesh, "node-x"), decision_timeout=10)
+    impostor = CollectorNode(
+        bus, "node-x", _other_chip(mesh, "node-x"), mesh.collector_trust(), decision_timeout=10
+    )
     stolen = await impostor.attest_once()
     assert stolen.reason == "node.identity_mismatch", stolen
     assert stolen.status == "contraindicated" and not stolen.allowed and not stolen.released
@@ -235,9 +238,17 @@ async def test_the_nodes_own_failing_evidence_revokes_and_a_reset_repins(
     old_pin = await _pin_of(bus, "node-r")
 
     # (e) authenticated evidence from the node's own chip that fails appraisal: revoked now.
-    debug = CollectorNode(bus, "node-r", _DebugGuest(_chip(mesh, "node-r")), decision_timeout=10)
+    debug = CollectorNode(
+        bus,
+        "node-r",
+        _DebugGuest(_chip(mesh, "node-r")),
+        mesh.collector_trust(),
+        decision_timeout=10,
+    )
     failed = await debug.attest_once()
-    assert failed.status == "contraindicated" and not failed.allowed and failed.reason == ""
+    # A deny (not a refusal): the signed decision names why, in the verifier's code.
+    assert failed.status == "contraindicated" and not failed.allowed
+    assert failed.reason == "snp.debug_enabled", failed
     announcement = await asyncio.wait_for(revoked.get(), 20)
     assert announcement.node == "node-r"
     refused = await ask_again(bus, node)
@@ -245,7 +256,9 @@ async def test_the_nodes_own_failing_evidence_revokes_and_a_reset_repins(
     await watch.unsubscribe()
 
     # The node is rebuilt on another chip: refused until an operator resets the pin.
-    rebuilt = CollectorNode(bus, "node-r", _other_chip(mesh, "node-r"), decision_timeout=10)
+    rebuilt = CollectorNode(
+        bus, "node-r", _other_chip(mesh, "node-r"), mesh.collector_trust(), decision_timeout=10
+    )
     assert (await rebuilt.attest_once()).reason == "node.identity_mismatch"
     config = tmp_path / "cli.json"
     config.write_text(json.dumps({"nats_url": mesh.server.url, "data_dir": str(mesh.workdir)}))
@@ -278,7 +291,13 @@ async def test_pinning_can_be_switched_off(
     await running.start()
     try:
         assert (await running.node(bus, "node-o").attest_once()).released
-        other = CollectorNode(bus, "node-o", _other_chip(running, "node-o"), decision_timeout=10)
+        other = CollectorNode(
+            bus,
+            "node-o",
+            _other_chip(running, "node-o"),
+            running.collector_trust(),
+            decision_timeout=10,
+        )
         assert (await other.attest_once()).released
         assert await _pin_of(bus, "node-o") is None
     finally:
@@ -298,7 +317,9 @@ async def test_other_hardware_cannot_shield_a_node_from_revocation(
     watch = await bus.nc.subscribe(subjects.revoked("node-v"), cb=on_revoked)
     node = mesh.node(bus, "node-v")
     assert (await node.attest_once()).released
-    impostor = CollectorNode(bus, "node-v", _other_chip(mesh, "node-v"), decision_timeout=10)
+    impostor = CollectorNode(
+        bus, "node-v", _other_chip(mesh, "node-v"), mesh.collector_trust(), decision_timeout=10
+    )
     assert (await impostor.attest_once()).reason == "node.identity_mismatch"
 
     request = CollateralRequest("crl.der", crl_url(DEFAULT_KDS, Product.MILAN))

@@ -2,7 +2,9 @@
 
 Each round uses a fresh X25519 key pair whose public half the evidence binds, so the secret
 the broker releases can be opened only by this round's TEE-held key; the private key never
-leaves the process and is dropped when the round ends.
+leaves the process and is dropped when the round ends. The round acts only on a decision the
+policy service signed for it (:mod:`services.collector.decisions`); anything else on the
+node's decision subject is ignored and counted, and the round keeps waiting.
 """
 
 from __future__ import annotations
@@ -10,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nats.aio.msg import Msg
 
 from services.broker import release
+from services.collector import decisions as signed
 from services.collector.sources.base import EvidenceSource
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
+from services.mesh.keys import TrustedKeys
 from services.verifier.worker import expected_report_data
 
 log = telemetry.logger("collector")
@@ -49,14 +55,22 @@ class CollectorNode:
         bus: Bus,
         node: str,
         source: EvidenceSource,
+        trusted: TrustedKeys,
         *,
         resource: str = DEFAULT_RESOURCE,
         decision_timeout: float = 30.0,
         on_secret: Callable[[str, bytes], None] | None = None,
+        clock: Callable[[], datetime] = events.utcnow,
     ) -> None:
+        """``trusted`` must hold the policy service's public key (as ``policy``): the only
+        signer whose decisions this node acts on."""
         self.bus = bus
         self.node = subjects.token(node)
         self.source = source
+        self.trusted = trusted
+        self.clock = clock
+        self.ignored: Counter[str] = Counter()
+        """Decisions ignored so far, by reason (forged, foreign-signed, another round's)."""
         self.resource = resource
         self.decision_timeout = decision_timeout
         self.on_secret = on_secret
@@ -100,15 +114,24 @@ class CollectorNode:
             evidence=evidence,
             simulated=self.source.simulated,
         )
-        decisions: asyncio.Queue[events.Decision] = asyncio.Queue()
+        decisions: asyncio.Queue[signed.SignedDecision] = asyncio.Queue()
 
         async def on_decision(msg: Msg) -> None:
             try:
                 decision = events.decode(msg.data, events.Decision)
-            except ParseError:
-                return
-            if decision.evidence_id == event.id:
-                decisions.put_nowait(decision)
+                decisions.put_nowait(
+                    signed.read(
+                        decision,
+                        self.trusted,
+                        node=self.node,
+                        evidence_id=event.id,
+                        public_key=public,
+                        now=self.clock(),
+                    )
+                )
+            except (ParseError, Rejected) as exc:
+                self.ignored[exc.reason] += 1
+                log.warning("decision.ignored", node=self.node, reason=exc.reason)
 
         sub = await self.bus.nc.subscribe(subjects.decision(self.node), cb=on_decision)
         try:
@@ -127,14 +150,15 @@ class CollectorNode:
         self.last_public_key, self.last_decision_id = public, decision.id
         self.last_evidence_id = event.id
         if not decision.allow:
-            return RoundResult(self.node, decision.status, False, False, _ms(started))
+            reason = decision.reason or "policy.denied"
+            return RoundResult(self.node, decision.status, False, False, _ms(started), reason)
         secret = await self._fetch_secret(private, public, decision)
         if self.on_secret is not None:
             self.on_secret(self.resource, secret)
         return RoundResult(self.node, decision.status, True, True, _ms(started))
 
     async def _fetch_secret(
-        self, private: X25519PrivateKey, public: bytes, decision: events.Decision
+        self, private: X25519PrivateKey, public: bytes, decision: signed.SignedDecision
     ) -> bytes:
         """Ask the broker; it may not have recorded the decision yet, so retry briefly."""
         deadline = time.monotonic() + self.decision_timeout

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import msgspec
 
 from services.mesh.errors import ConfigError
+from services.mesh.keys import TrustedKeys
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -34,6 +35,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     test_roots_dir: str | None = None
     collateral_dir: str | None = None
     keys_dir: str | None = None
+    policy_key_file: str | None = None
+    """A collector's copy of the policy service's public key (PEM): the only signer whose
+    decisions it acts on. Unset: ``policy.pem`` in the trusted-keys directory."""
     offline: bool = False
     kds_url: str = "https://kdsintf.amd.com"
     pcs_url: str = "https://api.trustedservices.intel.com"
@@ -85,8 +89,21 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def trusted_keys_path(self) -> Path:
-        """Public keys of the verifiers and the policy service that others accept."""
+        """Public keys of the verifiers, the policy service and the operator that others
+        accept (each consumer accepts each key only for its role)."""
         return self.keys_path / "trusted"
+
+    def policy_trust(self) -> TrustedKeys:
+        """The keys a collector accepts decisions from (it accepts only ``policy`` among them)."""
+        if self.policy_key_file is None:
+            return TrustedKeys.load(self.trusted_keys_path)
+        try:
+            pem = Path(self.policy_key_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                "config.unreadable", f"{self.policy_key_file}: {exc.strerror}"
+            ) from None
+        return TrustedKeys.from_pem("policy", pem)
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:

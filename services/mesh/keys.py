@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.mesh.errors import ConfigError, VerificationError
@@ -65,16 +66,27 @@ class SigningKey:
         return cls(name, ec.generate_private_key(ec.SECP256R1()))
 
     @classmethod
+    def load(cls, name: str, path: Path) -> SigningKey:
+        """Load an existing private key file; never creates one (an operator key that appears
+        out of nowhere would be trusted by nobody, so a missing file is an error)."""
+        if not path.is_file():
+            raise ConfigError("keys.missing", f"{path} does not exist")
+        if path.stat().st_mode & 0o077:
+            raise ConfigError("keys.permissions", f"{path} must not be group/world readable")
+        try:
+            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except ValueError:
+            raise ConfigError("keys.unreadable", f"{path} is not a PEM private key") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ConfigError("keys.wrong_type", f"{path} is not an EC private key")
+        return cls(name, loaded)
+
+    @classmethod
     def load_or_create(cls, name: str, keys_dir: Path) -> SigningKey:
         """Load ``keys_dir/<name>.key``, creating it (0600) on first use."""
         path = keys_dir / f"{name}.key"
         if path.exists():
-            if path.stat().st_mode & 0o077:
-                raise ConfigError("keys.permissions", f"{path} must not be group/world readable")
-            loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-                raise ConfigError("keys.wrong_type", f"{path} is not an EC private key")
-            return cls(name, loaded)
+            return cls.load(name, path)
         key = cls.generate(name)
         pem = key._private.private_bytes(
             serialization.Encoding.PEM,
@@ -105,6 +117,11 @@ class SigningKey:
             headers={"kid": self.kid},
         )
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """ECDSA P-256/SHA-256 (DER) over exactly ``data``: for documents that are stored
+        as bytes and must be verified as those same bytes, not re-serialised claims."""
+        return self._private.sign(data, ec.ECDSA(hashes.SHA256()))
+
 
 @dataclass(frozen=True)
 class _Trusted:
@@ -117,6 +134,17 @@ class TrustedKeys:
 
     def __init__(self, keys: Mapping[str, ec.EllipticCurvePublicKey]) -> None:
         self._by_kid = {_kid(key): _Trusted(name, key) for name, key in keys.items()}
+
+    @classmethod
+    def from_pem(cls, name: str, pem: bytes) -> TrustedKeys:
+        """Trust exactly one public key (e.g. the policy's, handed to a collector)."""
+        try:
+            loaded = serialization.load_pem_public_key(pem)
+        except ValueError:
+            raise ConfigError("keys.unreadable", f"{name}: not a PEM public key") from None
+        if not isinstance(loaded, ec.EllipticCurvePublicKey):
+            raise ConfigError("keys.wrong_type", f"{name}: not an EC public key")
+        return cls({name: loaded})
 
     @classmethod
     def load(cls, trusted_dir: Path) -> TrustedKeys:
@@ -136,6 +164,22 @@ class TrustedKeys:
 
     def names(self) -> list[str]:
         return sorted(t.name for t in self._by_kid.values())
+
+    def verify_bytes(
+        self, kid: str, data: bytes, signature: bytes, *, accept: Callable[[str], bool]
+    ) -> str:
+        """Check a :meth:`SigningKey.sign_bytes` signature by the key ``kid``; return the
+        signer's name. ``accept`` restricts which signer names may sign this kind of data."""
+        trusted = self._by_kid.get(kid)
+        if trusted is None:
+            raise VerificationError("token.unknown_signer", f"no trusted key with kid {kid!r}")
+        if not accept(trusted.name):
+            raise VerificationError("token.wrong_signer", f"{trusted.name} may not sign this")
+        try:
+            trusted.key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise VerificationError("token.invalid", "the signature does not verify") from None
+        return trusted.name
 
     def verify(
         self,

@@ -1,18 +1,20 @@
 """Reference values: per family, the claim values a node must present to get secrets.
 
 Stored in the ``refvalues`` KV bucket under the family name as a JSON object mapping a claim
-name to its allowed values (``{"measurement": ["ab12..."], "host_data": [...]}``), provisioned
-with ``attestmesh refvalues set`` and handed to Rego as ``data.refvalues``.
+name to its allowed values (``{"measurement": ["ab12..."], "host_data": [...]}``), wrapped in an
+operator-signed document (:mod:`services.policy.documents`), provisioned with ``attestmesh
+refvalues FAMILY FILE`` and handed to Rego as ``data.refvalues``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
+from services.mesh import subjects
 from services.mesh.errors import PolicyError
+from services.mesh.keys import SigningKey
 from services.mesh.kv import KeyValue
+from services.policy import documents
 
 MAX_VALUES_PER_CLAIM = 10_000
 
@@ -31,21 +33,24 @@ def validate(raw: bytes) -> RefValues:
     return values
 
 
-async def load_all(kv: KeyValue) -> dict[str, Any]:
-    """Every family's reference values, as Rego's ``data.refvalues``."""
-    result: dict[str, Any] = {}
+async def read_all(kv: KeyValue) -> dict[str, bytes]:
+    """Every family's stored (signed) entry, unverified: the ledger judges them.
+
+    A failed listing or read raises (``BusError``); it is never taken for "no reference
+    values", which would let every measurement through.
+    """
+    result: dict[str, bytes] = {}
     for family in await kv.keys():
         entry = await kv.get(family)
         if entry is not None:
-            result[family] = validate(entry[0])
+            result[family] = entry[0]
     return result
 
 
-async def store(kv: KeyValue, family: str, values: RefValues) -> None:
+async def store(kv: KeyValue, family: str, values: RefValues, *, operator: SigningKey) -> int:
+    """Write ``family``'s values signed by ``operator``; return the new version."""
     raw = msgspec.json.encode(values)
     validate(raw)
-    entry = await kv.get(family)
-    if entry is None:
-        await kv.create(family, raw)
-    else:
-        await kv.update(family, raw, entry[1])
+    return await documents.put_signed(
+        kv, operator, bucket=subjects.BUCKET_REFVALUES, key=family, payload=raw
+    )

@@ -2,7 +2,9 @@
 
 A verdict is acted on only if its EAR verifies under a known verifier key, its routing fields
 agree with the signed content, and its nonce is fresh; anything else is dead-lettered with the
-reason. The Rego policy and reference values live in KV and are recompiled when they change.
+reason. The Rego policy and reference values live in KV as operator-signed documents and are
+recompiled when they change (:mod:`services.policy.loader`); the service never writes or
+signs them itself, so holding its key does not let anyone change what it allows.
 
 Only evidence that proves it is the node may change the node's standing: a verdict on evidence
 that did not authenticate (bad signature or chain, wrong binding, wrong subject), or that came
@@ -15,8 +17,8 @@ node's challenge cannot make the node's real evidence look like a replay.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -29,10 +31,11 @@ from services.mesh.bus import Bus
 from services.mesh.errors import ParseError, PolicyError, Rejected, VerificationError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
-from services.policy import refvalues
-from services.policy.engine import PolicyEngine, default_policy
+from services.policy.engine import Outcome, PolicyEngine
+from services.policy.loader import UNAVAILABLE, Loader
 from services.policy.nonces import NonceStore
 from services.policy.pins import PinStore
+from services.policy.release_policy import POLICY_KEY
 from services.verifier import ear
 from services.verifier.families.base import Status
 from services.verifier.worker import derived_id
@@ -42,9 +45,12 @@ T = TypeVar("T")
 log = telemetry.logger("policy")
 tracer = telemetry.tracer("policy")
 
-POLICY_KEY = "release"
+__all__ = ["POLICY_KEY", "POLICY_SIGNER", "PolicyService"]
+
 POLICY_SIGNER = "policy"
 UNAUTHENTICATED = "evidence.unauthenticated"
+RETRY_BLOCKED_S = 2.0
+HISTORY_TIMEOUT_S = 5.0
 
 
 class PolicyService:
@@ -69,10 +75,12 @@ class PolicyService:
         self.nonce_ttl = nonce_ttl
         self.decision_ttl = decision_ttl
         self.clock = clock
-        self.engine: PolicyEngine | None = None
+        self.loader: Loader | None = None
         self.nonces: NonceStore | None = None
 
     async def start(self) -> None:
+        """Start serving even with no usable policy: decisions are then denied with a reason
+        (fail closed) until an operator-signed policy arrives, rather than crash-looping."""
         self.nonces = NonceStore(
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_NONCES)),
             ttl=self.nonce_ttl,
@@ -82,28 +90,39 @@ class PolicyService:
             self.pins = PinStore(
                 NatsKeyValue(await self.bus.key_value(subjects.BUCKET_PINS)), clock=self.clock
             )
-        policies = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
-        if await policies.get(POLICY_KEY) is None:
-            with contextlib.suppress(Exception):
-                await policies.create(POLICY_KEY, default_policy().encode())
+        self.loader = Loader(
+            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES)),
+            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES)),
+            self.trusted,
+            settings=self.settings,
+            history=self.history,
+        )
         await self.reload()
         await self.bus.serve(subjects.NONCE, self.on_nonce_request, queue="policy")
 
-    async def reload(self) -> None:
-        """Recompile from KV; a policy that fails to compile keeps the previous one in force."""
-        policies = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
-        refs = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES))
-        entry = await policies.get(POLICY_KEY)
-        source = entry[0].decode() if entry else default_policy()
-        revision = entry[1] if entry else 0
+    async def history(self, bucket: str) -> dict[str, list[bytes]]:
+        """Every key's retained values in ``bucket``, oldest first (deletions left out)."""
+        kv = await self.bus.key_value(bucket)
+        watcher = await kv.watch(">", include_history=True)
+        found: dict[str, list[bytes]] = {}
         try:
-            data = {"refvalues": await refvalues.load_all(refs), "settings": self.settings}
-            self.engine = PolicyEngine(source, data, policy_id=f"{POLICY_KEY}@{revision}")
-            log.info("policy.loaded", policy_id=self.engine.policy_id)
-        except PolicyError as exc:
-            log.error("policy.reload_failed", reason=exc.reason, detail=exc.detail[:300])
-            if self.engine is None:
-                raise
+            while True:
+                entry = await watcher.updates(timeout=HISTORY_TIMEOUT_S)
+                if entry is None:
+                    return found
+                if entry.operation is None and entry.value:
+                    found.setdefault(entry.key, []).append(entry.value)
+        finally:
+            await watcher.stop()
+
+    @property
+    def engine(self) -> PolicyEngine | None:
+        return self.loader.engine if self.loader else None
+
+    async def reload(self) -> None:
+        """Rebuild from KV; see :mod:`services.policy.loader` for what is refused and why."""
+        assert self.loader is not None
+        await self.loader.reload()
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Recompile whenever the policy or reference values change."""
@@ -112,15 +131,19 @@ class PolicyService:
             for b in (subjects.BUCKET_POLICIES, subjects.BUCKET_REFVALUES)
         ]
         initial_done = [False] * len(watchers)
+        last_try = time.monotonic()
         while not stop.is_set():
             changed = False
+            blocked = self.loader is not None and self.loader.blocked is not None
+            if blocked and time.monotonic() - last_try > RETRY_BLOCKED_S:
+                changed, last_try = True, time.monotonic()
             for i, watcher in enumerate(watchers):
                 try:
                     entry = await watcher.updates(timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 if entry is None:
-                    initial_done[i] = True
+                    initial_done[i] = changed = True  # catches writes made before watching
                 elif initial_done[i]:
                     changed = True
             if changed:
@@ -155,7 +178,7 @@ class PolicyService:
             return challenge
 
     async def handle_verdict(self, msg: Msg) -> None:
-        assert self.nonces is not None and self.engine is not None
+        assert self.nonces is not None and self.loader is not None
         with tracer.start_as_current_span(
             "policy.appraise", context=telemetry.extract(msg.headers)
         ) as span:
@@ -184,26 +207,42 @@ class PolicyService:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 span.set_attribute("attestmesh.rejected", exc.reason)
                 raise
-            outcome = self.engine.evaluate(
-                {
-                    "family": result.family,
-                    "status": str(result.status),
-                    "verified": result.verified,
-                    "claims": result.claims,
-                    "reasons": [r.get("code", "") for r in result.reasons],
-                    "simulated": result.subject.simulated,
-                    "node": verdict.node,
-                }
-            )
-            if outcome.allow and self.pins is not None and not pinned:
+            engine, blocked = self.loader.engine, self.loader.blocked_for(result.family)
+            if blocked or engine is None:
+                log.warning("verdict.denied_blocked", node=verdict.node, reasons=blocked)
+                allow, reasons = False, blocked or [UNAVAILABLE]
+            else:
+                outcome = self._evaluate(
+                    engine,
+                    {
+                        "family": result.family,
+                        "status": str(result.status),
+                        "verified": result.verified,
+                        "claims": result.claims,
+                        "reasons": [r.get("code", "") for r in result.reasons],
+                        "simulated": result.subject.simulated,
+                        "node": verdict.node,
+                    },
+                )
+                allow, reasons = outcome.allow, outcome.reasons
+            if allow and self.pins is not None and not pinned:
                 await self.refuse_on_error(
                     verdict,
                     result,
                     self.pins.pin(verdict.node, result.hwid, evidence_id=verdict.evidence_id),
                 )
                 log.info("node.pinned", node=verdict.node, hwid=result.hwid)
-            await self.publish_decision(verdict, result, outcome.allow, outcome.reasons)
-            span.set_attribute("attestmesh.allow", outcome.allow)
+            await self.publish_decision(verdict, result, allow, reasons)
+            span.set_attribute("attestmesh.allow", allow)
+
+    @staticmethod
+    def _evaluate(engine: PolicyEngine, document: dict[str, Any]) -> Outcome:
+        """An evaluation error is a deny naming it, never a crash or a retry loop."""
+        try:
+            return engine.evaluate(document)
+        except PolicyError as exc:
+            log.error("policy.evaluation_failed", reason=exc.reason)
+            return Outcome(allow=False, reasons=[exc.reason])
 
     async def check_identity(self, verdict: events.Verdict, result: ear.Result) -> bool:
         """Refuse evidence that did not prove it is the node, or that comes from other
@@ -284,7 +323,6 @@ class PolicyService:
         *,
         reappraisal: bool = False,
     ) -> None:
-        assert self.engine is not None
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", verdict.id)
@@ -301,7 +339,7 @@ class PolicyService:
                 "public_key": ear.b64url(result.subject.public_key),
                 "verdict_id": verdict.id,
                 "evidence_id": verdict.evidence_id,
-                "policy_id": self.engine.policy_id,
+                "policy_id": self.engine.policy_id if self.engine else "none",
                 "reappraisal": reappraisal,
             }
         )

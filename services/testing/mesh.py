@@ -24,6 +24,10 @@ from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
+from services.policy import release_policy
+from services.policy.documents import OPERATOR
+from services.policy.engine import default_policy
+from services.policy.release_policy import POLICY_KEY
 from services.policy.service import PolicyService
 from services.verifier import registry
 from services.verifier.collateral import CollateralCache
@@ -70,8 +74,12 @@ class TestMesh:
         self.broker_key = SigningKey.load_or_create("broker", self.keys_dir)
         self.broker_key.publish_to(self.keys_dir / "trusted")
         self.broker_options: dict[str, Any] = {}
+        self.operator_key = SigningKey.load_or_create(OPERATOR, self.keys_dir)
+        self.operator_key.publish_to(self.keys_dir / "trusted")
         self.running: dict[str, _Running] = {}
         self.broker: BrokerService | None = None
+        self.policy: PolicyService | None = None
+        """The running policy service (tests read what it refused and why)."""
         self.secret = os.urandom(32)
 
     @property
@@ -108,8 +116,17 @@ class TestMesh:
 
         await self._launch("verifier-snp", build)
 
-    async def start_policy(self) -> None:
+    async def seed_policy(self, bus: Bus) -> None:
+        """The packaged policy, operator-signed, unless a policy is already stored (the
+        operator's step before a policy service can decide anything)."""
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+        if await kv.get(POLICY_KEY) is None:
+            await release_policy.store(kv, default_policy(), operator=self.operator_key)
+
+    async def start_policy(self, *, seed: bool = True) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            if seed:
+                await self.seed_policy(bus)
             service = PolicyService(
                 bus,
                 self.policy_key,
@@ -118,6 +135,7 @@ class TestMesh:
                 decision_ttl=self.decision_ttl,
                 pinning=self.pinning,
             )
+            self.policy = service
             await service.start()
             return lambda stop: service.run(stop, max_deliver=3, ack_wait=5.0)
 
@@ -178,7 +196,18 @@ class TestMesh:
             if received is not None:
                 received[name] = secret
 
-        return CollectorNode(bus, name, source, decision_timeout=decision_timeout, on_secret=keep)
+        return CollectorNode(
+            bus,
+            name,
+            source,
+            self.collector_trust(),
+            decision_timeout=decision_timeout,
+            on_secret=keep,
+        )
+
+    def collector_trust(self) -> TrustedKeys:
+        """What enrollment hands a node: the policy service's public key, nothing else."""
+        return TrustedKeys.from_pem("policy", self.policy_key.public_pem())
 
 
 class _Tampering:

@@ -1,0 +1,179 @@
+"""What the policy service decides with: the compiled release policy in force, or a reason
+to deny everything.
+
+The engine is rebuilt from the ``policies`` and ``refvalues`` buckets whenever they change,
+through the :class:`~services.policy.ledger.Ledger` of each, so only operator-signed, newer
+documents ever take effect. Failure never loosens anything:
+
+* an entry that is refused (unsigned, foreign, rolled back, tampered) or a policy that does
+  not compile leaves the last good version in force;
+* with no good policy at all, every decision is a deny with ``policy.unavailable``;
+* a failed read of either bucket blocks decisions (``policy.unavailable`` /
+  ``policy.refvalues_unavailable``) until a read succeeds, and so do a family's stored
+  reference values refused with no good version in force: evaluating with missing
+  reference values would let any measurement through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats.errors
+
+from services.mesh import subjects, telemetry
+from services.mesh.errors import BusError, PolicyError
+from services.mesh.keys import TrustedKeys
+from services.mesh.kv import KeyValue
+from services.policy import refvalues, release_policy
+from services.policy.documents import Document
+from services.policy.engine import PolicyEngine
+from services.policy.ledger import Ledger
+from services.policy.release_policy import POLICY_KEY
+
+log = telemetry.logger("policy")
+
+UNAVAILABLE = "policy.unavailable"
+REFVALUES_UNAVAILABLE = "policy.refvalues_unavailable"
+
+_READ_ERRORS = (BusError, nats.errors.Error)
+"""``nats.errors.Error`` too: a bucket error the KV seam does not map must still block."""
+
+
+History = Callable[[str], Awaitable[dict[str, list[bytes]]]]
+"""Per bucket: every key's retained earlier values (deletions left out)."""
+
+
+class Loader:
+    def __init__(
+        self,
+        policies: KeyValue,
+        refs: KeyValue,
+        trusted: TrustedKeys,
+        *,
+        settings: dict[str, Any],
+        history: History | None = None,
+    ) -> None:
+        self.policies = policies
+        self.refs = refs
+        self.settings = settings
+        self.history = history
+        self._primed = history is None
+        self.policy_ledger = Ledger(
+            subjects.BUCKET_POLICIES, "policy", trusted, validate=release_policy.validate
+        )
+        self.ref_ledger = Ledger(
+            subjects.BUCKET_REFVALUES, "refvalues", trusted, validate=refvalues.validate
+        )
+        self.engine: PolicyEngine | None = None
+        self.blocked: str | None = UNAVAILABLE
+        """Set: every decision is a deny with this reason (nothing good is known, or the
+        buckets cannot be read right now)."""
+        self._fingerprint: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self.unusable_refvalues: dict[str, str] = {}
+        """Families whose stored reference values were refused with none good in force (a
+        service that starts after they were overwritten): their decisions are denied, as
+        going without reference values would let every measurement through."""
+
+    def blocked_for(self, family: str) -> list[str]:
+        """Why a decision for ``family`` must be a deny whatever the policy says (or [])."""
+        if self.blocked is not None or self.engine is None:
+            return [self.blocked or UNAVAILABLE]
+        refusal = self.unusable_refvalues.get(family)
+        return [REFVALUES_UNAVAILABLE, refusal] if refusal else []
+
+    async def reload(self) -> None:
+        try:
+            entry = await self.policies.get(POLICY_KEY)
+        except _READ_ERRORS as exc:
+            self._block(UNAVAILABLE, f"reading the policy failed: {_describe(exc)}")
+            return
+        try:
+            stored = await refvalues.read_all(self.refs)
+        except _READ_ERRORS as exc:
+            self._block(REFVALUES_UNAVAILABLE, f"reading reference values failed: {_describe(exc)}")
+            return
+        if not self._primed:
+            try:
+                await self._prime()
+            except _READ_ERRORS as exc:
+                self._block(UNAVAILABLE, f"reading KV history failed: {_describe(exc)}")
+                return
+        policy = self.policy_ledger.offer(POLICY_KEY, entry[0] if entry else None)
+        refs: dict[str, Document] = {}
+        unusable: dict[str, str] = {}
+        for family in sorted(set(stored) | self.ref_ledger.keys()):
+            document = self.ref_ledger.offer(family, stored.get(family))
+            if document is not None:
+                refs[family] = document
+            else:
+                unusable[family] = self.ref_ledger.refusals.get(family, "refvalues.invalid")
+        self.unusable_refvalues = unusable
+        if policy is None:
+            self._block(UNAVAILABLE, "no operator-signed policy has been accepted")
+            return
+        candidates = [policy]
+        previous = self.policy_ledger.in_force(POLICY_KEY)
+        if previous is not None and previous is not policy:
+            candidates.append(previous)
+        for candidate in candidates:
+            if self._adopt(candidate, refs):
+                return
+        if self.engine is None:
+            self._block(UNAVAILABLE, "no signed policy compiles")
+        else:
+            self.blocked = None
+
+    async def _prime(self) -> None:
+        """At start, learn the newest signed documents from the buckets' history: without
+        it, a writer could put back an older signed policy (or delete reference values)
+        and wait for a replica to restart. History is bounded (the buckets keep a few
+        values per key), so this narrows that window rather than closing it."""
+        assert self.history is not None
+        for key, values in (await self.history(subjects.BUCKET_POLICIES)).items():
+            if key == POLICY_KEY:
+                self.policy_ledger.prime(key, values)
+        for key, values in (await self.history(subjects.BUCKET_REFVALUES)).items():
+            self.ref_ledger.prime(key, values)
+        self._primed = True
+
+    def _adopt(self, policy: Document, refs: dict[str, Document]) -> bool:
+        fingerprint = (policy.digest, tuple((f, d.digest) for f, d in sorted(refs.items())))
+        if fingerprint == self._fingerprint and self.engine is not None:
+            self.blocked = None
+            return True
+        data = {
+            "refvalues": {f: refvalues.validate(d.payload) for f, d in refs.items()},
+            "settings": self.settings,
+        }
+        policy_id = f"{POLICY_KEY}@v{policy.version}"
+        try:
+            engine = PolicyEngine(
+                release_policy.validate(policy.payload), data, policy_id=policy_id
+            )
+        except PolicyError as exc:
+            self.policy_ledger.refusals[POLICY_KEY] = exc.reason
+            log.error(
+                "policy.refused", reason=exc.reason, version=policy.version, detail=exc.detail[:300]
+            )
+            return False
+        self.policy_ledger.commit(policy)
+        for document in refs.values():
+            self.ref_ledger.commit(document)
+        self.engine, self._fingerprint, self.blocked = engine, fingerprint, None
+        log.info(
+            "policy.loaded",
+            policy_id=policy_id,
+            signer=policy.signer,
+            refvalues={f: d.version for f, d in refs.items()},
+        )
+        return True
+
+    def _block(self, reason: str, detail: str) -> None:
+        if self.blocked != reason:
+            log.error("policy.blocked", reason=reason, detail=detail)
+        self.blocked = reason
+
+
+def _describe(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, BusError) else type(exc).__name__
