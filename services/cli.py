@@ -16,6 +16,7 @@ from pathlib import Path
 
 from services import __version__
 from services.mesh import config as config_mod
+from services.mesh import identities, subjects
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
@@ -91,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     refs.add_argument("family", choices=registry.families())
     refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
     refs.add_argument("--config", type=Path)
+
+    node = sub.add_parser("node", help="manage TEE nodes' NATS identities")
+    node_sub = node.add_subparsers(dest="node_action", required=True)
+    enroll = node_sub.add_parser("enroll", help="issue a node's credentials and admit it")
+    enroll.add_argument("name", help="the node name (its subject token)")
+    where = enroll.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path, help="the data directory of `attestmesh up`")
+    where.add_argument("--config", type=Path, help="the mesh's config.json")
+    enroll.add_argument("--out", type=Path, required=True, help="directory for the node's files")
     return parser
 
 
@@ -185,17 +195,48 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(getattr(args, "config", None))
 
 
+def _admin_config(args: argparse.Namespace) -> config_mod.Config:
+    """The config of an operator command: the ``admin`` identity of an ``attestmesh up`` data
+    directory unless the config or environment names a seed already."""
+    from services.mesh import authconf, identities
+
+    config = _config(args)
+    if config.nats_nkey_seed_file is None:
+        seed = authconf.seed_file(authconf.identities_dir(Path(config.data_dir)), identities.ADMIN)
+        if seed.is_file():
+            return config_mod.load(getattr(args, "config", None), nats_nkey_seed_file=str(seed))
+    return config
+
+
+def _node(args: argparse.Namespace) -> int:
+    from services.enroll import enroll
+
+    if args.data_dir is not None:
+        path = args.data_dir / "config.json"
+        config = config_mod.load(path if path.is_file() else None, data_dir=str(args.data_dir))
+    else:
+        config = _config(args)
+    done = enroll(args.name, config, args.out)
+    print(f"node {done.node}: NATS user {done.public_key}")
+    print(f"  seed {done.seed_file} (0600), config {done.config_file}")
+    if done.embedded:
+        state = "reloaded" if done.reloaded else "not running; admitted at its next start"
+        print(f"  admitted to the embedded server ({state})")
+    else:
+        print(f"  merge {done.values_file} into the release's values and run `helm upgrade`")
+    return EXIT_OK
+
+
 def _secret(args: argparse.Namespace) -> int:
     from services.broker.sealing import KeyFileSource
     from services.broker.store import SecretStore
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
 
-    config = _config(args)
+    config = _admin_config(args)
 
     async def main() -> None:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
             store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
             if args.action == "list":
@@ -212,16 +253,15 @@ def _secret(args: argparse.Namespace) -> int:
 
 
 def _refvalues(args: argparse.Namespace) -> int:
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
     from services.policy import refvalues
 
-    config = _config(args)
+    config = _admin_config(args)
     values = refvalues.validate(_read_bounded(args.file))
 
     async def main() -> None:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
             await refvalues.store(kv, args.family, values)
 
@@ -231,18 +271,17 @@ def _refvalues(args: argparse.Namespace) -> int:
 
 
 def _collateral(args: argparse.Namespace) -> int:
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
     from services.verifier.collateral import store
     from services.verifier.families.dcap.pcsfetch import import_plan
 
-    config = _config(args)
+    config = _admin_config(args)
     directory = {p.name: _read_bounded(p) for p in sorted(args.directory.iterdir()) if p.is_file()}
     plan = import_plan(directory, base=config.pcs_url, root_crl_url=config.intel_root_crl_url)
 
     async def main() -> None:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
             now = datetime.now(UTC).timestamp()
             for request, data in plan:
@@ -279,7 +318,12 @@ def _collector(args: argparse.Namespace) -> int:
     )
 
     async def main(stop: asyncio.Event) -> None:
-        async with Bus.session(config, f"collector-{args.node}", declare=False) as bus:
+        async with Bus.session(
+            config,
+            identities.node_identity(args.node),
+            declare=False,
+            inbox_prefix=subjects.node_inbox(args.node),
+        ) as bus:
             node = CollectorNode(bus, args.node, source)
             await app.alongside(
                 config, bus, stop, node.run(stop, interval=config.reattest_interval_s)
@@ -322,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _collateral(args)
         if args.command == "collector":
             return _collector(args)
+        if args.command == "node":
+            return _node(args)
         from services import app
 
         config = _config(args)

@@ -79,14 +79,23 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, name: str, *, wait: float = 30.0, nkey_seed_file: str | None = None
+        cls,
+        url: str,
+        name: str,
+        *,
+        wait: float = 30.0,
+        nkey_seed_file: str | None = None,
+        inbox_prefix: str | None = None,
     ) -> Bus:
         """Connect, retrying for ``wait`` seconds so services may start before the server.
 
         ``nkey_seed_file`` names the service's NATS identity (an nkey seed); the server's
         per-identity subject permissions then bound what this service may publish.
+        Replies arrive below ``inbox_prefix`` (default: the private inbox of identity
+        ``name``), the only inbox that identity may subscribe to.
         """
         deadline = time.monotonic() + wait
+        prefix = inbox_prefix if inbox_prefix is not None else subjects.inbox(name)
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats.error", error=type(exc).__name__, detail=str(exc)[:200])
@@ -111,6 +120,7 @@ class Bus:
                     connect_timeout=2,
                     allow_reconnect=True,
                     nkeys_seed=nkey_seed_file,
+                    inbox_prefix=prefix,
                 )
                 return cls(nc, name)
             except (TimeoutError, OSError, nats.errors.Error) as exc:
@@ -125,7 +135,13 @@ class Bus:
     @classmethod
     @contextlib.asynccontextmanager
     async def session(
-        cls, config: Config, name: str, *, wait: float = 30.0, declare: bool = True
+        cls,
+        config: Config,
+        name: str,
+        *,
+        wait: float = 30.0,
+        declare: bool = True,
+        inbox_prefix: str | None = None,
     ) -> AsyncIterator[Bus]:
         """Connect as ``name`` per ``config``, declare streams and buckets, close on exit.
 
@@ -133,7 +149,11 @@ class Bus:
         their NATS identity needs no JetStream API rights at all.
         """
         bus = await cls.connect(
-            config.nats_url, name, wait=wait, nkey_seed_file=config.nats_nkey_seed_file
+            config.nats_url,
+            name,
+            wait=wait,
+            nkey_seed_file=config.nats_nkey_seed_file,
+            inbox_prefix=inbox_prefix,
         )
         try:
             if declare:

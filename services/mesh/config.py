@@ -72,7 +72,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
-    """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides."""
+    """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides.
+
+    The environment fills only what the file leaves unset (absent or null): one shared
+    ``config.json`` and a per-process ``ATTESTMESH_NATS_NKEY_SEED_FILE`` is how ``attestmesh
+    up`` gives each service its own NATS identity.
+    """
     raw: dict[str, object] = {}
     if path is not None:
         try:
@@ -89,7 +94,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Con
         "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
     }
     for env, field in env_map.items():
-        if env in os.environ and field not in raw:
+        if env in os.environ and raw.get(field) is None:
             raw[field] = os.environ[env]
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -69,7 +69,7 @@ class PolicyService:
             with contextlib.suppress(Exception):
                 await policies.create(POLICY_KEY, default_policy().encode())
         await self.reload()
-        await self.bus.serve(subjects.NONCE, self.on_nonce_request, queue="policy")
+        await self.bus.serve(subjects.NONCE_ALL, self.on_nonce_request, queue="policy")
 
     async def reload(self) -> None:
         """Recompile from KV; a policy that fails to compile keeps the previous one in force."""
@@ -132,6 +132,11 @@ class PolicyService:
             except ParseError as exc:
                 log.warning("nonce.bad_request", reason=exc.reason)
                 return events.Refusal(reason=exc.reason)
+            if subjects.node_of(msg.subject) != request.node:
+                # The subject is what the node's NATS identity was allowed to publish to; a
+                # body naming another node is an attempt to obtain that node's challenge.
+                log.warning("nonce.routing_mismatch", node=request.node)
+                return events.Refusal(reason="policy.routing_mismatch")
             challenge = await self.nonces.issue(request.node)
             log.info("nonce.issued", node=request.node)
             return challenge
