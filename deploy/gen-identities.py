@@ -105,7 +105,6 @@ def generate(
         users["verifiers"][family] = identity(f"verifier-{family}", signs=True)
     users["policy"] = identity("policy", signs=True)
     users["broker"] = identity("broker", signs=False, seals=True)
-    users["collector"] = identity("collector", signs=False)
     users["admin"] = identity("admin", signs=False)
 
     node_keys: dict[str, str] = {}

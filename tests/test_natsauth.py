@@ -297,7 +297,7 @@ def test_enroll_for_a_chart_release_writes_the_values_to_merge(tmp_path: Path) -
                 "data_dir": str(config_dir / "d"),
                 "keys_dir": str(config_dir / "keys"),
             }
-        )  # fmt: skip
+        )
     )
     out = tmp_path / "out"
     assert cli(["node", "enroll", "gpu-7", "--config", str(config_file), "--out", str(out)]) == 0
