@@ -164,6 +164,11 @@ async def test_services_stay_in_their_lanes(
         inbox_prefix=subjects.inbox("admin"),
     )
     assert admin == []
+    own = [("sub", "attest.revoked.*"), ("pub", "$KV.broker-state.default/x")]
+    allowed = await not_refused(
+        server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")
+    )
+    assert allowed == [s for _, s in own]
 
 
 async def test_the_admin_may_write_policies_and_a_verifier_may_not(
@@ -305,3 +310,21 @@ def test_enroll_for_a_chart_release_writes_the_values_to_merge(tmp_path: Path) -
     public = values["collector"]["nodeIdentities"]["nodes"]["gpu-7"]
     assert public == authconf.public_of(out / "node-gpu-7.nk")
     assert cli(["node", "enroll", "bad.name", "--config", str(config_file), "--out", str(out)]) == 2
+
+
+def test_operator_commands_sign_in_as_the_admin_of_an_up_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"s" * 32)
+    with authenticated_server(data_dir) as (server, _):
+        _, config_path = prepare(data_dir, server.url)
+        put = ["secret", "put", "default/db", "--file", str(secret), "--config", str(config_path)]
+        assert cli(put) == 0
+        assert cli(["secret", "list", "--config", str(config_path)]) == 0
+        assert "default/db" in capsys.readouterr().out.splitlines()
+        # Without the admin seed the same command is refused by the server, not half-done.
+        authconf.seed_file(authconf.identities_dir(data_dir), identities.ADMIN).unlink()
+        assert cli(["secret", "list", "--config", str(config_path)]) == 2
+        assert "bus.unauthorized" in capsys.readouterr().err
