@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", type=Path, help="the data directory of `attestmesh up`")
     where.add_argument("--config", type=Path, help="the mesh's config.json")
     enroll.add_argument("--out", type=Path, required=True, help="directory for the node's files")
+    enroll.add_argument(
+        "--replace", action="store_true", help="rotate the key of a node enrolled already"
+    )
     return parser
 
 
@@ -216,7 +219,7 @@ def _node(args: argparse.Namespace) -> int:
         config = config_mod.load(path if path.is_file() else None, data_dir=str(args.data_dir))
     else:
         config = _config(args)
-    done = enroll(args.name, config, args.out)
+    done = enroll(args.name, config, args.out, replace=args.replace)
     print(f"node {done.node}: NATS user {done.public_key}")
     print(f"  seed {done.seed_file} (0600), config {done.config_file}")
     if done.embedded:

@@ -38,10 +38,17 @@ class Enrolled:
     values_file: Path | None
 
 
-def enroll(node: str, config: config_mod.Config, out: Path) -> Enrolled:
-    """Issue ``node``'s identity into ``out`` and admit it (see the module docstring)."""
+def enroll(node: str, config: config_mod.Config, out: Path, *, replace: bool = False) -> Enrolled:
+    """Issue ``node``'s identity into ``out`` and admit it (see the module docstring).
+
+    A node already registered with the embedded server keeps its key unless ``replace``
+    (key rotation): enrolling a name twice by mistake must not lock the first node out.
+    """
     subjects.token(node)
     identity = identities.node_identity(node)
+    directory = authconf.identities_dir(Path(config.data_dir))
+    if not replace and identity in authconf.read_registry(directory):
+        raise ConfigError("enroll.exists", f"{identity} is enrolled already (--replace rotates)")
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     seed, public = authconf.new_user()
     seed_path = authconf.seed_file(out, identity)
@@ -64,7 +71,6 @@ def enroll(node: str, config: config_mod.Config, out: Path) -> Enrolled:
     authconf.write_private(config_path, json.dumps(_public_fields(node_config), indent=2) + "\n")
 
     data_dir = Path(config.data_dir)
-    directory = authconf.identities_dir(data_dir)
     embedded = (directory / authconf.REGISTRY).is_file()
     reloaded = False
     values_file = None

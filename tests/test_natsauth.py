@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,6 +291,19 @@ async def test_enroll_admits_a_new_node_to_the_running_embedded_server(
             inbox_prefix=subjects.node_inbox("edge-1"),
         )
         assert allowed == ["attest.evidence.snp.edge-1"]
+        # Enrolling the same name again must not silently lock the first node out.
+        again = ["node", "enroll", "edge-1", "--data-dir", str(data_dir), "--out", str(out / "x")]
+        assert cli(again) == 2
+        assert "enroll.exists" in capsys.readouterr().err
+        assert (
+            authconf.public_of(seed)
+            == authconf.read_registry(authconf.identities_dir(data_dir))["node-edge-1"]
+        )
+    # A stale pid file whose number now names another process (here: this test) is refused.
+    pid_file = authconf.server_pid_file(data_dir)
+    pid_file.write_text(str(os.getpid()))
+    with pytest.raises(ConfigError, match="not nats-server"):
+        authconf.signal_reload(pid_file)
 
 
 def test_enroll_for_a_chart_release_writes_the_values_to_merge(tmp_path: Path) -> None:

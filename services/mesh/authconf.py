@@ -149,6 +149,13 @@ def signal_reload(pid_file: Path) -> None:
     except (OSError, ValueError):
         raise ConfigError("nats.not_running", f"{pid_file}: no running server") from None
     try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        raise ConfigError("nats.not_running", f"process {pid} is gone") from None
+    if Path(os.fsdecode(command)).name != "nats-server":
+        # A stale pid file whose number now belongs to another process: never signal that.
+        raise ConfigError("nats.not_running", f"process {pid} is not nats-server")
+    try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
         raise ConfigError("nats.not_running", f"process {pid} is gone") from None
