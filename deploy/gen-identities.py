@@ -108,7 +108,6 @@ def generate(
         users["verifiers"][family] = identity(f"verifier-{family}", signs=True)
     users["policy"] = identity("policy", signs=True)
     users["broker"] = identity("broker", signs=True, seals=True)  # signs audit checkpoints
-    users["collector"] = identity("collector", signs=False)
     users["admin"] = identity("admin", signs=False)
 
     node_keys: dict[str, str] = {}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from services import __version__
 from services.mesh import config as config_mod
+from services.mesh import identities, subjects
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.mesh.keys import SigningKey
 from services.verifier import registry
@@ -94,13 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     roots.add_argument("--roots", type=Path, help="trust directory (default: user data dir)")
     roots.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
 
-    node = sub.add_parser("node", help="manage node identities (hardware pins)")
-    node.add_argument("action", choices=["reset"])
-    node.add_argument("name", help="the node whose hardware pin to clear (audited)")
-    where = node.add_mutually_exclusive_group()
-    where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
-    where.add_argument("--config", type=Path)
-
     audit = sub.add_parser("audit", help="verify or list the broker's release audit log")
     audit.add_argument("action", choices=["verify", "list"])
     audit.add_argument("--since", help="list: only records from this time on (RFC 3339)")
@@ -121,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     policies.add_argument("file", type=Path, nargs="?", help="Rego (default: the packaged one)")
     policies.add_argument("--config", type=Path)
     policies.add_argument("--operator-key", type=Path, help=_OPERATOR_KEY_HELP)
+
+    node = sub.add_parser("node", help="manage TEE nodes: NATS identities, hardware pins")
+    node_sub = node.add_subparsers(dest="node_action", required=True)
+    enroll = node_sub.add_parser("enroll", help="issue a node's credentials and admit it")
+    enroll.add_argument("name", help="the node name (its subject token)")
+    where = enroll.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path, help="the data directory of `attestmesh up`")
+    where.add_argument("--config", type=Path, help="the mesh's config.json")
+    enroll.add_argument("--out", type=Path, required=True, help="directory for the node's files")
+    enroll.add_argument(
+        "--replace", action="store_true", help="rotate the key of a node enrolled already"
+    )
+    reset = node_sub.add_parser("reset", help="clear a node's hardware pin (audited)")
+    reset.add_argument("name", help="the node whose hardware pin to clear")
+    where = reset.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
+    where.add_argument("--config", type=Path)
     return parser
 
 
@@ -260,17 +271,43 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(getattr(args, "config", None))
 
 
+def _admin_config(args: argparse.Namespace) -> config_mod.Config:
+    """The config of an operator command: the ``admin`` identity of an ``attestmesh up`` data
+    directory unless the config or environment names a seed already."""
+    from services.mesh import authconf, identities
+
+    return authconf.signed_in_as(_config(args), identities.ADMIN)
+
+
+def _node_enroll(args: argparse.Namespace) -> int:
+    from services.enroll import enroll
+
+    if args.data_dir is not None:
+        path = args.data_dir / "config.json"
+        config = config_mod.load(path if path.is_file() else None, data_dir=str(args.data_dir))
+    else:
+        config = _config(args)
+    done = enroll(args.name, config, args.out, replace=args.replace)
+    print(f"node {done.node}: NATS user {done.public_key}")
+    print(f"  seed {done.seed_file} (0600), config {done.config_file}")
+    if done.embedded:
+        state = "reloaded" if done.reloaded else "not running; admitted at its next start"
+        print(f"  admitted to the embedded server ({state})")
+    else:
+        print(f"  merge {done.values_file} into the release's values and run `helm upgrade`")
+    return EXIT_OK
+
+
 def _secret(args: argparse.Namespace) -> int:
     from services.broker.sealing import KeyFileSource
     from services.broker.store import SecretStore
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
 
-    config = _config(args)
+    config = _admin_config(args)
 
     async def main() -> None:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
             store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
             if args.action == "list":
@@ -286,18 +323,20 @@ def _secret(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _node(args: argparse.Namespace) -> int:
+def _node_reset(args: argparse.Namespace) -> int:
+    """Runs as the broker: it holds the sealing key the audit record needs, and only the
+    broker and the policy service may write pins (so no pin is cleared unaudited)."""
     from services.broker.sealing import KeyFileSource
-    from services.mesh import subjects
+    from services.mesh import authconf, subjects
     from services.mesh.bus import Bus
     from services.nodes import reset_node
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
-    config = config_mod.load(args.config, **overrides)
+    config = authconf.signed_in_as(config_mod.load(args.config, **overrides), identities.BROKER)
     name = subjects.token(args.name)
 
     async def main() -> bool:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.BROKER, wait=5.0) as bus:
             sealing = KeyFileSource.in_data_dir(Path(config.data_dir))
             return await reset_node(bus, name, sealing) is not None
 
@@ -315,17 +354,16 @@ def _operator_key(args: argparse.Namespace, config: config_mod.Config) -> Signin
 
 
 def _refvalues(args: argparse.Namespace) -> int:
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
     from services.policy import refvalues
 
-    config = _config(args)
+    config = _admin_config(args)
     values = refvalues.validate(_read_bounded(args.file))
     operator = _operator_key(args, config)
 
     async def main() -> int:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
             return await refvalues.store(kv, args.family, values, operator=operator)
 
@@ -358,18 +396,17 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _collateral(args: argparse.Namespace) -> int:
-    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.natskv import NatsKeyValue
     from services.verifier.collateral import store
     from services.verifier.families.dcap.pcsfetch import import_plan
 
-    config = _config(args)
+    config = _admin_config(args)
     directory = {p.name: _read_bounded(p) for p in sorted(args.directory.iterdir()) if p.is_file()}
     plan = import_plan(directory, base=config.pcs_url, root_crl_url=config.intel_root_crl_url)
 
     async def main() -> None:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
             now = datetime.now(UTC).timestamp()
             for request, data in plan:
@@ -409,7 +446,12 @@ def _collector(args: argparse.Namespace) -> int:
         raise ConfigError("collector.no_policy_key", "set policy_key_file to the policy's key")
 
     async def main(stop: asyncio.Event) -> None:
-        async with Bus.session(config, f"collector-{args.node}", declare=False) as bus:
+        async with Bus.session(
+            config,
+            identities.node_identity(args.node),
+            declare=False,
+            inbox_prefix=subjects.node_inbox(args.node),
+        ) as bus:
             node = CollectorNode(bus, args.node, source, trusted)
             await app.alongside(
                 config, bus, stop, node.run(stop, interval=config.reattest_interval_s)
@@ -459,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "refvalues":
             return _refvalues(args)
         if args.command == "node":
-            return _node(args)
+            return _node_enroll(args) if args.node_action == "enroll" else _node_reset(args)
         if args.command == "policies":
             return _policies(args)
         if args.command == "roots":

@@ -6,6 +6,11 @@ The simulated nodes sign with the project's test PKI, which only this deployment
 ``test_roots_dir``), and the release policy accepts them only because ``allow_simulated`` is
 set here. Ctrl-C (or the end of ``--rounds``) stops everything; children also get SIGTERM if
 this process dies, so nothing is left behind.
+
+The embedded server admits only the identities of :mod:`services.mesh.identities`: each
+service process, each simulated node (its own connection, its own key) and the operator
+(``admin``) sign in with an nkey seed from ``<data-dir>/identities/``; anonymous connections
+are refused.
 """
 
 from __future__ import annotations
@@ -25,14 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 import nats.js.errors
 
 from services.broker.sealing import KeyFileSource
 from services.broker.store import SecretStore
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
 from services.collector.simulator.node import simulated_source, test_pki
+from services.mesh import authconf, identities, subjects, telemetry
 from services.mesh import config as config_mod
-from services.mesh import subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.errors import PolicyError
@@ -85,10 +91,17 @@ def _percentile(values: list[float], pct: float) -> float:
 class Mesh:
     """The child processes of one ``up``."""
 
-    def __init__(self, config: Config, config_path: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path,
+        log_dir: Path,
+        seeds: dict[str, Path] | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.log_dir = log_dir
+        self.seeds = seeds or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics_ports: dict[str, int] = {}
         self._logs: list[IO[bytes]] = []
@@ -101,13 +114,17 @@ class Mesh:
         for name, args in commands.items():
             log = (self.log_dir / f"{name}.log").open("ab")
             self._logs.append(log)
-            port = self.metrics_ports.setdefault(name, free_port())
+            env = dict(os.environ)
+            env.pop("ATTESTMESH_NATS_NKEY_SEED_FILE", None)
+            if name in self.seeds:
+                env["ATTESTMESH_NATS_NKEY_SEED_FILE"] = str(self.seeds[name])
+            env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "ATTESTMESH_METRICS_PORT": str(port)},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
             )
@@ -174,9 +191,35 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
     return config, path
 
 
+def node_names(nodes: int) -> list[tuple[str, str]]:
+    """(node name, family) of each simulated node; the families alternate."""
+    return [
+        (f"{FAMILIES[i % len(FAMILIES)]}-{i + 1}", FAMILIES[i % len(FAMILIES)])
+        for i in range(nodes)
+    ]
+
+
+def provision_identities(data_dir: Path, nodes: int) -> dict[str, Path]:
+    """Seeds for every service, the operator and each simulated node (identity -> file),
+    and the server configuration admitting exactly those identities."""
+    directory = authconf.identities_dir(data_dir)
+    names = [
+        *identities.service_identities(FAMILIES),
+        identities.ADMIN,
+        *(identities.node_identity(n) for n, _ in node_names(nodes)),
+    ]
+    seeds = {name: authconf.ensure(directory, name) for name in names}
+    authconf.write_server_config(authconf.server_config_path(data_dir), directory)
+    return seeds
+
+
+def as_identity(config: Config, seed: Path | None) -> Config:
+    return msgspec.structs.replace(config, nats_nkey_seed_file=str(seed) if seed else None)
+
+
 async def seed_secret(config: Config, resource: str) -> None:
     """Create the demo secret (random, sealed) unless it already exists."""
-    async with Bus.session(config, "up-seed") as bus:
+    async with Bus.session(config, identities.ADMIN) as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
         store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
         if resource not in await store.list():
@@ -189,7 +232,7 @@ async def seed_policy(config: Config) -> None:
     operator key, e.g. an unsigned policy left by an older version, is replaced."""
     operator = SigningKey.load(OPERATOR, config.keys_path / f"{OPERATOR}.key")
     trusted = TrustedKeys.load(config.trusted_keys_path)
-    async with Bus.session(config, "up-seed") as bus:
+    async with Bus.session(config, identities.ADMIN) as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
         current = await kv.get(POLICY_KEY)
         if current is not None:
@@ -241,17 +284,31 @@ async def drive(
     quiet: bool,
     stop: asyncio.Event,
     mesh: Mesh,
+    seeds: dict[str, Path] | None = None,
 ) -> Summary:
+    """Run the simulated nodes, each on its own connection as its own identity."""
+    seeds = seeds or {}
     pki = test_pki(Path(config.data_dir) / "test-pki")
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
     trusted = config.policy_trust()
-    async with Bus.session(config, "up-nodes") as bus:
+    async with contextlib.AsyncExitStack() as stack:
+        admin = as_identity(config, seeds.get(identities.ADMIN))
+        bus = await stack.enter_async_context(Bus.session(admin, identities.ADMIN, declare=False))
         await wait_until_ready(bus, mesh)
-        collectors = [
-            CollectorNode(bus, f"{family}-{i + 1}", simulated_source(family, pki, seed=i), trusted)
-            for i, family in ((i, FAMILIES[i % len(FAMILIES)]) for i in range(nodes))
-        ]
+        collectors = []
+        for i, (name, family) in enumerate(node_names(nodes)):
+            identity = identities.node_identity(name)
+            node_bus = await stack.enter_async_context(
+                Bus.session(
+                    as_identity(config, seeds.get(identity)),
+                    identity,
+                    declare=False,
+                    inbox_prefix=subjects.node_inbox(name),
+                )
+            )
+            source = simulated_source(family, pki, seed=i)
+            collectors.append(CollectorNode(node_bus, name, source, trusted))
         tasks = [
             asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))
             for c in collectors
@@ -284,11 +341,15 @@ def up(
     nats_url: str | None,
     interval: float = 5.0,
 ) -> int:
-    server = None if nats_url else NatsServer(data_dir / "nats")
-    if server is not None:
+    seeds: dict[str, Path] = {}
+    server = None
+    if not nats_url:
+        seeds = provision_identities(data_dir, nodes)
+        server = NatsServer(
+            authconf.server_store_dir(data_dir), config_file=authconf.server_config_path(data_dir)
+        )
         server.start()
         nats_url = server.url
-    assert nats_url is not None
     config, config_path = prepare(data_dir, nats_url)
     up_port = telemetry.configure(
         "up",
@@ -297,15 +358,16 @@ def up(
         stream=open(os.devnull, "w"),  # noqa: SIM115
         metrics_port=0,
     )
-    mesh = Mesh(config, config_path, data_dir / "logs")
+    mesh = Mesh(config, config_path, data_dir / "logs", seeds)
     if up_port is not None:
         mesh.metrics_ports["up-nodes"] = up_port
     quiet = as_json
     summary = Summary(nodes=nodes)
     code = 0
     try:
-        asyncio.run(seed_secret(config, DEFAULT_RESOURCE))
-        asyncio.run(seed_policy(config))
+        admin = as_identity(config, seeds.get(identities.ADMIN))
+        asyncio.run(seed_secret(admin, DEFAULT_RESOURCE))
+        asyncio.run(seed_policy(admin))
         mesh.start()
         write_metrics_map(data_dir, mesh.metrics_ports)
         if not quiet:
@@ -328,6 +390,7 @@ def up(
                 quiet=quiet,
                 stop=stop,
                 mesh=mesh,
+                seeds=seeds,
             )
 
         summary = asyncio.run(main())

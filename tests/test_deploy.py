@@ -219,7 +219,12 @@ def cert_manager_values(identities: dict[str, Any]) -> dict[str, Any]:
     return _merge(
         public,
         {
-            "collector": {"enabled": True},
+            "collector": {
+                "enabled": True,
+                "nodeIdentities": {
+                    "nodes": identities["public"]["collector"]["nodeIdentities"]["nodes"]
+                },
+            },
             "nats": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "mesh-ca"}}}},
             "networkPolicy": {"enabled": True, "extraClientsFrom": [{"podSelector": {}}]},
         },
@@ -254,6 +259,17 @@ def test_defaults_alone_fail_closed_and_name_the_generator() -> None:
 
     with pytest.raises(HelmError, match=r"gen-identities\.py"):
         render_files({})
+
+
+@needs_helm
+def test_a_collector_without_per_node_identities_does_not_render(
+    identities: dict[str, Any],
+) -> None:
+    """There is no shared collector identity: one node could otherwise speak for all."""
+    from helm_python.errors import HelmError
+
+    with pytest.raises(HelmError, match=r"attestmesh node enroll"):
+        render_files(_merge(default_values(identities), {"collector": {"enabled": True}}))
 
 
 @needs_helm
@@ -766,108 +782,24 @@ def _release_selector() -> dict[str, str]:
 
 # --- NATS identities and permissions ------------------------------------------------------
 
-INBOX = "_INBOX.>"
-CREATE = [
-    f"$JS.API.STREAM.CREATE.{s}"
-    for s in (
-        "EVIDENCE", "VERDICTS", "DECISIONS", "DLQ",
-        "KV_nonces", "KV_refvalues", "KV_policies", "KV_collateral", "KV_broker-state",
-        "KV_node-pins",
-    )
-]  # fmt: skip
-
-
-def _consumer(stream: str, durable: str, filter_subject: str) -> list[str]:
-    return [
-        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{filter_subject}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
-        f"$JS.ACK.{stream}.{durable}.>",
-    ]
-
-
-def _kv(bucket: str, *, write: bool, watch: bool) -> list[str]:
-    subjects = [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
-    if write:
-        subjects.append(f"$KV.{bucket}.>")
-    if watch:
-        subjects += [
-            f"$JS.API.CONSUMER.CREATE.KV_{bucket}",
-            f"$JS.API.CONSUMER.INFO.KV_{bucket}.*",
-            f"$JS.FC.KV_{bucket}.>",
-        ]
-    return subjects
-
 
 def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dict[str, Any]]:
-    """What each identity may do (DESIGN.md §5), spelled out independently of the chart."""
+    """What each identity may do: the model of services/mesh/identities.py, which the
+    embedded server of `attestmesh up` also enforces. One identity model, two renderings."""
+    from services.mesh import identities as model
+
+    names = [
+        *model.service_identities(families),
+        model.ADMIN,
+        *(model.node_identity(n) for n in nodes),
+    ]
     expected: dict[str, dict[str, Any]] = {}
-    for family in families:
-        expected[f"verifier-{family}"] = {
-            "publish": {
-                *CREATE,
-                *_consumer("EVIDENCE", f"verifier-{family}", f"attest.evidence.{family}.*"),
-                *_kv("collateral", write=True, watch=True),
-                f"attest.verdict.{family}.*",
-                "attest.dlq.EVIDENCE",
-            },
-            "subscribe": {INBOX},
-            "responder": False,
-        }
-    expected["policy"] = {
-        "publish": {
-            *CREATE,
-            *_consumer("VERDICTS", "policy", "attest.verdict.>"),
-            *_kv("nonces", write=True, watch=False),
-            *_kv("policies", write=True, watch=True),
-            *_kv("refvalues", write=False, watch=True),
-            *_kv("node-pins", write=True, watch=False),
-            "attest.decision.*",
-            "attest.dlq.VERDICTS",
-        },
-        "subscribe": {INBOX, "attest.nonce policy"},
-        "responder": True,
-    }
-    expected["broker"] = {
-        "publish": {
-            *CREATE,
-            *_consumer("DECISIONS", "broker", "attest.decision.>"),
-            *_kv("broker-state", write=True, watch=True),
-            *_kv("node-pins", write=True, watch=False),  # `attestmesh node reset` in its pod
-            "$JS.API.STREAM.PURGE.KV_broker-state",  # audit retention, without delete markers
-            "attest.revoked.*",
-            "attest.dlq.DECISIONS",
-        },
-        "subscribe": {INBOX, "attest.secret.* broker"},
-        "responder": True,
-    }
-    expected["admin"] = {
-        "publish": {
-            *CREATE,
-            *(s.replace(".CREATE.", ".UPDATE.") for s in CREATE),
-            *_kv("collateral", write=True, watch=False),
-            *_kv("refvalues", write=True, watch=True),
-            *_kv("policies", write=True, watch=True),
-        },
-        "subscribe": {INBOX},
-        "responder": False,
-    }
-    if nodes:
-        for node in nodes:
-            expected[f"collector-node-{node}"] = {
-                "publish": {
-                    "attest.nonce",
-                    f"attest.evidence.*.{node}",
-                    f"attest.secret.{node}",
-                },
-                "subscribe": {INBOX, f"attest.decision.{node}", f"attest.revoked.{node}"},
-                "responder": False,
-            }
-    else:
-        expected["collector"] = {
-            "publish": {"attest.nonce", "attest.evidence.*.*", "attest.secret.*"},
-            "subscribe": {INBOX, "attest.decision.*", "attest.revoked.*"},
-            "responder": False,
+    for name in names:
+        perms = model.permissions(name)
+        expected[name] = {
+            "publish": set(perms.publish),
+            "subscribe": set(perms.subscribe),
+            "responder": perms.responder,
         }
     return expected
 
@@ -886,11 +818,11 @@ def nats_users(docs: list[Doc]) -> dict[str, Doc]:
 
 @needs_helm
 @pytest.mark.parametrize(
-    ("name", "families", "nodes", "collector"),
+    ("name", "families", "nodes"),
     [
-        ("default", ["snp", "tdx", "sgx"], [], False),
-        ("custom", ["snp", "tdx"], list(COLLECTOR_NODES), True),
-        ("cert-manager", ["snp", "tdx", "sgx"], [], True),
+        ("default", ["snp", "tdx", "sgx"], []),
+        ("custom", ["snp", "tdx"], list(COLLECTOR_NODES)),
+        ("cert-manager", ["snp", "tdx", "sgx"], list(COLLECTOR_NODES)),
     ],
 )
 def test_each_identity_has_exactly_its_permissions(
@@ -899,19 +831,16 @@ def test_each_identity_has_exactly_its_permissions(
     name: str,
     families: list[str],
     nodes: list[str],
-    collector: bool,
 ) -> None:
     users = nats_users(renders[name])
     expected = expected_permissions(families, nodes)
-    if not collector:
-        expected.pop("collector")
     assert set(users) == set(expected)
     public = identities["public"]["natsUsers"]
     for identity, user in users.items():
         if identity.startswith("verifier-"):
             assert user["nkey"] == public["verifiers"][identity.removeprefix("verifier-")]
-        elif identity.startswith("collector-node-"):
-            node = identity.removeprefix("collector-node-")
+        elif identity.startswith("node-"):
+            node = identity.removeprefix("node-")
             assert (
                 user["nkey"] == identities["public"]["collector"]["nodeIdentities"]["nodes"][node]
             )
@@ -1070,41 +999,36 @@ def _seed_files(identities: dict[str, Any], directory: Path) -> dict[str, str]:
         path.write_text(material["natsSeed"])
         seeds[identity] = str(path)
     for node in COLLECTOR_NODES:
-        seeds[f"collector-node-{node}"] = str(identities["dir"] / "collector-nodes" / f"{node}.nk")
+        seeds[f"node-{node}"] = str(identities["dir"] / "collector-nodes" / f"{node}.nk")
     return seeds
 
 
 @needs_helm
 async def test_least_privilege_identities_run_a_whole_attestation(
-    identities: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    identities: dict[str, Any], tmp_path: Path
 ) -> None:
+    from services.mesh import subjects
     from services.mesh.bus import Bus
     from services.mesh.server import NatsServer
     from services.testing.mesh import TestMesh
 
-    docs = render(_merge(default_values(identities), {"collector": {"enabled": True}}))
+    docs = render(cert_manager_values(identities))
     seeds = _seed_files(identities, tmp_path / "seeds")
-    real_connect = Bus.connect
-
-    async def connect(
-        cls: type[Bus],
-        url: str,
-        name: str,
-        *,
-        wait: float = 30.0,
-        nkey_seed_file: str | None = None,
-    ) -> Bus:
-        """Bus.connect as a pod calls it: with its own identity's seed file."""
-        return await real_connect(url, name, wait=wait, nkey_seed_file=seeds[name])
-
-    monkeypatch.setattr(Bus, "connect", classmethod(connect))
     with nats_with_rendered_auth(docs, tmp_path / "nats") as url:
         mesh = TestMesh(
-            NatsServer(tmp_path / "unused", port=int(url.rsplit(":", 1)[1])), tmp_path / "mesh"
+            NatsServer(tmp_path / "unused", port=int(url.rsplit(":", 1)[1])),
+            tmp_path / "mesh",
+            seeds=seeds,
         )
         await mesh.start()  # verifier-snp, policy and broker, each as itself
         try:
-            node_bus = await Bus.connect(url, "collector")  # no setup, as `attestmesh collector`
+            # As `attestmesh collector --node node-a` connects: no setup, its own inbox.
+            node_bus = await Bus.connect(
+                url,
+                "node-node-a",
+                nkey_seed_file=seeds["node-node-a"],
+                inbox_prefix=subjects.node_inbox("node-a"),
+            )
             try:
                 received: dict[str, bytes] = {}
                 result = await mesh.node(node_bus, "node-a", received=received).attest_once()
@@ -1117,35 +1041,15 @@ async def test_least_privilege_identities_run_a_whole_attestation(
     assert (tmp_path / "nats" / "violations.txt").read_text() == ""
 
 
-async def _forbidden(url: str, seed: str, attempts: list[tuple[str, str]]) -> list[str]:
-    """Try each (pub|sub, subject); return the subjects the server did not refuse."""
-    import nats
-
-    refused: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        refused.append(str(exc).lower())
-
-    nc = await nats.connect(url, nkeys_seed=seed, error_cb=on_error, allow_reconnect=False)
-    try:
-        for kind, subject in attempts:
-            if kind == "pub":
-                await nc.publish(subject, b"{}")
-            else:
-                await nc.subscribe(subject)
-        await nc.flush(timeout=5)
-        await asyncio.sleep(0.05)
-    finally:
-        await nc.close()
-    return [s for _, s in attempts if not any(f'"{s.lower()}"' in r for r in refused)]
-
-
 @needs_helm
 async def test_identities_cannot_step_outside_their_subjects(
     renders: dict[str, list[Doc]], identities: dict[str, Any], tmp_path: Path
 ) -> None:
     import nats
     import nats.errors
+
+    from services.mesh.authconf import new_user
+    from services.testing.natsauth import not_refused
 
     seeds = _seed_files(identities, tmp_path / "seeds")
     everyone = [
@@ -1173,24 +1077,30 @@ async def test_identities_cannot_step_outside_their_subjects(
             ("pub", "$KV.refvalues.snp"),
             ("pub", "$JS.API.STREAM.MSG.GET.KV_broker-state"),
             ("sub", "attest.secret.*"),
-            ("sub", "attest.nonce"),  # only in its own queue group
+            ("sub", "attest.nonce.*"),  # only in its own queue group
             ("pub", "$JS.API.STREAM.UPDATE.KV_policies"),
         ],
         "broker": [
             ("pub", "attest.decision.node-a"),
             ("pub", "$KV.nonces.x"),
             ("pub", "$JS.API.CONSUMER.MSG.NEXT.VERDICTS.policy"),
-            ("sub", "attest.nonce"),
+            ("sub", "attest.nonce.*"),
             ("pub", "$JS.API.STREAM.UPDATE.KV_broker-state"),
         ],
         "admin": [
-            ("pub", "$KV.broker-state.x"),
+            ("pub", "$KV.nonces.x"),
             ("pub", "attest.decision.node-a"),
+            ("sub", "attest.secret.*"),
             ("pub", "$JS.API.STREAM.DELETE.VERDICTS"),
         ],
-        "collector-node-node-a": [
+        "node-node-a": [
             ("pub", "attest.evidence.snp.node-b"),
+            ("pub", "attest.nonce.node-b"),
             ("pub", "attest.secret.node-b"),
+            ("pub", "$KV.policies.release"),
+            ("pub", "$JS.API.STREAM.INFO.KV_policies"),
+            ("sub", "attest.evidence.>"),
+            ("sub", "_INBOX_node_node-b.>"),
             ("pub", "attest.verdict.snp.node-a"),
             ("pub", "attest.decision.node-a"),
             ("sub", "attest.decision.node-b"),
@@ -1200,16 +1110,19 @@ async def test_identities_cannot_step_outside_their_subjects(
     }
     with nats_with_rendered_auth(renders["custom"], tmp_path / "nats") as url:
         for identity, tries in attempts.items():
-            allowed = await _forbidden(url, seeds[identity], tries + everyone)
+            allowed = await not_refused(url, seeds[identity], tries + everyone)
             assert allowed == [], f"{identity} was allowed: {allowed}"
         # ... while the same node's own subjects are fine.
-        assert await _forbidden(
-            url,
-            seeds["collector-node-node-a"],
-            [("pub", "attest.evidence.snp.node-a"), ("sub", "attest.decision.node-a")],
-        ) == ["attest.evidence.snp.node-a", "attest.decision.node-a"]
+        own = [
+            ("pub", "attest.nonce.node-a"),
+            ("pub", "attest.evidence.snp.node-a"),
+            ("sub", "attest.decision.node-a"),
+            ("sub", "_INBOX_node_node-a.>"),
+        ]
+        assert await not_refused(url, seeds["node-node-a"], own) == [s for _, s in own]
         # Nobody gets in without a configured key.
-        for options in ({}, {"nkeys_seed": seeds["collector"]}):  # shared user is off here
+        stranger, _ = new_user()
+        for options in ({}, {"nkeys_seed_str": stranger}):
             with pytest.raises((nats.errors.Error, OSError)):
                 await asyncio.wait_for(
                     nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1, **options),
@@ -1251,7 +1164,7 @@ def test_gen_identities_writes_usable_material(identities: dict[str, Any]) -> No
         assert mode == (0o700 if path.is_dir() else 0o600), path
     public = identities["public"]["natsUsers"]
     secrets = {s["metadata"]["name"]: s["data"] for s in identities["secrets"]["items"]}
-    for identity in ("policy", "broker", "collector", "admin", "verifier-snp"):
+    for identity in ("policy", "broker", "admin", "verifier-snp"):
         data = secrets[f"{FULLNAME}-{identity}"]
         seed = base64.b64decode(data["nats.seed"])
         nkey = public["verifiers"]["snp"] if identity == "verifier-snp" else public[identity]

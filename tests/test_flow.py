@@ -134,7 +134,7 @@ async def test_a_replayed_nonce_is_rejected(mesh: TestMesh, bus: Bus) -> None:
 
 async def test_unsigned_or_foreign_verdicts_are_ignored(mesh: TestMesh, bus: Bus) -> None:
     challenge = await bus.request(
-        subjects.NONCE, events.NonceRequest(node="node-f"), events.NonceChallenge
+        subjects.nonce("node-f"), events.NonceRequest(node="node-f"), events.NonceChallenge
     )
     forged_by = SigningKey.generate("verifier-snp")
     foreign = _forged_verdict(forged_by, "node-f", Status.AFFIRMING, nonce=challenge.nonce)
@@ -253,7 +253,7 @@ async def test_collectors_reattest_on_an_interval(mesh: TestMesh, bus: Bus) -> N
 
 async def test_routing_fields_must_agree_with_the_signed_verdict(mesh: TestMesh, bus: Bus) -> None:
     challenge = await bus.request(
-        subjects.NONCE, events.NonceRequest(node="node-m"), events.NonceChallenge
+        subjects.nonce("node-m"), events.NonceRequest(node="node-m"), events.NonceChallenge
     )
     lying = _forged_verdict(
         mesh.verifier_key,

@@ -155,7 +155,7 @@ async def test_evidence_that_does_not_prove_it_is_the_node_changes_nothing(
 
     # (c) X's genuine evidence, for X's challenge, published on Y's subject.
     challenge = await bus.request(
-        subjects.NONCE, events.NonceRequest(node="node-x"), events.NonceChallenge
+        subjects.nonce("node-x"), events.NonceRequest(node="node-x"), events.NonceChallenge
     )
     public = os.urandom(32)
     genuine = _chip(mesh, "node-x").collect(expected_report_data(challenge.nonce, public))
@@ -193,7 +193,7 @@ async def test_evidence_that_does_not_prove_it_is_the_node_changes_nothing(
 
 async def test_junk_does_not_spend_the_nodes_nonce(mesh: TestMesh, bus: Bus) -> None:
     challenge = await bus.request(
-        subjects.NONCE, events.NonceRequest(node="node-n"), events.NonceChallenge
+        subjects.nonce("node-n"), events.NonceRequest(node="node-n"), events.NonceChallenge
     )
     public = os.urandom(32)
     junk = events.EvidenceEvent(

@@ -39,6 +39,24 @@ def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path)
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
     assert _processes_mentioning(str(data_dir)) == []
     assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
+    # One NATS identity per service, per simulated node and for the operator, all private;
+    # the server admitted exactly those and nobody anonymous.
+    seeds = sorted(p.name for p in (data_dir / "identities").glob("*.nk"))
+    assert seeds == sorted(
+        [
+            "admin.nk",
+            "broker.nk",
+            "policy.nk",
+            *(f"verifier-{f}.nk" for f in ("snp", "nitro", "tpm")),
+            *(f"node-{n}.nk" for n in ("snp-1", "nitro-2", "tpm-3")),
+        ]
+    )
+    for path in (data_dir / "identities").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    server_conf = json.loads((data_dir / "nats" / "nats-server.conf").read_text())
+    assert set(server_conf) == {"authorization"} and len(server_conf["authorization"]["users"]) == 9
+    assert json.loads((data_dir / "config.json").read_text())["nats_url"].startswith("nats://")
+    assert "Violation" not in (data_dir / "nats" / "nats-server.log").read_text()
 
     # Each attestation is one trace across the up process and the three service processes
     # that handled it; the nodes alternate between the simulated families.

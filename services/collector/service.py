@@ -99,7 +99,7 @@ class CollectorNode:
 
     async def _round(self, started: float) -> RoundResult:
         challenge = await self.bus.request(
-            subjects.NONCE, events.NonceRequest(node=self.node), events.NonceChallenge
+            subjects.nonce(self.node), events.NonceRequest(node=self.node), events.NonceChallenge
         )
         private = X25519PrivateKey.generate()
         public = private.public_key().public_bytes(

@@ -79,16 +79,29 @@ class Bus:
 
     @classmethod
     async def connect(
-        cls, url: str, name: str, *, wait: float = 30.0, nkey_seed_file: str | None = None
+        cls,
+        url: str,
+        name: str,
+        *,
+        wait: float = 30.0,
+        nkey_seed_file: str | None = None,
+        inbox_prefix: str | None = None,
     ) -> Bus:
         """Connect, retrying for ``wait`` seconds so services may start before the server.
 
         ``nkey_seed_file`` names the service's NATS identity (an nkey seed); the server's
         per-identity subject permissions then bound what this service may publish.
+        Replies arrive below ``inbox_prefix`` (default: the private inbox of identity
+        ``name``), the only inbox that identity may subscribe to.
         """
         deadline = time.monotonic() + wait
+        prefix = inbox_prefix if inbox_prefix is not None else subjects.inbox(name)
+
+        refused = asyncio.Event()
 
         async def on_error(exc: Exception) -> None:
+            if "authorization" in str(exc).lower():
+                refused.set()
             log.warning("nats.error", error=type(exc).__name__, detail=str(exc)[:200])
 
         async def on_disconnect() -> None:
@@ -99,8 +112,10 @@ class Bus:
 
         while True:
             nc = Client()
-            try:
-                await nc.connect(
+            # nats-py retries a refused first connect forever (reconnects are unbounded), so
+            # a rejected identity is noticed through the error callback and ends the attempt.
+            attempt = asyncio.ensure_future(
+                nc.connect(
                     servers=[url],
                     name=name,
                     error_cb=on_error,
@@ -111,21 +126,44 @@ class Bus:
                     connect_timeout=2,
                     allow_reconnect=True,
                     nkeys_seed=nkey_seed_file,
+                    inbox_prefix=prefix,
                 )
+            )
+            watch = asyncio.ensure_future(refused.wait())
+            remaining = max(deadline - time.monotonic(), 2.0)
+            try:
+                await asyncio.wait(
+                    {attempt, watch}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                watch.cancel()
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
                 return cls(nc, name)
-            except (TimeoutError, OSError, nats.errors.Error) as exc:
-                if "authorization" in str(exc).lower():
-                    raise BusError("bus.unauthorized", f"{url}: {exc}") from None
-                with contextlib.suppress(Exception):
-                    await nc.close()
-                if time.monotonic() >= deadline:
-                    raise BusError("bus.connect_failed", f"{url}: {exc}") from None
-                await asyncio.sleep(0.25)
+            problem: BaseException | str = "timed out"
+            if attempt.done() and not attempt.cancelled():
+                problem = attempt.exception() or problem
+            else:
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await attempt
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if refused.is_set() or "authorization" in str(problem).lower():
+                raise BusError("bus.unauthorized", f"{url}: authorization violation")
+            if time.monotonic() >= deadline:
+                raise BusError("bus.connect_failed", f"{url}: {problem}")
+            await asyncio.sleep(0.25)
 
     @classmethod
     @contextlib.asynccontextmanager
     async def session(
-        cls, config: Config, name: str, *, wait: float = 30.0, declare: bool = True
+        cls,
+        config: Config,
+        name: str,
+        *,
+        wait: float = 30.0,
+        declare: bool = True,
+        inbox_prefix: str | None = None,
     ) -> AsyncIterator[Bus]:
         """Connect as ``name`` per ``config``, declare streams and buckets, close on exit.
 
@@ -133,7 +171,11 @@ class Bus:
         their NATS identity needs no JetStream API rights at all.
         """
         bus = await cls.connect(
-            config.nats_url, name, wait=wait, nkey_seed_file=config.nats_nkey_seed_file
+            config.nats_url,
+            name,
+            wait=wait,
+            nkey_seed_file=config.nats_nkey_seed_file,
+            inbox_prefix=inbox_prefix,
         )
         try:
             if declare:

@@ -109,9 +109,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
     """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides.
 
-    The file wins over the environment, except where it leaves a setting null: a saved config
-    shared by several processes (``attestmesh up``'s) leaves per-process settings, such as the
-    metrics port, to each process's environment.
+    The environment fills only what the file leaves unset (absent or null): one shared
+    ``config.json`` and per-process settings (``ATTESTMESH_NATS_NKEY_SEED_FILE``,
+    ``ATTESTMESH_METRICS_PORT``) are how ``attestmesh up`` gives each service its own NATS
+    identity and metrics port.
     """
     raw: dict[str, object] = {}
     if path is not None:

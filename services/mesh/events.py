@@ -145,13 +145,13 @@ def evidence_bytes(evidence: Evidence) -> bytes:
 
 
 class NonceRequest(Message, frozen=True, kw_only=True):
-    """attest.nonce request: a node asks for a fresh challenge."""
+    """attest.nonce.<node> request: a node asks for a fresh challenge."""
 
     node: NodeId
 
 
 class NonceChallenge(Message, frozen=True, kw_only=True):
-    """attest.nonce reply: the challenge the node must bind into its evidence."""
+    """attest.nonce.<node> reply: the challenge the node must bind into its evidence."""
 
     node: NodeId
     nonce: Nonce

@@ -3,6 +3,10 @@
 Used by ``attestmesh up`` and by the test fixtures. It listens on loopback only, on a port the
 server picks itself (read back from its log, so there is no bind race), with JetStream file
 storage under the data directory so a restart keeps every stream, consumer and bucket.
+
+With ``config_file`` (what ``up`` uses) the server also reads that file: the authorization
+block of :mod:`services.mesh.authconf`, re-read on :meth:`NatsServer.reload` or SIGHUP to its
+pid file, which is how ``attestmesh node enroll`` admits a new node to a running mesh.
 """
 
 from __future__ import annotations
@@ -35,11 +39,20 @@ def binary() -> Path:
 class NatsServer:
     """A child ``nats-server`` process; ``port`` is fixed after the first start."""
 
-    def __init__(self, store_dir: Path, *, port: int = -1, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int = -1,
+        host: str = "127.0.0.1",
+        config_file: Path | None = None,
+    ) -> None:
         self.store_dir = store_dir
         self.port = port
         self.host = host
+        self.config_file = config_file
         self.log_path = store_dir / "nats-server.log"
+        self.pid_file = store_dir / "nats-server.pid"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,7 +77,11 @@ class NatsServer:
             str(self.port),
             "--log",
             str(self.log_path),
+            "--pid",
+            str(self.pid_file),
         ]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -97,6 +114,12 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    def reload(self) -> None:
+        """Re-read the configuration file (new users) without dropping any connection."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise BusError("nats.server_not_running", "cannot reload a stopped server")
+        self._proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         self.stop()

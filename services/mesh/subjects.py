@@ -6,7 +6,7 @@ import re
 
 from services.mesh.errors import ConfigError
 
-NONCE = "attest.nonce"
+NONCE_ALL = "attest.nonce.*"
 EVIDENCE_ALL = "attest.evidence.>"
 VERDICT_ALL = "attest.verdict.>"
 DECISION_ALL = "attest.decision.>"
@@ -35,6 +35,11 @@ def token(value: str) -> str:
     return value
 
 
+def nonce(node: str) -> str:
+    """Per node, so a node's NATS identity can be allowed to ask only for its own nonces."""
+    return f"attest.nonce.{token(node)}"
+
+
 def evidence(family: str, node: str) -> str:
     return f"attest.evidence.{token(family)}.{token(node)}"
 
@@ -60,6 +65,17 @@ def secret(node: str) -> str:
 
 
 SECRET_ALL = "attest.secret.*"  # noqa: S105 - a subject, not a password
+
+
+def inbox(identity: str) -> str:
+    """The reply-inbox prefix of a service or operator identity (its private ``_INBOX``)."""
+    return f"_INBOX_{token(identity)}"
+
+
+def node_inbox(node: str) -> str:
+    """A node's reply-inbox prefix: only that node may subscribe below it, so the nonces and
+    wrapped secrets answered to it cannot be read by other nodes or by the services."""
+    return f"_INBOX_node_{token(node)}"
 
 
 def dlq(stream: str) -> str:

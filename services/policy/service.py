@@ -98,7 +98,7 @@ class PolicyService:
             history=self.history,
         )
         await self.reload()
-        await self.bus.serve(subjects.NONCE, self.on_nonce_request, queue="policy")
+        await self.bus.serve(subjects.NONCE_ALL, self.on_nonce_request, queue="policy")
 
     async def history(self, bucket: str) -> dict[str, list[bytes]]:
         """Every key's retained values in ``bucket``, oldest first (deletions left out)."""
@@ -173,6 +173,11 @@ class PolicyService:
             except ParseError as exc:
                 log.warning("nonce.bad_request", reason=exc.reason)
                 return events.Refusal(reason=exc.reason)
+            if subjects.node_of(msg.subject) != request.node:
+                # The subject is what the node's NATS identity was allowed to publish to; a
+                # body naming another node is an attempt to obtain that node's challenge.
+                log.warning("nonce.routing_mismatch", node=request.node)
+                return events.Refusal(reason="policy.routing_mismatch")
             challenge = await self.nonces.issue(request.node)
             log.info("nonce.issued", node=request.node)
             return challenge

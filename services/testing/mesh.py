@@ -59,9 +59,12 @@ class TestMesh:
         settings: dict[str, bool] | None = None,
         decision_ttl: float = 300.0,
         pinning: bool = True,
+        seeds: dict[str, str] | None = None,
     ) -> None:
         self.server = server
         self.pinning = pinning
+        self.seeds = seeds or {}
+        """identity -> nkey seed file, for a server that requires authentication."""
         self.workdir = workdir
         self.keys_dir = workdir / "keys"
         self.pki: TestPki = test_pki(workdir / "test-pki")
@@ -91,7 +94,7 @@ class TestMesh:
         name: str,
         build: Callable[[Bus], Awaitable[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]],
     ) -> None:
-        bus = await Bus.connect(self.server.url, name)
+        bus = await Bus.connect(self.server.url, name, nkey_seed_file=self.seeds.get(name))
         await bus.setup(nonce_ttl=60.0)
         run = await build(bus)
         stop = asyncio.Event()

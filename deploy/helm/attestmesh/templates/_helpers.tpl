@@ -90,7 +90,7 @@ seccompProfile:
 
 {{/*
 The NATS identities this release runs, as a JSON object: identity -> public nkey.
-Per-node collector identities are named collector-node-<node>.
+Per-node collector identities are named node-<node>.
 */}}
 {{- define "attestmesh.identities" -}}
 {{- $ids := dict -}}
@@ -101,13 +101,12 @@ Per-node collector identities are named collector-node-<node>.
 {{- $_ := set $ids "policy" (include "attestmesh.requireNkey" (dict "value" .Values.natsUsers.policy "key" "natsUsers.policy" "identity" "policy")) -}}
 {{- $_ := set $ids "broker" (include "attestmesh.requireNkey" (dict "value" .Values.natsUsers.broker "key" "natsUsers.broker" "identity" "broker")) -}}
 {{- if .Values.collector.enabled -}}
-{{- if .Values.collector.nodeIdentities.nodes -}}
+{{- if not .Values.collector.nodeIdentities.nodes -}}
+{{- fail "attestmesh: collector.enabled needs collector.nodeIdentities.nodes (one NATS user per node; issue them with `attestmesh node enroll NAME --config FILE --out DIR` or deploy/gen-identities.py --collector-nodes)" -}}
+{{- end -}}
 {{- range $node, $nkey := .Values.collector.nodeIdentities.nodes -}}
 {{- include "attestmesh.checkToken" (dict "what" "collector node" "value" $node) -}}
-{{- $_ := set $ids (printf "collector-node-%s" $node) (include "attestmesh.requireNkey" (dict "value" $nkey "key" (printf "collector.nodeIdentities.nodes.%s" $node) "identity" (printf "collector-node-%s" $node))) -}}
-{{- end -}}
-{{- else -}}
-{{- $_ := set $ids "collector" (include "attestmesh.requireNkey" (dict "value" .Values.natsUsers.collector "key" "natsUsers.collector" "identity" "collector")) -}}
+{{- $_ := set $ids (printf "node-%s" $node) (include "attestmesh.requireNkey" (dict "value" $nkey "key" (printf "collector.nodeIdentities.nodes.%s" $node) "identity" (printf "node-%s" $node))) -}}
 {{- end -}}
 {{- end -}}
 {{- if .Values.natsUsers.admin -}}

@@ -3,6 +3,10 @@ Least-privilege NATS permissions, one set per identity (DESIGN.md §5). Everythi
 allowed here is denied. Each helper returns a JSON object
 {"publish": [...], "subscribe": [...], "allow_responses": bool}; auth.conf is built from them.
 
+These are the sets of services/mesh/identities.py, the one source of the identity model
+(`attestmesh up` configures its embedded server from it); tests/test_deploy.py fails when
+the two differ, so change both together.
+
 Building blocks:
 - a durable pull consumer D on stream S filtered to F: look it up, create it only with
   that filter (the filter is part of the create subject, so a verifier cannot widen it
@@ -10,7 +14,9 @@ Building blocks:
 - a KV bucket B: read (stream info, message get), write ($KV.B.>), and watch (an ordered
   consumer with flow control);
 - dead letters: each consumer may publish only to attest.dlq.<its own stream>;
-- replies: JetStream publishes and requests answer on the client's _INBOX.
+- replies: each identity receives replies only below its own inbox prefix, _INBOX_<identity>
+  for services and the admin, _INBOX_node_<node> for a node (so nobody else can read the
+  nonces and wrapped secrets answered to it); responders answer via allow_responses.
 */}}
 
 {{- define "attestmesh.nats.streamNames" -}}
@@ -71,7 +77,7 @@ shorten retention or redirect subjects of a stream it shares with others.
 {{- $declare = include "attestmesh.nats.declare" (dict "root" $root "update" false) | fromJsonArray -}}
 {{- end -}}
 {{- $pub := list -}}
-{{- $sub := list "_INBOX.>" -}}
+{{- $sub := list (printf "_INBOX_%s.>" $id) -}}
 {{- $responder := false -}}
 {{- if hasPrefix "verifier-" $id -}}
 {{- $family := trimPrefix "verifier-" $id -}}
@@ -94,7 +100,7 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (list "attest.decision.*" "attest.dlq.VERDICTS") -}}
-{{- $sub = append $sub "attest.nonce policy" -}}
+{{- $sub = append $sub "attest.nonce.* policy" -}}
 {{- $responder = true -}}
 {{- else if eq $id "broker" -}}
 {{- $pub = concat $declare
@@ -107,13 +113,10 @@ shorten retention or redirect subjects of a stream it shares with others.
   (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.dlq.DECISIONS") -}}
 {{- $sub = append $sub "attest.secret.* broker" -}}
 {{- $responder = true -}}
-{{- else if eq $id "collector" -}}
-{{- $pub = list "attest.nonce" "attest.evidence.*.*" "attest.secret.*" -}}
-{{- $sub = concat $sub (list "attest.decision.*" "attest.revoked.*") -}}
-{{- else if hasPrefix "collector-node-" $id -}}
-{{- $node := trimPrefix "collector-node-" $id -}}
-{{- $pub = list "attest.nonce" (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node) -}}
-{{- $sub = concat $sub (list (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node)) -}}
+{{- else if hasPrefix "node-" $id -}}
+{{- $node := trimPrefix "node-" $id -}}
+{{- $pub = list (printf "attest.nonce.%s" $node) (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node) -}}
+{{- $sub = list (printf "_INBOX_node_%s.>" $node) (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node) -}}
 {{- else if eq $id "admin" -}}
 {{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" true) | fromJsonArray)
   (include "attestmesh.nats.kvRead" "collateral" | fromJsonArray)
@@ -123,7 +126,12 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
-  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray) -}}
+  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
+  (list "$JS.API.CONSUMER.INFO.EVIDENCE.*" "$JS.API.CONSUMER.INFO.VERDICTS.*" "$JS.API.CONSUMER.INFO.DECISIONS.*") -}}
+{{- $sub = append $sub "attest.revoked.*" -}}
 {{- else -}}
 {{- fail (printf "attestmesh: no NATS permissions defined for identity %q" $id) -}}
 {{- end -}}
