@@ -23,8 +23,8 @@ from services.broker.audit import AUDIT_PREFIX, AuditLog, AuditRecord
 from services.broker.checkpoint import CHECKPOINT_KEY, Checkpoint
 from services.broker.sealing import KeyFileSource
 from services.broker.store import KEYRING_KEY, load_keyring
+from services.mesh import authconf, identities, subjects
 from services.mesh import config as config_mod
-from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.errors import BusError, ConfigError, SealingError
@@ -112,7 +112,7 @@ def _checkpoint_json(anchor: Checkpoint | None) -> dict[str, Any] | None:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     since = _since(args.since)
-    async with Bus.session(config, "attestmesh-cli", wait=args.timeout, declare=False) as bus:
+    async with Bus.session(config, identities.ADMIN, wait=args.timeout, declare=False) as bus:
         log = await _open_log(bus, config)
         if args.action == "verify":
             checked = 0 if log is None else await log.verify_chain()
@@ -135,7 +135,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 def run_audit(args: argparse.Namespace) -> int:
     """Entry point for ``attestmesh audit``; maps a broken chain to exit 1."""
-    config = audit_config(args.config, args.data_dir)
+    config = authconf.signed_in_as(audit_config(args.config, args.data_dir), identities.ADMIN)
     if not 0 < args.timeout <= 600:
         raise ConfigError("cli.usage", "--timeout must be in (0, 600] seconds")
 

@@ -379,14 +379,14 @@ def _policies(args: argparse.Namespace) -> int:
     from services.policy import release_policy
     from services.policy.engine import PolicyEngine, default_policy
 
-    config = _config(args)
+    config = _admin_config(args)
     raw = _read_bounded(args.file) if args.file else default_policy().encode()
     source = release_policy.validate(raw)
     PolicyEngine(source, {"refvalues": {}, "settings": {}})  # refuse what would not compile
     operator = _operator_key(args, config)
 
     async def main() -> int:
-        async with Bus.session(config, "attestmesh-cli", wait=5.0) as bus:
+        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
             kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
             return await release_policy.store(kv, source, operator=operator)
 
