@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.mesh import otelenv
 from services.mesh.errors import ConfigError
@@ -235,3 +236,20 @@ def test_the_plain_renderer_is_one_line() -> None:
 
     line = telemetry._plain_line(None, "warning", {"event": "nats.error", "error": "Refused"})
     assert line == "attestmesh: warning: nats.error error=Refused"
+
+
+async def test_the_policy_reload_runs_in_a_span_of_its_own(
+    nats_server: NatsServer, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """``policy.loaded`` is logged at start and on every change, outside any attestation; the
+    reload's own span gives those lines a trace id (see the child-process test for the ids)."""
+    from services.testing.mesh import TestMesh
+
+    spans.clear()
+    running = TestMesh(nats_server, tmp_path)
+    try:
+        await running.start_policy()
+    finally:
+        await running.stop()
+    reloads = [span for span in spans.get_finished_spans() if span.name == "policy.reload"]
+    assert reloads and all(span.context.trace_id for span in reloads)

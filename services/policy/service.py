@@ -120,9 +120,13 @@ class PolicyService:
         return self.loader.engine if self.loader else None
 
     async def reload(self) -> None:
-        """Rebuild from KV; see :mod:`services.policy.loader` for what is refused and why."""
+        """Rebuild from KV; see :mod:`services.policy.loader` for what is refused and why.
+
+        In a span of its own, so what the reload logs (``policy.loaded``, refusals of unsigned
+        documents) carries a trace id an operator can follow like any attestation's."""
         assert self.loader is not None
-        await self.loader.reload()
+        with tracer.start_as_current_span("policy.reload"):
+            await self.loader.reload()
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Recompile whenever the policy or reference values change."""
