@@ -76,12 +76,13 @@ def configure_cli(stream: TextIO | None = None) -> None:
     """Plain one-line messages for operator commands: ``event key=value``, warnings and up.
 
     Admin commands talk to a person, not a log pipeline, and must not print structlog's
-    development console format or JSON lines; nothing is exported from them.
+    development console format or JSON lines; nothing is exported from them. The stream is
+    looked up at each line, so a caller that swaps ``sys.stderr`` (a test harness) is followed.
     """
     structlog.configure(
         processors=[_plain_line],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=lambda *_: structlog.PrintLogger(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
 
