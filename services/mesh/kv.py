@@ -88,7 +88,13 @@ class KeyValue(Protocol):
         ...
 
     async def keys(self) -> list[str]:
-        """All present keys, in no particular order."""
+        """All present keys, in no particular order.
+
+        A listing that cannot be completed raises :class:`BusError` (``kv.list_failed`` or
+        ``kv.unavailable``) and never returns a partial or empty list instead: callers derive
+        security decisions from absence (no reference values, no audit records), so an error
+        read as "empty" would loosen them.
+        """
         ...
 
     async def purge_before(self, prefix: str, revision: int) -> None:

@@ -1,7 +1,24 @@
-"""The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket."""
+"""The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket.
+
+Listing does not use nats-py's ``KeyValue.keys()``. That method reads the bucket through an
+ordered push consumer and decides the listing is complete from pending counts (the consumer
+info reply, then each message's ``num_pending``); with concurrent writes those counts reach
+zero before every subject has been delivered, so the listing ends early: short, or empty and
+then reported as ``NoKeysError``, which reads exactly like an empty bucket. (On a local server
+with writers putting and deleting other keys, 300 listings of a five-key bucket came back
+empty 19-43 times and short 3-13 times.) Here a listing is a stream-info request for the
+bucket's subjects, answered from one view of the stream, followed by a read of the last
+message on each subject to drop those whose last operation was a delete or purge. Every
+failure or inconsistency on the way raises :class:`BusError` (``kv.list_failed``); an empty
+list only ever means an empty bucket.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
@@ -21,6 +38,36 @@ _UNAVAILABLE = (
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+
+LIST_FAILED = "kv.list_failed"
+MAX_LISTED_KEYS = 100_000
+"""The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
+_LIST_CONCURRENCY = 16
+_KV_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+
+
+class _ApiError(msgspec.Struct):
+    err_code: int = 0
+
+
+class _StreamState(msgspec.Struct):
+    messages: int = 0
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfoReply(msgspec.Struct):
+    error: _ApiError | None = None
+    total: int = 0
+    state: _StreamState | None = None
+
+
+def _is_marker(headers: Mapping[str, str] | None) -> bool:
+    """A delete or purge by a client (``KV-Operation``) or by the server (a TTL marker)."""
+    if not headers:
+        return False
+    return headers.get(_KV_OPERATION) in ("DEL", "PURGE") or _MARKER_REASON in headers
 
 
 class NatsKeyValue:
@@ -87,9 +134,59 @@ class NatsKeyValue:
             raise BusError("kv.unavailable", type(exc).__name__) from None
 
     async def keys(self) -> list[str]:
+        """Every live key; raises ``kv.list_failed`` rather than ever returning a short list.
+
+        Keys written while the listing runs may or may not appear; a key that exists
+        throughout always does.
+        """
+        subjects = await self._subjects()
+        prefix = self._kv._pre
+        keys = [subject[len(prefix) :] for subject in subjects]
+        if any(not subject.startswith(prefix) for subject in subjects):
+            raise BusError(LIST_FAILED, "the bucket's stream holds a subject outside the bucket")
+        gate = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+        async def live(subject: str) -> bool:
+            async with gate:
+                return await self._live(subject)
+
+        flags = await asyncio.gather(*(live(subject) for subject in subjects))
+        return [key for key, present in zip(keys, flags, strict=True) if present]
+
+    async def _subjects(self) -> list[str]:
+        """Every subject of the bucket's stream that still holds a message."""
+        js = self._kv._js
+        request = msgspec.json.encode({"subjects_filter": f"{self._kv._pre}>"})
         try:
-            return list(await self._kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
-        except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            reply = await js._nc.request(
+                f"{js._prefix}.STREAM.INFO.{self._kv._stream}", request, timeout=js._timeout
+            )
+            info = msgspec.json.decode(reply.data, type=_StreamInfoReply)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(LIST_FAILED, f"stream info: {type(exc).__name__}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BusError(LIST_FAILED, "stream info reply is malformed") from None
+        if info.error is not None:
+            raise BusError(LIST_FAILED, f"stream info: error {info.error.err_code}")
+        if info.state is None:
+            raise BusError(LIST_FAILED, "stream info carries no state")
+        found = info.state.subjects or {}
+        if info.total != len(found) or len(found) > MAX_LISTED_KEYS:
+            raise BusError(LIST_FAILED, f"{len(found)} of {info.total} subjects returned")
+        if not found and info.state.messages > 0:
+            raise BusError(LIST_FAILED, "the stream holds messages but reports no subjects")
+        return list(found)
+
+    async def _live(self, subject: str) -> bool:
+        """Whether the last message on ``subject`` is a value, not a delete or purge marker."""
+        try:
+            msg = await self._kv._js.get_msg(
+                self._kv._stream, subject=subject, direct=self._kv._direct
+            )
+        except nats.js.errors.NotFoundError:
+            return False  # removed by age or a stream purge since the stream info
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(LIST_FAILED, f"last message: {type(exc).__name__}") from None
+        if msg.subject != subject:
+            raise BusError(LIST_FAILED, "the server answered for another subject")
+        return not _is_marker(msg.headers)
