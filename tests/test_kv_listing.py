@@ -134,3 +134,17 @@ async def test_an_audit_whose_listing_fails_reports_an_error_not_an_empty_chain(
     with pytest.raises(BusError) as caught:
         await AuditLog(kv, key).verify_chain()
     assert caught.value.reason == LIST_FAILED
+
+
+async def test_a_stream_vanishing_mid_listing_is_not_read_as_deleted_keys(bus: Bus) -> None:
+    """The per-subject read after the stream info: "stream not found" is an error, only
+    "no message on this subject" means the key is gone."""
+    kv = await _bucket(bus, subjects.BUCKET_REFVALUES)
+    await kv.create("snp", b"{}")
+    subject = f"$KV.{subjects.BUCKET_REFVALUES}.snp"
+    assert await kv._live(subject)
+    assert not await kv._live(f"$KV.{subjects.BUCKET_REFVALUES}.never-written")
+    await bus.js.delete_stream(f"KV_{subjects.BUCKET_REFVALUES}")
+    with pytest.raises(BusError) as caught:
+        await kv._live(subject)
+    assert caught.value.reason == LIST_FAILED

@@ -44,6 +44,7 @@ LIST_FAILED = "kv.list_failed"
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
+_NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 
@@ -59,7 +60,7 @@ class _StreamState(msgspec.Struct):
 
 class _StreamInfoReply(msgspec.Struct):
     error: _ApiError | None = None
-    total: int = 0
+    total: int | None = None
     state: _StreamState | None = None
 
 
@@ -171,8 +172,9 @@ class NatsKeyValue:
         if info.state is None:
             raise BusError(LIST_FAILED, "stream info carries no state")
         found = info.state.subjects or {}
-        if info.total != len(found) or len(found) > MAX_LISTED_KEYS:
-            raise BusError(LIST_FAILED, f"{len(found)} of {info.total} subjects returned")
+        total = len(found) if info.total is None else info.total
+        if total != len(found) or len(found) >= MAX_LISTED_KEYS:
+            raise BusError(LIST_FAILED, f"{len(found)} of {total} subjects returned")
         if not found and info.state.messages > 0:
             raise BusError(LIST_FAILED, "the stream holds messages but reports no subjects")
         return list(found)
@@ -183,7 +185,9 @@ class NatsKeyValue:
             msg = await self._kv._js.get_msg(
                 self._kv._stream, subject=subject, direct=self._kv._direct
             )
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code not in (None, _NO_MESSAGE_FOUND):
+                raise BusError(LIST_FAILED, f"last message: error {exc.err_code}") from None
             return False  # removed by age or a stream purge since the stream info
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError(LIST_FAILED, f"last message: {type(exc).__name__}") from None
