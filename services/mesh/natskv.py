@@ -72,7 +72,12 @@ def _is_marker(headers: Mapping[str, str] | None) -> bool:
 
 
 class NatsKeyValue:
-    """Revisioned reads and conditional writes on one JetStream KV bucket."""
+    """Revisioned reads and conditional writes on one JetStream KV bucket.
+
+    Listing reads the bucket's stream name, subject prefix and JetStream API prefix from the
+    nats-py bucket object's private attributes, as nats-py offers no public accessor; they
+    are what its own ``get`` and ``keys`` use.
+    """
 
     def __init__(self, kv: JsKeyValue) -> None:
         self._kv = kv
