@@ -16,7 +16,8 @@ from services.broker.sealing import AeadKey
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import BusError
-from services.mesh.natskv import LIST_FAILED, NatsKeyValue
+from services.mesh.kv import LIST_FAILED
+from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.testing.memkv import MemoryKeyValue
 

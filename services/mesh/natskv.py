@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue as JsKeyValue
 from services.mesh.errors import BusError
 from services.mesh.kv import (
     KEY_EXISTS,
+    LIST_FAILED,
     REVISION_CONFLICT,
     WriteConflictError,
     validate_key,
@@ -40,7 +41,6 @@ _UNAVAILABLE = (
 )
 
 
-LIST_FAILED = "kv.list_failed"
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
