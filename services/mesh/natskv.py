@@ -1,16 +1,19 @@
 """The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket.
 
 Listing does not use nats-py's ``KeyValue.keys()``. That method reads the bucket through an
-ordered push consumer and decides the listing is complete from pending counts (the consumer
-info reply, then each message's ``num_pending``); with concurrent writes those counts reach
-zero before every subject has been delivered, so the listing ends early: short, or empty and
-then reported as ``NoKeysError``, which reads exactly like an empty bucket. (On a local server
-with writers putting and deleting other keys, 300 listings of a five-key bucket came back
-empty 19-43 times and short 3-13 times.) Here a listing is a stream-info request for the
-bucket's subjects, answered from one view of the stream, followed by a read of the last
-message on each subject to drop those whose last operation was a delete or purge. Every
-failure or inconsistency on the way raises :class:`BusError` (``kv.list_failed``); an empty
-list only ever means an empty bucket.
+ordered push consumer and decides the listing is complete from pending counts: if the
+consumer-info reply it asks for right after subscribing says nothing is pending and nothing
+has been received yet, the bucket is taken to be empty. On a busy server that reply can
+arrive before the deliveries the server has already counted as sent, so the listing ends
+with no keys and raises ``NoKeysError``, which reads exactly like an empty bucket. (Seen on a
+local server with sixteen writers putting and deleting other keys: about one listing in a
+hundred of a five-key bucket came back empty, every time through that path; under heavier
+machine load some listings also came back short.)
+
+Here a listing is a stream-info request for the bucket's subjects, answered from one view of
+the stream, followed by a read of the last message on each subject to drop those whose last
+operation was a delete or purge. Every failure or inconsistency on the way raises
+:class:`BusError` (``kv.list_failed``); an empty list only ever means an empty bucket.
 """
 
 from __future__ import annotations
