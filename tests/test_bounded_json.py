@@ -13,11 +13,13 @@ import functools
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import structlog
+import structlog.testing
 
 from services.cli import main
 from services.mesh import config, events, subjects
@@ -110,6 +112,16 @@ def test_the_bound_is_inclusive() -> None:
     assert caught.value.reason == "x.evidence_malformed"
 
 
+@pytest.fixture
+def _logging_restored() -> Iterator[None]:
+    """``main()`` points logging at this test's captured stderr, closed once the test ends;
+    later tests must keep logging where the session configured it."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("_logging_restored")
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("family", JSON_FAMILIES)
 def test_cli_verify_prints_a_contraindicated_verdict(
@@ -117,7 +129,8 @@ def test_cli_verify_prints_a_contraindicated_verdict(
 ) -> None:
     evidence = tmp_path / "evidence.json"
     evidence.write_bytes(SHAPES[shape]())
-    argv = ["verify", str(evidence), "--family", family, "--roots", str(tmp_path / "none")]
+    (tmp_path / "roots").mkdir()  # no vendor roots: parsing fails before any are needed
+    argv = ["verify", str(evidence), "--family", family, "--roots", str(tmp_path / "roots")]
     assert main([*argv, "--offline", "--json"]) == 1
     verdict = json.loads(capsys.readouterr().out)
     assert verdict["status"] == "contraindicated"
@@ -164,10 +177,13 @@ def test_an_exception_escaping_a_family_becomes_a_contraindicated_appraisal(
     tmp_path: Path,
 ) -> None:
     options = VerifyOptions(now=events.utcnow(), trust=TrustStore.load(tmp_path / "none"))
-    appraisal = appraise_untrusted(_Crashing(), b"{}", options)
+    with structlog.testing.capture_logs() as logged:
+        appraisal = appraise_untrusted(_Crashing(), b'{"secret": "s3cr3t"}', options)
     assert appraisal.status == Status.CONTRAINDICATED
     assert [r.code for r in appraisal.reasons] == ["tpm.evidence_malformed"]
     assert "RecursionError" in appraisal.reasons[0].message
+    (entry,) = [e for e in logged if e["event"] == "appraise.crashed"]
+    assert entry["error"] == "RecursionError" and "s3cr3t" not in repr(logged)
 
 
 def _evidence(family: str, document: bytes) -> events.Evidence:
