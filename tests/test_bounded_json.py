@@ -13,12 +13,11 @@ import functools
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-import structlog
 import structlog.testing
 
 from services.cli import main
@@ -112,16 +111,6 @@ def test_the_bound_is_inclusive() -> None:
     assert caught.value.reason == "x.evidence_malformed"
 
 
-@pytest.fixture
-def _logging_restored() -> Iterator[None]:
-    """``main()`` points logging at this test's captured stderr, closed once the test ends;
-    later tests must keep logging where the session configured it."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-
-
-@pytest.mark.usefixtures("_logging_restored")
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("family", JSON_FAMILIES)
 def test_cli_verify_prints_a_contraindicated_verdict(
