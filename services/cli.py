@@ -23,7 +23,7 @@ from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.mesh.keys import SigningKey
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
-from services.verifier.families.base import Appraisal, Status, VerifyOptions
+from services.verifier.families.base import Appraisal, Status, VerifyOptions, appraise_untrusted
 from services.verifier.families.dcap.pcsfetch import DEFAULT_PCS
 from services.verifier.families.snp.kds import DEFAULT_KDS
 
@@ -234,7 +234,7 @@ def verify(args: argparse.Namespace) -> int:
         collateral=collateral,
         expected_report_data=expected,
     )
-    appraisal = registry.get(args.family).appraise(evidence, options)
+    appraisal = appraise_untrusted(registry.get(args.family), evidence, options)
     if args.json:
         print(json.dumps(appraisal.to_json(), indent=2, sort_keys=True))
     else:

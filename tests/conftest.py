@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -46,6 +47,15 @@ def _telemetry() -> None:
     telemetry.configure(
         "tests", level="warning", stream=sys.stderr, extra_processor=SimpleSpanProcessor(_EXPORTER)
     )
+
+
+@pytest.fixture(autouse=True)
+def _logging_kept() -> Iterator[None]:
+    """A test that runs ``attestmesh`` admin commands points logging at its own captured
+    stderr, which is closed when it ends; put back the session's, so later tests can log."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from services.mesh.boundedjson import MAX_DEPTH, depth
 from services.mesh.errors import ConfigError
 from services.mesh.keys import TrustedKeys
 
@@ -117,7 +118,10 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Con
     raw: dict[str, object] = {}
     if path is not None:
         try:
-            raw = msgspec.json.decode(Path(path).read_bytes())
+            data = Path(path).read_bytes()
+            if depth(data) > MAX_DEPTH:
+                raise ConfigError("config.invalid", f"{path}: nested deeper than {MAX_DEPTH}")
+            raw = msgspec.json.decode(data)
         except (OSError, msgspec.DecodeError) as exc:
             raise ConfigError("config.unreadable", f"{path}: {exc}") from None
         if not isinstance(raw, dict):

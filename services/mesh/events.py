@@ -18,6 +18,7 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 
 SCHEMA_VERSION = 1
@@ -260,6 +261,7 @@ def decode(data: bytes, kind: type[T]) -> T:
     """Decode one message of ``kind``; any malformed input becomes a ``ParseError``."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ParseError("wire.too_large", f"{len(data)} bytes")
+    check_depth(data, "wire.malformed")
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)

@@ -23,6 +23,7 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_=-]+(?:\.[A-Za-z0-9_=-]+)*")
 KEY_EXISTS = "kv.key_exists"
 REVISION_CONFLICT = "kv.revision_conflict"
 INVALID_KEY = "kv.invalid_key"
+LIST_FAILED = "kv.list_failed"
 
 
 class WriteConflictError(BusError):
@@ -88,7 +89,13 @@ class KeyValue(Protocol):
         ...
 
     async def keys(self) -> list[str]:
-        """All present keys, in no particular order."""
+        """All present keys, in no particular order.
+
+        A listing that cannot be completed raises :class:`BusError` (:data:`LIST_FAILED`)
+        and never returns a partial or empty list instead: callers derive security
+        decisions from absence (no reference values, no audit records), so an error read as
+        "empty" would loosen them.
+        """
         ...
 
     async def purge_before(self, prefix: str, revision: int) -> None:

@@ -1,7 +1,27 @@
-"""The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket."""
+"""The :class:`~services.mesh.kv.KeyValue` seam implemented on a NATS JetStream KV bucket.
+
+Listing does not use nats-py's ``KeyValue.keys()``. That method reads the bucket through an
+ordered push consumer and decides the listing is complete from pending counts: if the
+consumer-info reply it asks for right after subscribing says nothing is pending and nothing
+has been received yet, the bucket is taken to be empty. On a busy server that reply can
+arrive before the deliveries the server has already counted as sent, so the listing ends
+with no keys and raises ``NoKeysError``, which reads exactly like an empty bucket. (Seen on a
+local server with sixteen writers putting and deleting other keys: about one listing in a
+hundred of a five-key bucket came back empty, every time through that path; under heavier
+machine load some listings also came back short.)
+
+Here a listing is a stream-info request for the bucket's subjects, answered from one view of
+the stream, followed by a read of the last message on each subject to drop those whose last
+operation was a delete or purge. Every failure or inconsistency on the way raises
+:class:`BusError` (``kv.list_failed``); an empty list only ever means an empty bucket.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
@@ -9,6 +29,7 @@ from nats.js.kv import KeyValue as JsKeyValue
 from services.mesh.errors import BusError
 from services.mesh.kv import (
     KEY_EXISTS,
+    LIST_FAILED,
     REVISION_CONFLICT,
     WriteConflictError,
     validate_key,
@@ -23,8 +44,43 @@ _UNAVAILABLE = (
 )
 
 
+MAX_LISTED_KEYS = 100_000
+"""The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
+_LIST_CONCURRENCY = 16
+_NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
+_KV_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+
+
+class _ApiError(msgspec.Struct):
+    err_code: int = 0
+
+
+class _StreamState(msgspec.Struct):
+    messages: int = 0
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfoReply(msgspec.Struct):
+    error: _ApiError | None = None
+    total: int | None = None
+    state: _StreamState | None = None
+
+
+def _is_marker(headers: Mapping[str, str] | None) -> bool:
+    """A delete or purge by a client (``KV-Operation``) or by the server (a TTL marker)."""
+    if not headers:
+        return False
+    return headers.get(_KV_OPERATION) in ("DEL", "PURGE") or _MARKER_REASON in headers
+
+
 class NatsKeyValue:
-    """Revisioned reads and conditional writes on one JetStream KV bucket."""
+    """Revisioned reads and conditional writes on one JetStream KV bucket.
+
+    Listing reads the bucket's stream name, subject prefix and JetStream API prefix from the
+    nats-py bucket object's private attributes, as nats-py offers no public accessor; they
+    are what its own ``get`` and ``keys`` use.
+    """
 
     def __init__(self, kv: JsKeyValue) -> None:
         self._kv = kv
@@ -87,9 +143,62 @@ class NatsKeyValue:
             raise BusError("kv.unavailable", type(exc).__name__) from None
 
     async def keys(self) -> list[str]:
+        """Every live key; raises ``kv.list_failed`` rather than ever returning a short list.
+
+        Keys written while the listing runs may or may not appear; a key that exists
+        throughout always does.
+        """
+        subjects = await self._subjects()
+        prefix = self._kv._pre
+        keys = [subject[len(prefix) :] for subject in subjects]
+        if any(not subject.startswith(prefix) for subject in subjects):
+            raise BusError(LIST_FAILED, "the bucket's stream holds a subject outside the bucket")
+        gate = asyncio.Semaphore(_LIST_CONCURRENCY)
+
+        async def live(subject: str) -> bool:
+            async with gate:
+                return await self._live(subject)
+
+        flags = await asyncio.gather(*(live(subject) for subject in subjects))
+        return [key for key, present in zip(keys, flags, strict=True) if present]
+
+    async def _subjects(self) -> list[str]:
+        """Every subject of the bucket's stream that still holds a message."""
+        js = self._kv._js
+        request = msgspec.json.encode({"subjects_filter": f"{self._kv._pre}>"})
         try:
-            return list(await self._kv.keys())
-        except nats.js.errors.NoKeysError:
-            return []
-        except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            reply = await js._nc.request(
+                f"{js._prefix}.STREAM.INFO.{self._kv._stream}", request, timeout=js._timeout
+            )
+            info = msgspec.json.decode(reply.data, type=_StreamInfoReply)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(LIST_FAILED, f"stream info: {type(exc).__name__}") from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BusError(LIST_FAILED, "stream info reply is malformed") from None
+        if info.error is not None:
+            raise BusError(LIST_FAILED, f"stream info: error {info.error.err_code}")
+        if info.state is None:
+            raise BusError(LIST_FAILED, "stream info carries no state")
+        found = info.state.subjects or {}
+        total = len(found) if info.total is None else info.total
+        if total != len(found) or len(found) >= MAX_LISTED_KEYS:
+            raise BusError(LIST_FAILED, f"{len(found)} of {total} subjects returned")
+        if not found and info.state.messages > 0:
+            raise BusError(LIST_FAILED, "the stream holds messages but reports no subjects")
+        return list(found)
+
+    async def _live(self, subject: str) -> bool:
+        """Whether the last message on ``subject`` is a value, not a delete or purge marker."""
+        try:
+            msg = await self._kv._js.get_msg(
+                self._kv._stream, subject=subject, direct=self._kv._direct
+            )
+        except nats.js.errors.NotFoundError as exc:
+            if exc.err_code not in (None, _NO_MESSAGE_FOUND):
+                raise BusError(LIST_FAILED, f"last message: error {exc.err_code}") from None
+            return False  # removed by age or a stream purge since the stream info
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(LIST_FAILED, f"last message: {type(exc).__name__}") from None
+        if msg.subject != subject:
+            raise BusError(LIST_FAILED, "the server answered for another subject")
+        return not _is_marker(msg.headers)

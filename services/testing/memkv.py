@@ -5,6 +5,9 @@ for the whole bucket, create-if-absent, compare-and-set update and delete. Every
 yields to the event loop first, so ``asyncio.gather`` over several clients interleaves
 their reads and writes the way concurrent replicas would.
 
+Setting :attr:`MemoryKeyValue.list_error` makes every listing raise it, as a bucket whose
+listing fails on the bus does, so callers can be shown to fail closed without a network.
+
 Two extra methods exist for tests that play the attacker: :meth:`MemoryKeyValue.overwrite`
 writes unconditionally (an operator with raw bucket access), and
 :meth:`MemoryKeyValue.snapshot` / :meth:`MemoryKeyValue.restore` roll the whole bucket back.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
+from services.mesh.errors import BusError
 from services.mesh.kv import (
     KEY_EXISTS,
     REVISION_CONFLICT,
@@ -30,6 +34,7 @@ class MemoryKeyValue:
         self._data: dict[str, tuple[bytes, int]] = {}
         self._revision = 0
         self.writes = 0
+        self.list_error: BusError | None = None
 
     def __repr__(self) -> str:
         return f"MemoryKeyValue(keys={len(self._data)}, revision={self._revision})"
@@ -78,8 +83,10 @@ class MemoryKeyValue:
             del self._data[key]
 
     async def keys(self) -> list[str]:
-        """All present keys."""
+        """All present keys, or :attr:`list_error` raised if a test has set one."""
         await asyncio.sleep(0)
+        if self.list_error is not None:
+            raise self.list_error
         return list(self._data)
 
     async def purge_before(self, prefix: str, revision: int) -> None:

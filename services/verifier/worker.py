@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
+from services.mesh.errors import ParseError
 from services.mesh.keys import SigningKey
 from services.verifier import ear
 from services.verifier.collateral import CollateralCache, Planner
@@ -26,6 +27,8 @@ from services.verifier.families.base import (
     Reason,
     Status,
     VerifyOptions,
+    appraise_untrusted,
+    unparsable,
 )
 from services.verifier.families.dcap.ccel import CCEL_FILE
 from services.verifier.reappraisal import Reappraiser
@@ -213,4 +216,8 @@ class VerifierWorker:
             expected_report_data=expected_report_data(event.nonce, event.public_key),
             offline=self.offline,
         )
-        return self.verifier.appraise(events.evidence_bytes(event.evidence), options)
+        try:
+            evidence = events.evidence_bytes(event.evidence)
+        except ParseError as exc:
+            return unparsable(self.family, exc)
+        return appraise_untrusted(self.verifier, evidence, options)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from services.mesh.errors import AttestmeshError
+from services.mesh import telemetry
+from services.mesh.errors import AttestmeshError, ParseError
 
 if TYPE_CHECKING:
     from services.verifier.trust import TrustStore
@@ -166,6 +167,9 @@ class VerifyOptions:
     offline: bool = True
 
 
+log = telemetry.logger("verifier")
+
+
 class FamilyVerifier(Protocol):
     """One hardware family's verifier; see the module docstring for the contract."""
 
@@ -174,3 +178,30 @@ class FamilyVerifier(Protocol):
     def appraise(self, evidence: bytes, options: VerifyOptions) -> Appraisal:
         """Parse, verify and appraise ``evidence``; never raises for bad input."""
         ...
+
+
+def appraise_untrusted(
+    verifier: FamilyVerifier, evidence: bytes, options: VerifyOptions
+) -> Appraisal:
+    """``verifier.appraise(evidence, options)``, holding the family to its "never raises" promise.
+
+    Appraisal is pure: an exception is a function of the evidence and would recur on every
+    redelivery, and from ``attestmesh verify`` it would be a traceback whose exit code reads
+    like a verdict. So whatever escapes the family becomes a contraindicated appraisal at once:
+    a mesh error keeps its reason; anything else (``RecursionError``, ``ValueError``...) is an
+    input the family failed to bound, reported as ``<family>.evidence_malformed`` and logged
+    by type only, since its message may quote the evidence.
+    """
+    try:
+        return verifier.appraise(evidence, options)
+    except AttestmeshError as exc:
+        return unparsable(verifier.family, exc)
+    except Exception as exc:  # noqa: BLE001 - see the docstring: one input must not crash us
+        log.error("appraise.crashed", family=verifier.family, error=type(exc).__name__)
+        return unparsable(
+            verifier.family,
+            ParseError(
+                f"{verifier.family}.evidence_malformed",
+                f"the {verifier.family} parser failed with {type(exc).__name__}",
+            ),
+        )

@@ -25,6 +25,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 
 MAX_DOCUMENT = 1024 * 1024
@@ -136,6 +137,7 @@ def parse_evidence(data: bytes, *, tdx: bool) -> AzureEvidence:
     """Decode az-snp-vtpm (``tdx=False``) or az-tdx-vtpm evidence of any version."""
     if len(data) > MAX_DOCUMENT:
         raise ParseError("az.evidence_invalid", f"evidence is {len(data)} bytes")
+    check_depth(data, f"az-{'tdx' if tdx else 'snp'}-vtpm.evidence_malformed")
     probe = _decode(data, _Probe)
     if probe.version is None:
         if tdx:

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 
 AK_KEY_ID = "HCLAkPub"
@@ -66,6 +67,7 @@ def _b64url_int(text: str, what: str) -> int:
 
 def parse_runtime_data(data: bytes) -> RuntimeData:
     """Decode the runtime data and the RSA AK in it; raises ``ParseError``."""
+    check_depth(data, "az.runtime_data_invalid")
     try:
         doc = _DECODER.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 from services.verifier.families import cose
 
@@ -70,6 +71,7 @@ def parse_cpak(data: bytes) -> Cpak:
     """
     if len(data) > MAX_JWK_SIZE:
         raise ParseError("cca.cpak_invalid", f"JWK is larger than {MAX_JWK_SIZE} bytes")
+    check_depth(data, "cca.cpak_invalid")
     try:
         jwk = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 
 T = TypeVar("T")
@@ -274,6 +275,7 @@ def _module(module: _Module, reason: str) -> TdxModule:
 def decode_tcb_info(raw: bytes) -> TcbInfo:
     """Decode the inner ``tcbInfo`` object (the signed bytes)."""
     reason = "dcap.tcb_info_malformed"
+    check_depth(raw, reason)
     try:
         info = msgspec.json.decode(raw, type=_TcbInfo)
     except msgspec.DecodeError as exc:
@@ -303,6 +305,7 @@ def decode_tcb_info(raw: bytes) -> TcbInfo:
 def decode_qe_identity(raw: bytes) -> QeIdentity:
     """Decode the inner ``enclaveIdentity`` object (the signed bytes)."""
     reason = "dcap.qe_identity_malformed"
+    check_depth(raw, reason)
     try:
         ident = msgspec.json.decode(raw, type=_QeIdentity)
     except msgspec.DecodeError as exc:
@@ -329,6 +332,7 @@ def decode_qe_identity(raw: bytes) -> QeIdentity:
 
 def parse_tcb_info_body(body: bytes) -> Signed[TcbInfo]:
     """Split a PCS TCB info response into the signed slice, its signature and the document."""
+    check_depth(body, "dcap.tcb_info_malformed")
     try:
         envelope = msgspec.json.decode(body, type=_TcbEnvelope)
     except msgspec.DecodeError as exc:
@@ -340,6 +344,7 @@ def parse_tcb_info_body(body: bytes) -> Signed[TcbInfo]:
 
 def parse_qe_identity_body(body: bytes) -> Signed[QeIdentity]:
     """Split a PCS QE identity response into the signed slice, its signature and the document."""
+    check_depth(body, "dcap.qe_identity_malformed")
     try:
         envelope = msgspec.json.decode(body, type=_QeEnvelope)
     except msgspec.DecodeError as exc:

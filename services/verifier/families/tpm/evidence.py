@@ -25,6 +25,7 @@ from typing import Annotated
 
 import msgspec
 
+from services.mesh.boundedjson import check_depth
 from services.mesh.errors import ParseError
 from services.verifier.families.tpm.quote import PublicKey, load_public_key
 from services.verifier.families.tpm.structures import (
@@ -87,6 +88,7 @@ def parse_evidence(data: bytes) -> TpmEvidence:
     """Decode the evidence JSON and parse the AK, TPMS_ATTEST and TPMT_SIGNATURE in it."""
     if len(data) > MAX_DOCUMENT:
         raise ParseError("tpm.evidence_invalid", f"evidence is {len(data)} bytes")
+    check_depth(data, "tpm.evidence_malformed")
     try:
         doc = _DECODER.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -1,0 +1,151 @@
+"""KV listings on a real nats-server: exactly the live keys, never a short list, errors raise.
+
+A listing that silently came back empty once made an audit report "chain OK, 0 records"
+over a full bucket; these tests pin down that a listing is either complete or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from services.broker.audit import AuditLog, Outcome
+from services.broker.sealing import AeadKey
+from services.mesh import subjects
+from services.mesh.bus import Bus
+from services.mesh.errors import BusError
+from services.mesh.kv import LIST_FAILED
+from services.mesh.natskv import NatsKeyValue
+from services.mesh.server import NatsServer
+from services.testing.memkv import MemoryKeyValue
+
+
+async def _bucket(bus: Bus, name: str = subjects.BUCKET_BROKER) -> NatsKeyValue:
+    return NatsKeyValue(await bus.key_value(name))
+
+
+async def test_an_empty_bucket_lists_nothing(bus: Bus) -> None:
+    assert await (await _bucket(bus)).keys() == []
+
+
+async def test_lists_exactly_the_live_keys_despite_deletes_and_purges(bus: Bus) -> None:
+    raw = await bus.key_value(subjects.BUCKET_REFVALUES)  # history 5: markers pile up
+    kv = NatsKeyValue(raw)
+    live = {f"k{i}" for i in range(300)}
+    for key in sorted(live):
+        await kv.create(key, b"v")
+    for i in range(0, 300, 7):
+        await raw.put(f"k{i}", b"rewritten")
+    deleted = {f"k{i}" for i in range(0, 300, 5)}
+    purged = {f"k{i}" for i in range(1, 300, 11)} - deleted
+    for key in deleted:
+        await kv.delete(key)
+    for key in purged:
+        await raw.purge(key)
+    await kv.create("k5", b"back")  # deleted, then created again
+    expected = (live - deleted - purged) | {"k5"}
+
+    listed = await kv.keys()
+
+    assert len(listed) == len(set(listed))
+    assert set(listed) == expected
+    assert len(expected) < 300 - 60  # the markers really were there to be filtered
+
+
+async def test_a_bucket_of_only_deleted_keys_lists_nothing(bus: Bus) -> None:
+    kv = await _bucket(bus)
+    for i in range(20):
+        await kv.create(f"gone{i}", b"v")
+        await kv.delete(f"gone{i}")
+    assert await kv.keys() == []
+
+
+async def test_a_listing_under_concurrent_writes_is_never_short(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    """The shape that made nats-py's ``keys()`` come back empty now and then: a few keys that
+    never change, other keys put and deleted as fast as writers on other connections can."""
+    kv = await _bucket(bus)
+    stable = {f"stable{i}" for i in range(5)}
+    for key in stable:
+        await kv.create(key, b"v")
+    writer_buses = [await Bus.connect(nats_server.url, f"writer{i}") for i in range(4)]
+    buckets = [await b.key_value(subjects.BUCKET_BROKER) for b in writer_buses]
+    stop = asyncio.Event()
+
+    async def churn(n: int) -> int:
+        writer = buckets[n % len(buckets)]
+        done = 0
+        while not stop.is_set():
+            await writer.put(f"churn{n}x{done % 5}", os.urandom(8))
+            await writer.delete(f"churn{n}x{(done + 2) % 5}")
+            done += 1
+        return done
+
+    writers = [asyncio.create_task(churn(n)) for n in range(16)]
+    try:
+        for _ in range(150):
+            listed = set(await kv.keys())
+            assert stable <= listed
+            assert all(key in stable or key.startswith("churn") for key in listed)
+    finally:
+        stop.set()
+        writes = await asyncio.gather(*writers)
+        for writer_bus in writer_buses:
+            await writer_bus.close()
+    assert sum(writes) > 150  # the bucket really was busy while it was listed
+
+
+async def test_a_closed_connection_raises(nats_server: NatsServer) -> None:
+    bus = await Bus.connect(nats_server.url, "closing")
+    await bus.setup()
+    kv = await _bucket(bus)
+    await kv.create("k", b"v")
+    await bus.close()
+    with pytest.raises(BusError) as caught:
+        await kv.keys()
+    assert caught.value.reason == LIST_FAILED
+
+
+async def test_a_missing_stream_raises(bus: Bus) -> None:
+    kv = await _bucket(bus, subjects.BUCKET_REFVALUES)
+    await kv.create("snp", b"{}")
+    await bus.js.delete_stream(f"KV_{subjects.BUCKET_REFVALUES}")
+    with pytest.raises(BusError) as caught:
+        await kv.keys()
+    assert caught.value.reason == LIST_FAILED
+
+
+async def test_an_audit_whose_listing_fails_reports_an_error_not_an_empty_chain() -> None:
+    kv = MemoryKeyValue()
+    key = AeadKey.generate()
+    log = AuditLog(kv, key)
+    for i in range(3):
+        await log.append(
+            node=f"node-{i}",
+            resource="default/db",
+            decision_id=f"dec-{i}",
+            verdict_digest="ab" * 32,
+            outcome=Outcome.RELEASED,
+        )
+    assert await AuditLog(kv, key).verify_chain() == 3
+    kv.list_error = BusError(LIST_FAILED, "injected")
+    with pytest.raises(BusError) as caught:
+        await AuditLog(kv, key).verify_chain()
+    assert caught.value.reason == LIST_FAILED
+
+
+async def test_a_stream_vanishing_mid_listing_is_not_read_as_deleted_keys(bus: Bus) -> None:
+    """The per-subject read after the stream info: "stream not found" is an error, only
+    "no message on this subject" means the key is gone."""
+    kv = await _bucket(bus, subjects.BUCKET_REFVALUES)
+    await kv.create("snp", b"{}")
+    subject = f"$KV.{subjects.BUCKET_REFVALUES}.snp"
+    assert await kv._live(subject)
+    assert not await kv._live(f"$KV.{subjects.BUCKET_REFVALUES}.never-written")
+    await bus.js.delete_stream(f"KV_{subjects.BUCKET_REFVALUES}")
+    with pytest.raises(BusError) as caught:
+        await kv._live(subject)
+    assert caught.value.reason == LIST_FAILED
