@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.cli import main
 from services.collector.simulator.snp import SnpSimulator
-from services.mesh import events
+from services.mesh import boundedjson, events
 from services.mesh.bus import Bus
 from services.mesh.errors import ParseError
 from services.mesh.server import NatsServer
@@ -318,14 +318,14 @@ def test_deep_json_is_refused_before_decoding(data: bytes) -> None:
     with pytest.raises(ParseError) as caught:
         load_evidence(data)
     assert caught.value.reason == MALFORMED
-    assert "depth" in caught.value.detail
+    assert "nested deeper" in caught.value.detail
     appraisal = SnpVerifier().appraise(data, VerifyOptions(now=NOW, trust=TrustStore.load(None)))
     assert appraisal.status is Status.CONTRAINDICATED
 
 
 def test_brackets_inside_strings_do_not_count_as_depth() -> None:
-    assert jsondoc.nesting_depth(b'{"a": "[[[[{{{{\\"[["}') == 1
-    assert jsondoc.nesting_depth(b'{"a": [[1], {"b": []}]}') == 4
+    assert boundedjson.depth(b'{"a": "[[[[{{{{\\"[["}') == 1
+    assert boundedjson.depth(b'{"a": [[1], {"b": []}]}') == 4
 
 
 def test_oversized_document_is_refused() -> None:

@@ -5,8 +5,9 @@ Containers' agents wrap SNP reports and TDX quotes so), and the two are told apa
 a binary report or quote starts with a little-endian version number, never with ``{``.
 
 A document is untrusted input, so its size and nesting depth are checked before anything
-parses it: the depth with a linear scan that cannot recurse, because ``json.loads`` on a
-few thousand nested brackets raises ``RecursionError`` instead of a clean refusal. Duplicate
+parses it: the depth with :mod:`services.mesh.boundedjson`'s linear scan, the one every JSON
+parser of the mesh uses, because ``json.loads`` on a few thousand nested brackets raises
+``RecursionError`` instead of a clean refusal. Duplicate
 keys, non-finite numbers and floats are refused too: a document must mean one thing to every
 reader, and none of these formats has a fractional number in it.
 """
@@ -14,32 +15,18 @@ reader, and none of these formats has a fractional number in it.
 from __future__ import annotations
 
 import binascii
-import itertools
 import json
-import re
 from typing import Any, NoReturn
 
+from services.mesh import boundedjson
 from services.mesh.errors import ParseError
 
 _WHITESPACE = b" \t\r\n"
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def is_json_document(data: bytes) -> bool:
     """True when ``data`` is meant as a JSON object: its first non-space byte is ``{``."""
     return data.lstrip(_WHITESPACE)[:1] == b"{"
-
-
-def nesting_depth(data: bytes) -> int:
-    """The deepest bracket nesting of ``data``, ignoring brackets inside string literals.
-
-    Linear and iterative. An unterminated string leaves its brackets counted, which can only
-    make a (malformed anyway) document look deeper.
-    """
-    brackets = _STRING.sub(b"", data).translate(None, delete=_NOT_BRACKETS)
-    steps = (1 if byte in b"[{" else -1 for byte in brackets)
-    return max(itertools.accumulate(steps), default=0)
 
 
 def load_document(data: bytes, *, reason: str, max_bytes: int, max_depth: int) -> dict[str, Any]:
@@ -49,9 +36,7 @@ def load_document(data: bytes, *, reason: str, max_bytes: int, max_depth: int) -
     """
     if len(data) > max_bytes:
         raise ParseError(reason, f"JSON document of {len(data)} bytes exceeds {max_bytes}")
-    depth = nesting_depth(data)
-    if depth > max_depth:
-        raise ParseError(reason, f"JSON nesting depth {depth} exceeds {max_depth}")
+    boundedjson.check_depth(data, reason, limit=max_depth)
     try:
         document = json.loads(
             data,
