@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.mesh import telemetry
 from services.mesh.bus import Bus
 from services.mesh.server import NatsServer
+from services.testing.mesh import TestMesh
 from services.testing.vectors import roots_dir
 from services.verifier.trust import TrustStore
 
@@ -26,6 +27,18 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def mesh(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestMesh]:
+    """The whole mesh in this process (one verifier per family, policy, broker) on a real
+    nats-server, as the flow and attack tests drive it."""
+    running = TestMesh(nats_server, tmp_path)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import pytest
 from nats.aio.msg import Msg
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -21,16 +19,6 @@ from services.testing.mesh import TestMesh, ask_again
 from services.verifier import ear
 from services.verifier.families.base import Appraisal, Status
 from services.verifier.worker import derived_id
-
-
-@pytest.fixture
-async def mesh(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestMesh]:
-    running = TestMesh(nats_server, tmp_path)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 async def _dead_letters(bus: Bus, stream: str) -> list[events.DeadLetter]:

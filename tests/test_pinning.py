@@ -16,11 +16,9 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
-import pytest
 from nats.aio.msg import Msg
 
 from services import cli
@@ -42,16 +40,6 @@ from services.verifier.families.snp.parse import Product
 from services.verifier.worker import expected_report_data
 
 POLICY_DEBUG = 1 << 19
-
-
-@pytest.fixture
-async def mesh(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestMesh]:
-    running = TestMesh(nats_server, tmp_path)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 class _Revocations:

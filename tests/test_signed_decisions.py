@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -17,7 +15,6 @@ from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import Rejected
 from services.mesh.keys import SigningKey, TrustedKeys
-from services.mesh.server import NatsServer
 from services.testing.mesh import TestMesh
 from services.verifier.ear import b64url
 
@@ -98,16 +95,6 @@ def test_anything_else_is_refused_with_the_reason() -> None:
     assert _refusal(_decision(POLICY), now=NOW + timedelta(minutes=6)) == "token.expired"
     flipped = msgspec.structs.replace(_decision(POLICY), allow=True)  # plain field lies
     assert _refusal(flipped) == "collector.decision_routing_mismatch"
-
-
-@pytest.fixture
-async def mesh(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestMesh]:
-    running = TestMesh(nats_server, tmp_path)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 async def test_forged_denies_are_ignored_and_the_node_gets_its_secret(

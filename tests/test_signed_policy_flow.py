@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 
 from services.collector.service import CollectorNode, RoundResult
 from services.collector.simulator.node import SimulatedSnp
@@ -33,16 +31,6 @@ MAINTENANCE = (
     'decision := {"allow": false, "reasons": ["closed for maintenance"]}\n'
 )
 NOT_A_REFERENCE_VALUE = "claim measurement is not among the reference values"
-
-
-@pytest.fixture
-async def mesh(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[TestMesh]:
-    running = TestMesh(nats_server, tmp_path)
-    await running.start()
-    try:
-        yield running
-    finally:
-        await running.stop()
 
 
 async def _kv(bus: Bus, bucket: str) -> NatsKeyValue:
