@@ -20,7 +20,7 @@ from services import __version__
 from services.mesh import config as config_mod
 from services.mesh import identities, subjects
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
-from services.mesh.keys import SigningKey
+from services.mesh.keys import SigningKey, TrustedKeys
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import Appraisal, Status, VerifyOptions, appraise_untrusted
@@ -338,7 +338,8 @@ def _node_reset(args: argparse.Namespace) -> int:
     async def main() -> bool:
         async with Bus.session(config, identities.BROKER, wait=5.0) as bus:
             sealing = KeyFileSource.in_data_dir(Path(config.data_dir))
-            return await reset_node(bus, name, sealing) is not None
+            trusted = TrustedKeys.load(config.trusted_keys_path)
+            return await reset_node(bus, name, sealing, trusted) is not None
 
     if asyncio.run(main()):
         print(f"{name}: hardware pin cleared (audited); its next allowed attestation pins anew")

@@ -15,6 +15,7 @@ from services.broker.sealing import SealingKeySource
 from services.broker.store import load_keyring
 from services.mesh import subjects
 from services.mesh.bus import Bus
+from services.mesh.keys import TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.policy.pins import Pin, PinStore
 
@@ -22,8 +23,13 @@ PIN_RESET = "node.pin_reset"
 AUDIT_RESOURCE = "node-pin"
 
 
-async def reset_node(bus: Bus, node: str, sealing: SealingKeySource) -> Pin | None:
-    """Audit, then remove ``node``'s pin; return the pin removed (``None``: it had none)."""
+async def reset_node(
+    bus: Bus, node: str, sealing: SealingKeySource, trusted: TrustedKeys
+) -> Pin | None:
+    """Audit, then remove ``node``'s pin; return the pin removed (``None``: it had none).
+
+    ``trusted`` must hold the broker's checkpoint key: appending continues the chain from the
+    broker's last signed checkpoint, which is refused unless it verifies."""
     subjects.token(node)
     pins = PinStore(NatsKeyValue(await bus.key_value(subjects.BUCKET_PINS)))
     found = await pins.get(node)
@@ -31,7 +37,7 @@ async def reset_node(bus: Bus, node: str, sealing: SealingKeySource) -> Pin | No
         return None
     pin, _revision = found
     state = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
-    audit = AuditLog(state, await load_keyring(state, sealing))
+    audit = AuditLog(state, await load_keyring(state, sealing), trusted=trusted)
     await audit.append(
         node=node,
         resource=AUDIT_RESOURCE,

@@ -257,3 +257,35 @@ async def test_purge_before_removes_only_older_keys_under_the_prefix(bus: Bus) -
             await kv.delete(key)
     info = await bus.js.stream_info(f"KV_{subjects.BUCKET_BROKER}")
     assert info.state.messages == 3  # the three delete markers from the clean-up, no more
+
+
+async def test_maintenance_survives_a_bus_failure() -> None:
+    """A NATS hiccup during checkpointing must not end retention for good: the task logs it
+    and tries again at the next interval."""
+    from services.broker.service import BrokerService
+    from services.mesh.errors import BusError
+
+    class Flaky(BrokerService):
+        calls = 0
+
+        async def maintain(self) -> int:
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise BusError("kv.unavailable", "TimeoutError")
+            return 0
+
+    service = Flaky.__new__(Flaky)
+    service.maintenance_interval = 0.01
+    service._maintain_now = asyncio.Event()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service._maintenance(stop))
+    try:
+        for _ in range(100):
+            if Flaky.calls >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done(), task
+        assert Flaky.calls >= 3
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)

@@ -161,13 +161,35 @@ async def test_services_stay_in_their_lanes(
             ("pub", "attest.evidence.snp.node-a"),
             ("pub", "$KV.nonces.x"),
             ("pub", "$JS.API.STREAM.DELETE.EVIDENCE"),
+            # Shortening a bucket's max age would expire every pin or the audit log unseen.
+            *(("pub", f"$JS.API.STREAM.UPDATE.{s}") for s in ("KV_node-pins", "KV_broker-state")),
+            ("pub", "$JS.API.STREAM.UPDATE.EVIDENCE"),
+            ("pub", "$KV.node-pins.node-a"),
+            # A broker's own records: putting back a revoked node's older allow, or clearing
+            # its release claim, would re-admit it.
+            ("pub", "$KV.broker-state.decision.node-a"),
+            ("pub", "$KV.broker-state.answered.node-a"),
+            ("pub", "$KV.broker-state.audit.000000000001"),
+            ("pub", "$KV.broker-state.audit-checkpoint"),
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
         ],
         inbox_prefix=subjects.inbox("admin"),
     )
     assert admin == []
-    own = [("sub", "attest.revoked.*"), ("pub", "$KV.broker-state.default/x")]
+    policy = await not_refused(
+        server.url,
+        seeds["policy"],
+        [("pub", "$KV.policies.release"), ("pub", "$KV.refvalues.snp")],
+        inbox_prefix=subjects.inbox("policy"),
+    )
+    assert policy == [], "the policy service may not write what it enforces"
+    own = [
+        ("sub", "attest.revoked.*"),
+        ("pub", "$KV.broker-state.secret.default/x"),
+        ("pub", "$KV.broker-state.index"),
+        ("pub", "$KV.broker-state.keyring"),
+    ]
     allowed = await not_refused(
         server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")
     )

@@ -22,9 +22,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services import cli
-from services.broker.audit import AuditLog, Outcome
-from services.broker.sealing import KeyFileSource
-from services.broker.store import load_keyring
+from services.broker.audit import Outcome
 from services.collector.service import CollectorNode
 from services.collector.simulator.node import SimulatedSnp
 from services.collector.simulator.snp import DEFAULT_POLICY
@@ -248,6 +246,8 @@ async def test_the_nodes_own_failing_evidence_revokes_and_a_reset_repins(
         bus, "node-r", _other_chip(mesh, "node-r"), mesh.collector_trust(), decision_timeout=10
     )
     assert (await rebuilt.attest_once()).reason == "node.identity_mismatch"
+    assert mesh.broker is not None
+    await mesh.broker.maintain()  # a signed checkpoint: the reset must continue its chain
     config = tmp_path / "cli.json"
     config.write_text(json.dumps({"nats_url": mesh.server.url, "data_dir": str(mesh.workdir)}))
     out = io.StringIO()
@@ -258,9 +258,8 @@ async def test_the_nodes_own_failing_evidence_revokes_and_a_reset_repins(
     assert code == 0 and "pin cleared" in out.getvalue()
     assert await _pin_of(bus, "node-r") is None
 
-    state = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
-    sealing = KeyFileSource.in_data_dir(mesh.workdir)
-    audit = AuditLog(state, await load_keyring(state, sealing))
+    audit = await mesh.audit_log(bus)
+    assert await audit.load_checkpoint() is not None
     resets = [e for e in await audit.entries() if e.outcome is Outcome.PIN_RESET]
     assert [(e.node, e.reason) for e in resets] == [("node-r", "node.pin_reset")]
     await audit.verify_chain()

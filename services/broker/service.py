@@ -33,7 +33,14 @@ from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
-from services.mesh.errors import ParseError, Rejected, ReleaseError, SealingError, VerificationError
+from services.mesh.errors import (
+    AttestmeshError,
+    ParseError,
+    Rejected,
+    ReleaseError,
+    SealingError,
+    VerificationError,
+)
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
@@ -150,7 +157,7 @@ class BrokerService:
             self._maintain_now.clear()
             try:
                 await self.maintain()
-            except SealingError as exc:
+            except AttestmeshError as exc:  # NATS unavailable, a sealing or listing failure
                 log.error("audit.maintenance_failed", reason=exc.reason)
 
     async def flush_refusals(self) -> int:
@@ -161,7 +168,7 @@ class BrokerService:
             return 0
         try:
             await self.audit.append_summary(counts)
-        except SealingError:
+        except AttestmeshError:
             self.refusals.restore(counts)
             raise
         return sum(counts.values())
@@ -179,10 +186,14 @@ class BrokerService:
         log.info("audit.checkpointed", seq=made.seq, pruned=pruned)
         return pruned
 
-    def _read_token(self, token: str) -> HeldDecision:
+    def _read_token(self, token: str, node: str) -> HeldDecision:
+        """The signed claims of a decision about ``node``: a genuine token about another node
+        (moved under this node's key or subject) is refused like a forged one."""
         claims = self.trusted.verify(
             token, accept=lambda name: name == POLICY_SIGNER, now=self.clock()
         )
+        if claims.get("node") != node:
+            raise VerificationError("broker.decision_wrong_node", "signed for another node")
         try:
             return HeldDecision(
                 decision_id=str(claims["jti"]),
@@ -206,7 +217,7 @@ class BrokerService:
             decision = events.decode(msg.data, events.Decision)
             span.set_attribute("attestmesh.node", decision.node)
             try:
-                held = self._read_token(decision.token)
+                held = self._read_token(decision.token, decision.node)
             except VerificationError as exc:
                 if exc.reason == "token.expired":
                     return
@@ -227,7 +238,7 @@ class BrokerService:
                 previous = None
                 if current is not None:
                     with contextlib.suppress(VerificationError):
-                        previous = self._read_token(current[0].decode())
+                        previous = self._read_token(current[0].decode(), decision.node)
                 if previous is not None and previous.issued_at > held.issued_at:
                     return
                 if held.reappraisal and (
@@ -258,7 +269,7 @@ class BrokerService:
         if found is None:
             raise ReleaseError("broker.no_decision", "no decision recorded for this node")
         try:
-            return self._read_token(found[0].decode())
+            return self._read_token(found[0].decode(), node)
         except VerificationError as exc:
             if exc.reason == "token.expired":
                 raise ReleaseError("broker.decision_expired", "re-attest for a fresh one") from None

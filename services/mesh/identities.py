@@ -6,7 +6,7 @@ chart's ``_nats_permissions.tpl`` must render exactly the same sets (``tests/tes
 compares them), so the embedded default and a Kubernetes release enforce one model.
 
 Identities: ``verifier-<family>``, ``policy``, ``broker``, ``admin`` (the operator: policies,
-reference values, collateral, secrets, stream settings, and reading revocations) and one
+reference values, collateral, secrets, and reading revocations) and one
 ``node-<node>`` per TEE node. Everything not allowed here is denied by the server; there is
 no anonymous user.
 
@@ -18,7 +18,8 @@ Building blocks:
 * a KV bucket B: read (stream info, message get), write (``$KV.B.>``) and watch (an ordered
   consumer with flow control); the broker may also purge its own bucket (audit retention
   leaves no delete marker per pruned record), and only the policy service and the broker
-  write ``node-pins``, so the admin cannot clear a pin unaudited;
+  write ``node-pins``; nobody but the admin creates streams, and nobody may update one, so
+  no identity can clear pins or the audit log by shortening a bucket's retention;
 * replies: every identity receives replies only below its own inbox prefix
   (:func:`subjects.inbox`, :func:`subjects.node_inbox`); responders (policy, broker) answer
   through ``allow_responses``, which admits one reply per request received.
@@ -54,6 +55,8 @@ SERVICES = ("policy", "broker")
 BROKER = "broker"
 ADMIN = "admin"
 NODE_PREFIX = "node-"
+ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>")
+"""The ``broker-state`` keys an operator's ``secret`` commands write (see ``broker/store.py``)."""
 RESPONSES = {"max": 1, "expires": "1m"}
 """What a responder may answer: one reply per request, within a minute."""
 
@@ -148,7 +151,6 @@ def policy(*, declare_streams: bool = True) -> Permissions:
                 *kv_read(subjects.BUCKET_NONCES),
                 *kv_write(subjects.BUCKET_NONCES),
                 *kv_read(subjects.BUCKET_POLICIES),
-                *kv_write(subjects.BUCKET_POLICIES),
                 *kv_watch(subjects.BUCKET_POLICIES),
                 *kv_read(subjects.BUCKET_REFVALUES),
                 *kv_watch(subjects.BUCKET_REFVALUES),
@@ -186,17 +188,26 @@ def broker(*, declare_streams: bool = True) -> Permissions:
 
 
 def admin() -> Permissions:
-    """The operator: manage policies, reference values, collateral and secrets, change stream
-    settings, see whether the services' consumers exist, and watch revocations."""
+    """The operator: manage policies, reference values, collateral and secrets, see whether the
+    services' consumers exist, and watch revocations.
+
+    Not more: no stream *update* (shortening a bucket's max age would expire every hardware
+    pin, or the audit log, with no record; reconfiguring streams is an out-of-band step with
+    the server's own credentials), and in ``broker-state`` only the secret records, their
+    index and the keyring, never the decisions, release claims or audit log a broker writes
+    (putting back a revoked node's older allow would re-admit it).
+    """
     buckets = [
         (subjects.BUCKET_COLLATERAL, False),
         (subjects.BUCKET_REFVALUES, True),
         (subjects.BUCKET_POLICIES, True),
-        (subjects.BUCKET_BROKER, True),
     ]
-    publish = declare(update=True)
+    publish = declare(update=False)
     for bucket, watch in buckets:
         publish += kv_read(bucket) + kv_write(bucket) + (kv_watch(bucket) if watch else [])
+    broker_state = subjects.BUCKET_BROKER
+    publish += kv_read(broker_state) + kv_watch(broker_state)
+    publish += [f"$KV.{broker_state}.{key}" for key in ADMIN_BROKER_KEYS]
     publish += [
         f"$JS.API.CONSUMER.INFO.{stream}.*"
         for stream in (

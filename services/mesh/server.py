@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.mesh.errors import BusError, ConfigError
@@ -36,6 +37,29 @@ def binary() -> Path:
     return Path(found)
 
 
+@dataclass(frozen=True)
+class ClusterRole:
+    """This server's place in a JetStream cluster: its name, the port its routes listen on,
+    and every member's route URL (its own included; nats-server skips itself)."""
+
+    server_name: str
+    cluster_port: int
+    routes: tuple[str, ...]
+    cluster_name: str = "attestmesh"
+
+    def args(self, host: str) -> list[str]:
+        return [
+            "--server_name",
+            self.server_name,
+            "--cluster_name",
+            self.cluster_name,
+            "--cluster",
+            f"nats://{host}:{self.cluster_port}",
+            "--routes",
+            ",".join(self.routes),
+        ]
+
+
 class NatsServer:
     """A child ``nats-server`` process; ``port`` is fixed after the first start."""
 
@@ -46,11 +70,13 @@ class NatsServer:
         port: int = -1,
         host: str = "127.0.0.1",
         config_file: Path | None = None,
+        cluster: ClusterRole | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.port = port
         self.host = host
         self.config_file = config_file
+        self.cluster = cluster
         self.log_path = store_dir / "nats-server.log"
         self.pid_file = store_dir / "nats-server.pid"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -82,6 +108,8 @@ class NatsServer:
         ]
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
+        if self.cluster is not None:
+            args += self.cluster.args(self.host)
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -120,6 +148,13 @@ class NatsServer:
         if self._proc is None or self._proc.poll() is not None:
             raise BusError("nats.server_not_running", "cannot reload a stopped server")
         self._proc.send_signal(signal.SIGHUP)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no flush, no goodbye to the cluster."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def restart(self) -> None:
         self.stop()

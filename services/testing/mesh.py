@@ -21,6 +21,7 @@ from services.collector.service import DEFAULT_RESOURCE, CollectorNode
 from services.collector.simulator.node import TestPki, simulated_source, test_pki
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
+from services.mesh.identities import ADMIN
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
@@ -121,10 +122,18 @@ class TestMesh:
 
     async def seed_policy(self, bus: Bus) -> None:
         """The packaged policy, operator-signed, unless a policy is already stored (the
-        operator's step before a policy service can decide anything)."""
-        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-        if await kv.get(POLICY_KEY) is None:
-            await release_policy.store(kv, default_policy(), operator=self.operator_key)
+        operator's step before a policy service can decide anything). On a server that
+        requires identities it is written as the admin, as an operator would."""
+        admin = None
+        if ADMIN in self.seeds:
+            admin = await Bus.connect(self.server.url, ADMIN, nkey_seed_file=self.seeds[ADMIN])
+        try:
+            kv = NatsKeyValue(await (admin or bus).key_value(subjects.BUCKET_POLICIES))
+            if await kv.get(POLICY_KEY) is None:
+                await release_policy.store(kv, default_policy(), operator=self.operator_key)
+        finally:
+            if admin is not None:
+                await admin.close()
 
     async def start_policy(self, *, seed: bool = True) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:

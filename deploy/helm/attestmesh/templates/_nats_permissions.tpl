@@ -25,9 +25,9 @@ Building blocks:
 
 {{/*
 Stream and bucket declaration. The services declare every stream and bucket at start-up
-(Bus.setup); creating one that does not exist is all they may do. Changing an existing
-stream's configuration is reserved to the admin identity, so a compromised service cannot
-shorten retention or redirect subjects of a stream it shares with others.
+(Bus.setup); creating one that does not exist is all they may do. No identity may change an
+existing stream's configuration (shortening a bucket's max age would silently expire hardware
+pins or the audit log): that is an out-of-band step with the server's own credentials.
 */}}
 {{- define "attestmesh.nats.declare" -}}
 {{- $out := list -}}
@@ -93,7 +93,6 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvRead" "nonces" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "nonces" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
-  (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
@@ -118,7 +117,7 @@ shorten retention or redirect subjects of a stream it shares with others.
 {{- $pub = list (printf "attest.nonce.%s" $node) (printf "attest.evidence.*.%s" $node) (printf "attest.secret.%s" $node) -}}
 {{- $sub = list (printf "_INBOX_node_%s.>" $node) (printf "attest.decision.%s" $node) (printf "attest.revoked.%s" $node) -}}
 {{- else if eq $id "admin" -}}
-{{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" true) | fromJsonArray)
+{{- $pub = concat (include "attestmesh.nats.declare" (dict "root" $root "update" false) | fromJsonArray)
   (include "attestmesh.nats.kvRead" "collateral" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "collateral" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "refvalues" | fromJsonArray)
@@ -128,8 +127,8 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWrite" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
-  (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
+  (list "$KV.broker-state.keyring" "$KV.broker-state.index" "$KV.broker-state.secret.>")
   (list "$JS.API.CONSUMER.INFO.EVIDENCE.*" "$JS.API.CONSUMER.INFO.VERDICTS.*" "$JS.API.CONSUMER.INFO.DECISIONS.*") -}}
 {{- $sub = append $sub "attest.revoked.*" -}}
 {{- else -}}
