@@ -45,7 +45,7 @@ from services.mesh.errors import PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
-from services.policy import documents, release_policy
+from services.policy import documents, refvalues, release_policy
 from services.policy.documents import OPERATOR
 from services.policy.engine import default_policy
 from services.policy.release_policy import POLICY_KEY
@@ -250,6 +250,20 @@ async def seed_policy(config: Config) -> None:
         await release_policy.store(kv, default_policy(), operator=operator)
 
 
+async def seed_refvalues(config: Config) -> None:
+    """Each simulated family's reference values, operator-signed, unless some are stored.
+
+    The demo releases on status alone, which the packaged policy allows only where the
+    operator says so for the family: an explicitly signed empty document (a family with no
+    document at all is denied, so a purged one never reads as "anything goes")."""
+    operator = SigningKey.load(OPERATOR, config.keys_path / f"{OPERATOR}.key")
+    async with Bus.session(config, identities.ADMIN) as bus:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+        for family in FAMILIES:
+            if await kv.get(family) is None:
+                await refvalues.store(kv, family, {}, operator=operator)
+
+
 def _line(result: RoundResult) -> str:
     outcome = "secret released" if result.released else f"denied {result.reason}".strip()
     return f"{result.node:<10} {result.status:<16} {outcome:<28} {result.latency_ms:8.1f} ms"
@@ -368,6 +382,7 @@ def up(
         admin = as_identity(config, seeds.get(identities.ADMIN))
         asyncio.run(seed_secret(admin, DEFAULT_RESOURCE))
         asyncio.run(seed_policy(admin))
+        asyncio.run(seed_refvalues(admin))
         mesh.start()
         write_metrics_map(data_dir, mesh.metrics_ports)
         if not quiet:

@@ -19,7 +19,8 @@ GOOD: dict[str, Any] = {
 
 
 def _engine(**data: Any) -> PolicyEngine:
-    return PolicyEngine(default_policy(), data)
+    """The packaged policy; snp's reference values default to the explicit opt-out ``{}``."""
+    return PolicyEngine(default_policy(), {"refvalues": {"snp": {}}, **data})
 
 
 def test_affirming_verified_evidence_is_released() -> None:
@@ -65,7 +66,16 @@ def test_reference_values_gate_release_and_report_all_violations() -> None:
     ]
     ok = {**GOOD, "claims": {"measurement": "cc", "host_data": "11"}}
     assert engine.evaluate(ok).allow
-    assert _engine(refvalues={"tdx": {"mrtd": ["zz"]}}).evaluate(GOOD).allow
+    assert _engine(refvalues={"snp": {}, "tdx": {"mrtd": ["zz"]}}).evaluate(GOOD).allow
+
+
+@pytest.mark.parametrize("refvalues", [{}, {"tdx": {"mrtd": ["zz"]}}, None])
+def test_a_family_without_reference_values_is_denied(refvalues: dict[str, Any] | None) -> None:
+    """Purged or never provisioned: absence must never read as "any measurement will do"."""
+    data: dict[str, Any] = {} if refvalues is None else {"refvalues": refvalues}
+    outcome = PolicyEngine(default_policy(), data).evaluate(GOOD)
+    assert not outcome.allow
+    assert outcome.reasons == ["no reference values are provisioned for this family"]
 
 
 def test_a_broken_policy_fails_to_compile_with_a_reason() -> None:

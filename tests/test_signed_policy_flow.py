@@ -239,6 +239,8 @@ async def test_without_a_good_policy_the_service_runs_and_denies_until_one_arriv
         assert (await _denied(bus, running, node))["reasons"][:1] == ["policy.unavailable"]
         assert not running.running["policy"].task.done()
 
+        refs = await _kv(bus, subjects.BUCKET_REFVALUES)  # snp released on status alone
+        await refvalues.store(refs, "snp", {}, operator=running.operator_key)
         await release_policy.store(policies, default_policy(), operator=running.operator_key)
         good = await _policy_id(running, policies)
         await _attest_until(node, lambda r: r.released)
@@ -309,7 +311,7 @@ async def test_a_restarted_policy_service_still_refuses_a_rollback_and_a_deletio
     await mesh.halt("policy")
     await _overwrite(policies, POLICY_KEY, first[0])
     await refs.delete("snp")
-    await mesh.start_policy()
+    await mesh.start_policy(seed=False)  # the operator has not signed anything new
     assert mesh.policy is not None and mesh.policy.loader is not None
     assert mesh.policy.loader.policy_ledger.refusals[POLICY_KEY] == "policy.rollback"
     assert mesh.policy.loader.ref_ledger.refusals["snp"] == "refvalues.deleted"
@@ -327,3 +329,21 @@ async def test_a_restarted_policy_service_still_refuses_a_rollback_and_a_deletio
         await asyncio.sleep(0.1)
     assert claims["policy_id"] == current
     assert NOT_A_REFERENCE_VALUE in claims["reasons"], claims
+
+
+async def test_purged_reference_values_deny_on_a_restarted_replica(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    """A purge is a rollup: it leaves no history to learn the family from. The replica that
+    starts next must deny the family, not evaluate it with no reference values at all."""
+    refs = await _kv(bus, subjects.BUCKET_REFVALUES)
+    node = mesh.node(bus, "node-p")
+    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]}, operator=mesh.operator_key)
+    await _attest_until(node, lambda r: not r.allowed)
+
+    await mesh.halt("policy")
+    kv = await bus.key_value(subjects.BUCKET_REFVALUES)
+    await kv.purge("snp")
+    await mesh.start_policy(seed=False)
+    claims = await _denied(bus, mesh, node)
+    assert "no reference values are provisioned for this family" in claims["reasons"], claims

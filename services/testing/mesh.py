@@ -25,7 +25,7 @@ from services.mesh.identities import ADMIN
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
-from services.policy import release_policy
+from services.policy import refvalues, release_policy
 from services.policy.documents import OPERATOR
 from services.policy.engine import default_policy
 from services.policy.release_policy import POLICY_KEY
@@ -121,8 +121,9 @@ class TestMesh:
         await self._launch("verifier-snp", build)
 
     async def seed_policy(self, bus: Bus) -> None:
-        """The packaged policy, operator-signed, unless a policy is already stored (the
-        operator's step before a policy service can decide anything). On a server that
+        """The packaged policy and snp's explicit (empty) reference values, operator-signed,
+        unless already stored (the operator's step before a policy service can decide
+        anything; the policy denies a family with no reference values). On a server that
         requires identities it is written as the admin, as an operator would."""
         admin = None
         if ADMIN in self.seeds:
@@ -131,6 +132,9 @@ class TestMesh:
             kv = NatsKeyValue(await (admin or bus).key_value(subjects.BUCKET_POLICIES))
             if await kv.get(POLICY_KEY) is None:
                 await release_policy.store(kv, default_policy(), operator=self.operator_key)
+            refs = NatsKeyValue(await (admin or bus).key_value(subjects.BUCKET_REFVALUES))
+            if await refs.get("snp") is None:  # release on status alone, explicitly
+                await refvalues.store(refs, "snp", {}, operator=self.operator_key)
         finally:
             if admin is not None:
                 await admin.close()

@@ -1,5 +1,5 @@
-# Default release policy (fail closed: a missing input field denies): a node gets secrets only on an affirming verdict whose claims match
-# the provisioned reference values. Every violated rule adds a reason; allow means none did.
+# Default release policy (fail closed: a missing input field denies): a node gets secrets only on
+# an affirming verdict whose claims match the family's provisioned reference values. Every violated rule adds a reason; allow means none did.
 package attestmesh.release
 
 import rego.v1
@@ -22,6 +22,13 @@ deny contains sprintf("verdict status %s is not acceptable", [status_text]) if {
 
 deny contains "evidence signatures did not verify" if {
 	not input.verified == true
+}
+
+# A family with no signed reference values document is denied, never waved through: a purged
+# or deleted document must not read as "anything goes". An operator who wants a family released
+# on status alone signs an explicit empty document ({}) for it.
+deny contains "no reference values are provisioned for this family" if {
+	not data.refvalues[input.family]
 }
 
 deny contains sprintf("claim %s is not among the reference values", [name]) if {
