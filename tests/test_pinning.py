@@ -32,7 +32,9 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy.pins import PinStore
 from services.testing.mesh import TestMesh, ask_again
+from services.verifier import ear
 from services.verifier.collateral import CollateralRequest, store
+from services.verifier.families.base import Appraisal, Status
 from services.verifier.families.snp.kds import DEFAULT_KDS, crl_url
 from services.verifier.families.snp.parse import Product
 from services.verifier.worker import expected_report_data
@@ -336,3 +338,52 @@ async def test_node_reset_of_an_unpinned_or_invalid_name(
     assert invalid == 2 and "subject.bad_token" in err.getvalue()
     state = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
     assert [k for k in await state.keys() if k.startswith("audit.")] == []  # nothing to audit
+
+
+async def test_a_reappraisal_of_other_hardware_revokes_nothing(mesh: TestMesh, bus: Bus) -> None:
+    """An impostor's remembered evidence, re-appraised after a collateral change, names the
+    impostor's machine even if it reused the node's evidence id: it is refused, and the
+    node keeps its decision."""
+    node = mesh.node(bus, "node-w")
+    assert (await node.attest_once()).released
+    pin = await _pin_of(bus, "node-w")
+    assert pin is not None
+    other = "snp.chip_id:" + "ee" * 64
+    assert other != pin
+    appraisal = Appraisal(family="snp", status=Status.CONTRAINDICATED, verified=False)
+    subject = ear.Subject(
+        node="node-w",
+        evidence_id=node.last_evidence_id,
+        nonce=b"n" * 32,
+        public_key=node.last_public_key,
+    )
+    for hwid, expected in ((other, "node.identity_mismatch"), (pin, None)):
+        token = ear.issue(
+            mesh.verifier_key,
+            appraisal,
+            subject,
+            now=events.utcnow(),
+            ttl=60,
+            reappraisal=True,
+            proven_hwid=hwid,
+        )
+        verdict = events.Verdict(
+            node="node-w",
+            family="snp",
+            evidence_id=node.last_evidence_id,
+            status=Status.CONTRAINDICATED.value,
+            ear=token,
+        )
+        await bus.publish(subjects.verdict("snp", "node-w"), verdict)
+        if expected is not None:
+            letters = await _letters(bus, 1)
+            assert [d.reason for d in letters] == [expected]
+            still = await ask_again(bus, node)
+            assert still.reason == "broker.already_released", still  # not revoked
+    refused = None
+    for _ in range(40):  # the genuine re-appraisal of the node's own machine does revoke
+        refused = await ask_again(bus, node)
+        if refused.reason == "broker.revoked":
+            break
+        await asyncio.sleep(0.25)
+    assert refused is not None and refused.reason == "broker.revoked", refused

@@ -319,6 +319,10 @@ class PolicyService:
         re-appraisal is acted on: it can withdraw trust, never grant it."""
         if result.status is not Status.CONTRAINDICATED:
             raise Rejected("policy.reappraisal_not_negative", "only revocations are accepted")
+        if self.pins is not None:
+            # Evidence another machine sent under this name (even reusing the node's evidence
+            # id) was remembered under that machine's identity: it must not revoke this node.
+            await self.pins.check(verdict.node, result.hwid)
         reasons = ["re-appraisal against changed collateral"]
         await self.publish_decision(verdict, result, False, reasons, reappraisal=True)
         log.info("decision.revoked_on_reappraisal", node=verdict.node)

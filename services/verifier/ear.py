@@ -72,9 +72,17 @@ def issue(
     now: datetime,
     ttl: float,
     reappraisal: bool = False,
+    proven_hwid: str = "",
 ) -> str:
-    """Sign ``appraisal`` of ``subject`` as an EAR JWT valid for ``ttl`` seconds."""
+    """Sign ``appraisal`` of ``subject`` as an EAR JWT valid for ``ttl`` seconds.
+
+    A re-appraisal names the hardware its evidence proved when it was first verified
+    (``proven_hwid``): a revoked chain proves nothing now, yet the policy must still be able
+    to tell the node's own evidence from another machine's under its name."""
     authenticated = appraisal.authenticated
+    hwid = appraisal.hwid if authenticated else ""
+    if reappraisal and proven_hwid:
+        hwid = proven_hwid
     iat = int(now.timestamp())
     claims = {
         "eat_profile": PROFILE,
@@ -89,7 +97,7 @@ def issue(
                 "ear.appraisal-policy-id": f"attestmesh/{appraisal.family}/default",
                 "attestmesh.verified": appraisal.verified,
                 "attestmesh.authenticated": authenticated,
-                "attestmesh.hwid": appraisal.hwid if authenticated else "",
+                "attestmesh.hwid": hwid,
                 "attestmesh.claims": appraisal.claims,
                 "attestmesh.reasons": [
                     {"code": r.code, "message": r.message} for r in appraisal.reasons

@@ -71,7 +71,9 @@ class Reappraiser:
                     continue
                 worse += 1
                 self.latest[key] = (event, appraisal.status)
-                await self.worker.publish_verdict(event, appraisal, reappraisal=True)
+                await self.worker.publish_verdict(
+                    event, appraisal, reappraisal=True, proven_hwid=key[1]
+                )
         return worse
 
     async def watch(self, stop: asyncio.Event) -> None:

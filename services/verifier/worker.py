@@ -133,7 +133,12 @@ class VerifierWorker:
                 self.reappraiser.remember(event, appraisal.status, appraisal.hwid)
 
     async def publish_verdict(
-        self, event: events.EvidenceEvent, appraisal: Appraisal, *, reappraisal: bool = False
+        self,
+        event: events.EvidenceEvent,
+        appraisal: Appraisal,
+        *,
+        reappraisal: bool = False,
+        proven_hwid: str = "",
     ) -> None:
         """Sign ``appraisal`` of ``event`` as an EAR and publish it as the node's verdict.
 
@@ -154,6 +159,7 @@ class VerifierWorker:
             now=self.clock(),
             ttl=self.verdict_ttl,
             reappraisal=reappraisal,
+            proven_hwid=proven_hwid,
         )
         source = event.id
         if reappraisal:
