@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from services import cli
-from services.broker.audit import Outcome, audit_key
+from services.broker.audit import DEFAULT_MAX_RECORDS, Outcome, audit_key
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode
 from services.mesh import config as config_mod
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import ConfigError
-from services.mesh.natskv import NatsKeyValue
+from services.mesh.natskv import MAX_LISTED_KEYS, NatsKeyValue
 from services.mesh.server import NatsServer
 from services.testing.mesh import TestMesh
 
@@ -211,8 +211,12 @@ async def test_the_broker_checkpoints_on_its_own_every_n_records(
 
 def test_audit_bounds_are_configurable_and_consistent() -> None:
     config = config_mod.load(None)
-    assert (config.audit_max_records, config.audit_checkpoint_every) == (100_000, 1000)
+    assert (config.audit_max_records, config.audit_checkpoint_every) == (20_000, 1000)
+    assert config.audit_max_records == DEFAULT_MAX_RECORDS
     assert config_mod.load(None, audit_max_records=5000).audit_max_records == 5000
+    with pytest.raises(ConfigError, match="config.invalid"):
+        # The log must stay listable: a bucket listing reads at most MAX_LISTED_KEYS keys.
+        config_mod.load(None, audit_max_records=MAX_LISTED_KEYS)
     with pytest.raises(ConfigError, match="config.invalid"):
         config_mod.load(None, audit_max_records=10)  # below the checkpoint interval
     with pytest.raises(ConfigError, match="config.invalid"):

@@ -73,8 +73,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_host: str = "127.0.0.1"
     """Address of the metrics endpoint (``0.0.0.0`` in a pod, so Prometheus can scrape it)."""
     log_level: str = "info"
-    audit_max_records: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    """The broker keeps at most this many audit records behind its newest checkpoint."""
+    audit_max_records: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 20_000
+    """The broker keeps at most this many audit records behind its newest checkpoint.
+
+    Bounded well below the most keys a bucket listing reads (100,000), which the log shares
+    with the secrets and every node's decision and release claim: a log at its bound must
+    still list, or checkpoints, pruning and restarts would fail for good."""
     audit_checkpoint_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
     """The broker signs an audit checkpoint after this many records (and every interval)."""
     audit_maintenance_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
