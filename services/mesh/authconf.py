@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import nkeys  # type: ignore[import-untyped]
 
-from services.mesh import identities
+from services.mesh import identities, keys
 from services.mesh.config import Config
 from services.mesh.errors import ConfigError
 
@@ -52,15 +52,10 @@ def public_of(seed_file: Path) -> str:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by the owner only, replacing it atomically."""
+    """Write ``text`` to ``path`` readable by the owner only, replacing it atomically (in a
+    0700 directory; the temporary file is per process, so concurrent writers cannot clash)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    keys.write_private(path, text.encode())
 
 
 def identities_dir(data_dir: Path) -> Path:

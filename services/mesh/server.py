@@ -5,8 +5,8 @@ server picks itself (read back from its log, so there is no bind race), with Jet
 storage under the data directory so a restart keeps every stream, consumer and bucket.
 
 With ``config_file`` (what ``up`` uses) the server also reads that file: the authorization
-block of :mod:`services.mesh.authconf`, re-read on :meth:`NatsServer.reload` or SIGHUP to its
-pid file, which is how ``attestmesh node enroll`` admits a new node to a running mesh.
+block of :mod:`services.mesh.authconf`, re-read on SIGHUP to its pid file, which is how
+``attestmesh node enroll`` admits a new node to a running mesh.
 """
 
 from __future__ import annotations
@@ -142,12 +142,6 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-    def reload(self) -> None:
-        """Re-read the configuration file (new users) without dropping any connection."""
-        if self._proc is None or self._proc.poll() is not None:
-            raise BusError("nats.server_not_running", "cannot reload a stopped server")
-        self._proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no flush, no goodbye to the cluster."""
