@@ -1179,3 +1179,19 @@ def test_gen_identities_writes_usable_material(identities: dict[str, Any]) -> No
             assert pem.decode() == identities["public"]["trustedKeys"][identity]
     assert len(base64.b64decode(secrets[f"{FULLNAME}-broker"]["broker-sealing.key"])) == 32
     assert "signing.key" in secrets[f"{FULLNAME}-broker"]  # audit checkpoints
+
+
+@needs_helm
+@pytest.mark.parametrize("servers", [1, 3, 5])
+def test_the_chart_and_up_derive_one_replica_count(
+    identities: dict[str, Any], servers: int
+) -> None:
+    """One rule for how many copies JetStream keeps (``services.mesh.cluster.replicas_for``):
+    a majority must survive the loss of any one server (the chart's schema allows only odd
+    cluster sizes)."""
+    from services.mesh.cluster import replicas_for
+
+    docs = render(_merge(default_values(identities), {"nats": {"replicas": servers}}))
+    raw = one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
+    config = msgspec.json.decode(raw.encode(), type=Config)
+    assert config.jetstream_replicas == replicas_for(servers)

@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from services.mesh import events, metrics, subjects, telemetry
+from services.mesh.cluster import server_urls
 from services.mesh.config import Config
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 
@@ -116,7 +117,7 @@ class Bus:
             # a rejected identity is noticed through the error callback and ends the attempt.
             attempt = asyncio.ensure_future(
                 nc.connect(
-                    servers=[url],
+                    servers=server_urls(url),
                     name=name,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,

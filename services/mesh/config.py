@@ -30,6 +30,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """
 
     nats_url: str = DEFAULT_NATS_URL
+    """One server's URL, or a cluster's: every member's, comma-separated (clients fail over)."""
     nats_nkey_seed_file: str | None = None
     data_dir: str = ".attestmesh"
     roots_dir: str | None = None

@@ -130,7 +130,7 @@ Per-node collector identities are named node-<node>.
   "reattest_interval_s" .Values.config.reattest_interval_s
   "max_deliver" .Values.config.max_deliver
   "ack_wait_s" .Values.config.ack_wait_s
-  "jetstream_replicas" (int .Values.nats.replicas)
+  "jetstream_replicas" (ternary 3 1 (ge (int .Values.nats.replicas) 3))
   "allow_warning" .Values.config.allow_warning
   "log_level" .Values.config.log_level
   "health_file" "/tmp/attestmesh-health"
