@@ -201,3 +201,20 @@ async def test_racing_pins_agree_and_a_reset_frees_the_name(bus: Bus) -> None:
     loser = "snp.chip_id:bb" if winner.endswith("aa") else "snp.chip_id:aa"
     await second.pin("node-p", loser)
     assert await first.check("node-p", loser) is True
+
+
+def test_a_tpm_ak_nobody_vouches_for_names_no_machine(pki: TestPki) -> None:
+    """Anyone with a software TPM can make an AK: without a certificate chain (or a pin) it
+    must not pin a node name, nor stand in for one in re-appraisal memory."""
+    machine = SimulatedTpm(pki.tpm, seed=7)
+    expected = os.urandom(64)
+    document = machine.tpm.evidence(expected, ak_cert=None, event_log=machine.event_log)
+    appraisal = _appraise(
+        pki, "tpm", events.evidence_bytes(events.TpmEvidence(document=document)), expected
+    )
+    assert appraisal.verified and appraisal.claims["ak_trust"] == "self-asserted"
+    assert appraisal.hwid == ""
+    certified = machine.collect(expected)
+    assert _appraise(pki, "tpm", events.evidence_bytes(certified), expected).hwid.startswith(
+        "tpm.ak:"
+    )

@@ -196,6 +196,10 @@ def event_log_claims(
     return claims, True
 
 
+ANCHORED = frozenset({"certificate", "pinned"})
+"""AK trust that ties the key to a machine: a certificate chain to a TPM root, or a pin."""
+
+
 def trust_vector(
     verified: bool, ak_trust: str, bound: bool, executables: bool | None
 ) -> dict[str, int]:
@@ -290,5 +294,7 @@ class TpmVerifier:
             checks=findings.checks,
             verified=verified,
             bound=options.expected_report_data is not None and not result.binding_failures,
-            hwid=hwid.tpm(parsed.ak_public) if verified else "",
+            # An AK nobody vouches for proves no machine: anyone with a software TPM can make
+            # one, so it must not pin a node name (or stand in for one in re-appraisal).
+            hwid=hwid.tpm(parsed.ak_public) if verified and ak_trust in ANCHORED else "",
         )
