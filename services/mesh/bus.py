@@ -219,6 +219,7 @@ class Bus:
             api.KeyValueConfig(bucket=subjects.BUCKET_COLLATERAL, history=1),
             api.KeyValueConfig(bucket=subjects.BUCKET_BROKER, history=1),
             api.KeyValueConfig(bucket=subjects.BUCKET_PINS, history=5),
+            api.KeyValueConfig(bucket=subjects.BUCKET_APPRAISALS, history=1),
         ]
         for kv in buckets:
             kv.storage = api.StorageType.FILE

@@ -48,6 +48,7 @@ STREAM_NAMES = (
             subjects.BUCKET_COLLATERAL,
             subjects.BUCKET_BROKER,
             subjects.BUCKET_PINS,
+            subjects.BUCKET_APPRAISALS,
         )
     ),
 )
@@ -156,6 +157,8 @@ def policy(*, declare_streams: bool = True) -> Permissions:
                 *kv_watch(subjects.BUCKET_REFVALUES),
                 *kv_read(subjects.BUCKET_PINS),
                 *kv_write(subjects.BUCKET_PINS),
+                *kv_read(subjects.BUCKET_APPRAISALS),
+                *kv_write(subjects.BUCKET_APPRAISALS),
                 "attest.decision.*",
                 subjects.dlq(subjects.STREAM_VERDICTS),
             ]

@@ -24,6 +24,8 @@ BUCKET_POLICIES = "policies"
 BUCKET_COLLATERAL = "collateral"
 BUCKET_BROKER = "broker-state"
 BUCKET_PINS = "node-pins"
+BUCKET_APPRAISALS = "appraisals"
+"""Node -> the verdict behind its current allow decision, re-evaluated when rules change."""
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

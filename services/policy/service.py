@@ -28,13 +28,20 @@ from nats.aio.msg import Msg
 
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
-from services.mesh.errors import ParseError, PolicyError, Rejected, VerificationError
+from services.mesh.errors import (
+    AttestmeshError,
+    ParseError,
+    PolicyError,
+    Rejected,
+    VerificationError,
+)
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.policy.engine import Outcome, PolicyEngine
 from services.policy.loader import UNAVAILABLE, Loader
 from services.policy.nonces import NonceStore
 from services.policy.pins import PinStore
+from services.policy.reevaluation import Standing
 from services.policy.release_policy import POLICY_KEY
 from services.verifier import ear
 from services.verifier.families.base import Status
@@ -77,6 +84,7 @@ class PolicyService:
         self.clock = clock
         self.loader: Loader | None = None
         self.nonces: NonceStore | None = None
+        self.standing: Standing | None = None
 
     async def start(self) -> None:
         """Start serving even with no usable policy: decisions are then denied with a reason
@@ -90,6 +98,11 @@ class PolicyService:
             self.pins = PinStore(
                 NatsKeyValue(await self.bus.key_value(subjects.BUCKET_PINS)), clock=self.clock
             )
+        self.standing = Standing(
+            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_APPRAISALS)),
+            self.trusted,
+            self.clock,
+        )
         self.loader = Loader(
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES)),
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_REFVALUES)),
@@ -126,7 +139,35 @@ class PolicyService:
         documents) carries a trace id an operator can follow like any attestation's."""
         assert self.loader is not None
         with tracer.start_as_current_span("policy.reload"):
+            before = self.loader.engine
             await self.loader.reload()
+            if before is not None and self.loader.engine is not before:
+                await self.reevaluate()
+
+    async def reevaluate(self) -> int:
+        """A rule changed: withdraw every allow decision the new rules would not make."""
+        assert self.loader is not None and self.standing is not None
+        engine = self.loader.engine
+        if engine is None:
+            return 0
+
+        def evaluate(verdict: events.Verdict, result: ear.Result) -> tuple[bool, list[str]]:
+            blocked = self.loader.blocked_for(result.family) if self.loader else [UNAVAILABLE]
+            if blocked:
+                return False, blocked
+            outcome = self._evaluate(engine, self._document(verdict, result))
+            return outcome.allow, outcome.reasons
+
+        async def publish(verdict: events.Verdict, result: ear.Result, why: list[str]) -> None:
+            await self.publish_decision(
+                verdict, result, False, why, reappraisal=True, source=engine.policy_id
+            )
+
+        try:
+            return await self.standing.reevaluate(evaluate, publish)
+        except AttestmeshError as exc:
+            log.error("reevaluation.failed", reason=exc.reason)
+            return 0
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Recompile whenever the policy or reference values change."""
@@ -221,18 +262,7 @@ class PolicyService:
                 log.warning("verdict.denied_blocked", node=verdict.node, reasons=blocked)
                 allow, reasons = False, blocked or [UNAVAILABLE]
             else:
-                outcome = self._evaluate(
-                    engine,
-                    {
-                        "family": result.family,
-                        "status": str(result.status),
-                        "verified": result.verified,
-                        "claims": result.claims,
-                        "reasons": [r.get("code", "") for r in result.reasons],
-                        "simulated": result.subject.simulated,
-                        "node": verdict.node,
-                    },
-                )
+                outcome = self._evaluate(engine, self._document(verdict, result))
                 allow, reasons = outcome.allow, outcome.reasons
             if allow and self.pins is not None and not pinned:
                 await self.refuse_on_error(
@@ -243,6 +273,24 @@ class PolicyService:
                 log.info("node.pinned", node=verdict.node, hwid=result.hwid)
             await self.publish_decision(verdict, result, allow, reasons)
             span.set_attribute("attestmesh.allow", allow)
+            assert self.standing is not None
+            if allow:
+                await self.standing.allowed(verdict)
+            else:
+                await self.standing.denied(verdict.node)
+
+    @staticmethod
+    def _document(verdict: events.Verdict, result: ear.Result) -> dict[str, Any]:
+        """The release policy's input: what the signed EAR says about the evidence."""
+        return {
+            "family": result.family,
+            "status": str(result.status),
+            "verified": result.verified,
+            "claims": result.claims,
+            "reasons": [r.get("code", "") for r in result.reasons],
+            "simulated": result.subject.simulated,
+            "node": verdict.node,
+        }
 
     @staticmethod
     def _evaluate(engine: PolicyEngine, document: dict[str, Any]) -> Outcome:
@@ -335,10 +383,13 @@ class PolicyService:
         reasons: list[str],
         *,
         reappraisal: bool = False,
+        source: str = "",
     ) -> None:
+        """``source`` tells apart decisions about one verdict made under different rules (a
+        re-evaluation after a policy change), which de-duplication must not merge."""
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
-        decision_id = derived_id("decision", verdict.id)
+        decision_id = derived_id("decision", f"{verdict.id}:{source}" if source else verdict.id)
         token = self.key.sign(
             {
                 "iat": int(now.timestamp()),

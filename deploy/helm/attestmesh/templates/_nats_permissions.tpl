@@ -20,7 +20,7 @@ Building blocks:
 */}}
 
 {{- define "attestmesh.nats.streamNames" -}}
-{{- toJson (list "EVIDENCE" "VERDICTS" "DECISIONS" "DLQ" "KV_nonces" "KV_refvalues" "KV_policies" "KV_collateral" "KV_broker-state" "KV_node-pins") -}}
+{{- toJson (list "EVIDENCE" "VERDICTS" "DECISIONS" "DLQ" "KV_nonces" "KV_refvalues" "KV_policies" "KV_collateral" "KV_broker-state" "KV_node-pins" "KV_appraisals") -}}
 {{- end -}}
 
 {{/*
@@ -98,6 +98,8 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWatch" "refvalues" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "appraisals" | fromJsonArray)
+  (include "attestmesh.nats.kvWrite" "appraisals" | fromJsonArray)
   (list "attest.decision.*" "attest.dlq.VERDICTS") -}}
 {{- $sub = append $sub "attest.nonce.* policy" -}}
 {{- $responder = true -}}

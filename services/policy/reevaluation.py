@@ -1,0 +1,80 @@
+"""Tightened rules take effect at once: on a policy or reference-value change, every node's
+allowed verdict is appraised again, and a node that no longer passes is revoked.
+
+Why not wait for the next re-attestation: a decision stays valid for minutes, and an operator
+who withdraws a measurement (a vulnerable firmware build) or switches to a deny-all policy
+means now. The verdicts behind the current allow decisions live in the ``appraisals`` bucket,
+which every policy replica reads, so whichever replica sees the change first acts on it (the
+others' identical decisions are de-duplicated by id). Like a re-appraisal against changed
+collateral, this can only withdraw trust: it publishes deny decisions, never allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from services.mesh import events, telemetry
+from services.mesh.errors import ParseError, VerificationError
+from services.mesh.keys import TrustedKeys
+from services.mesh.kv import KeyValue
+from services.verifier import ear
+
+log = telemetry.logger("policy")
+
+REASON = "policy.tightened"
+"""The reason a re-evaluation's deny carries before the policy's own reasons."""
+
+Evaluate = Callable[[events.Verdict, ear.Result], tuple[bool, list[str]]]
+Publish = Callable[[events.Verdict, ear.Result, list[str]], Awaitable[None]]
+
+
+class Standing:
+    """The verdict behind each node's current allow decision (node -> the signed verdict)."""
+
+    def __init__(self, kv: KeyValue, trusted: TrustedKeys, clock: Callable[[], datetime]) -> None:
+        self._kv = kv
+        self._trusted = trusted
+        self._clock = clock
+
+    async def allowed(self, verdict: events.Verdict) -> None:
+        """Remember the verdict an allow decision was made on (the node's latest)."""
+        found = await self._kv.get(verdict.node)
+        payload = events.encode(verdict)
+        if found is None:
+            await self._kv.create(verdict.node, payload)
+        else:
+            await self._kv.update(verdict.node, payload, found[1])
+
+    async def denied(self, node: str) -> None:
+        """The node's latest decision is a deny: nothing of it is left to withdraw."""
+        if await self._kv.get(node) is not None:
+            await self._kv.delete(node)
+
+    async def reevaluate(self, evaluate: Evaluate, publish: Publish) -> int:
+        """Appraise every remembered verdict again; deny (and forget) those that no longer
+        pass. Returns how many nodes were denied. A listing error raises: the caller logs it
+        and tries again at the next change, and the decisions' expiry still bounds them."""
+        denied = 0
+        for node in await self._kv.keys():
+            found = await self._kv.get(node)
+            if found is None:
+                continue
+            try:
+                verdict = events.decode(found[0], events.Verdict)
+                result = ear.read(verdict.ear, self._trusted, now=self._clock())
+            except (ParseError, VerificationError) as exc:
+                # Expired (its decision has too) or unreadable: nothing left to withdraw.
+                log.info("reevaluation.dropped", node=node, reason=exc.reason)
+                await self._kv.delete(node)
+                continue
+            allow, reasons = evaluate(verdict, result)
+            if allow:
+                continue
+            await publish(verdict, result, [REASON, *reasons])
+            await self._kv.delete(node)
+            denied += 1
+        if denied:
+            log.warning("reevaluation.revoked", nodes=denied)
+        return denied
+

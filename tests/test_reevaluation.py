@@ -1,0 +1,101 @@
+"""A tightened rule takes effect at once: when the operator signs a deny-all policy or withdraws
+a node's measurement from the reference values, running nodes are revoked within seconds
+(not at their next re-attestation), and a loosened rule revokes nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from services.mesh import events, subjects
+from services.mesh.bus import Bus
+from services.mesh.natskv import NatsKeyValue
+from services.policy import refvalues, release_policy
+from services.policy.reevaluation import REASON
+from services.testing.mesh import TestMesh, ask_again
+
+DENY_ALL = (
+    "package attestmesh.release\nimport rego.v1\n"
+    'decision := {"allow": false, "reasons": ["all releases suspended"]}\n'
+)
+WITHIN_S = 5.0
+
+
+async def _revocations(
+    bus: Bus, node: str
+) -> tuple[asyncio.Queue[events.Revocation], Subscription]:
+    found: asyncio.Queue[events.Revocation] = asyncio.Queue()
+
+    async def on_revoked(msg: Msg) -> None:
+        found.put_nowait(events.decode(msg.data, events.Revocation))
+
+    return found, await bus.nc.subscribe(subjects.revoked(node), cb=on_revoked)
+
+
+async def _signed_reasons(bus: Bus, mesh: TestMesh, node: str) -> list[str]:
+    """The reasons the policy signed into the node's latest decision."""
+    sub = await bus.js.subscribe(subjects.decision(node), ordered_consumer=True)
+    latest = None
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                break
+            latest = events.decode(msg.data, events.Decision)
+    finally:
+        await sub.unsubscribe()
+    assert latest is not None
+    claims = mesh.trusted.verify(latest.token, accept=lambda n: n == "policy")
+    reasons: list[str] = claims["reasons"]
+    return reasons
+
+
+async def test_withdrawn_reference_values_revoke_a_running_node(mesh: TestMesh, bus: Bus) -> None:
+    node = mesh.node(bus, "node-rv")
+    assert (await node.attest_once()).released
+    revoked, sub = await _revocations(bus, "node-rv")
+    refs = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+    started = time.monotonic()
+    await refvalues.store(refs, "snp", {"measurement": ["00" * 48]}, operator=mesh.operator_key)
+    announcement = await asyncio.wait_for(revoked.get(), WITHIN_S)
+    took = time.monotonic() - started
+    assert announcement.node == "node-rv" and took < WITHIN_S
+    refused = await ask_again(bus, node)
+    assert not refused.ok and refused.reason == "broker.revoked"
+    reasons = await _signed_reasons(bus, mesh, "node-rv")
+    assert reasons[0] == REASON
+    assert "claim measurement is not among the reference values" in reasons
+    await sub.unsubscribe()
+
+
+async def test_a_deny_all_policy_revokes_every_running_node(mesh: TestMesh, bus: Bus) -> None:
+    nodes = [mesh.node(bus, f"node-d{i}") for i in range(3)]
+    for node in nodes:
+        assert (await node.attest_once()).released
+    watches = [await _revocations(bus, n.node) for n in nodes]
+    policies = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+    await release_policy.store(policies, DENY_ALL, operator=mesh.operator_key)
+    for (revoked, _), node in zip(watches, nodes, strict=True):
+        announcement = await asyncio.wait_for(revoked.get(), WITHIN_S)
+        assert announcement.node == node.node
+        assert (await ask_again(bus, node)).reason == "broker.revoked"
+    for _, sub in watches:
+        await sub.unsubscribe()
+
+
+async def test_a_loosened_rule_revokes_nobody(mesh: TestMesh, bus: Bus) -> None:
+    refs = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+    node = mesh.node(bus, "node-ok")
+    result = await node.attest_once()
+    assert result.released
+    revoked, sub = await _revocations(bus, "node-ok")
+    # Re-signed, still admitting everything: the policy recompiles and re-evaluates.
+    await refvalues.store(refs, "snp", {"measurement": []}, operator=mesh.operator_key)
+    await asyncio.sleep(2.0)
+    assert revoked.empty()
+    assert (await ask_again(bus, node)).reason == "broker.already_released"  # still in force
+    await sub.unsubscribe()
