@@ -64,9 +64,9 @@ class Outcome(enum.StrEnum):
     PIN_RESET = "pin_reset"
     """An operator released a node's hardware pin (``attestmesh node reset``)."""
     SUMMARY = "summary"
-    SECRET_PUT = "secret_put"
+    SECRET_PUT = "secret_put"  # noqa: S105 - an outcome name, not a credential
     """An operator stored a secret (``attestmesh secret put``): ``actor`` says who."""
-    SECRET_DELETED = "secret_deleted"
+    SECRET_DELETED = "secret_deleted"  # noqa: S105 - an outcome name
     """An operator deleted a secret (``attestmesh secret delete``)."""
 
 

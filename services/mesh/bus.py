@@ -251,9 +251,7 @@ class Bus:
         except nats.js.errors.BadRequestError as exc:
             log.warning("bus.bucket_exists", bucket=config.bucket, detail=exc.description)
 
-    async def _retry(
-        self, op: Callable[[], Awaitable[Any]], retry_for: float | None = None
-    ) -> Any:
+    async def _retry(self, op: Callable[[], Awaitable[Any]], retry_for: float | None = None) -> Any:
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         while True:
             try:

@@ -14,15 +14,16 @@ the claim instead would make the policy stop checking it, letting any value thro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from services.mesh import subjects
+from services.mesh import events, subjects
 from services.mesh.errors import PolicyError
-from services.mesh.keys import SigningKey
-from services.mesh.kv import KeyValue
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.mesh.kv import KeyValue, WriteConflictError
 from services.policy import documents
 
 MAX_VALUES_PER_CLAIM = 10_000
@@ -112,3 +113,54 @@ async def store(kv: KeyValue, family: str, values: RefValues, *, operator: Signi
     return await documents.put_signed(
         kv, operator, bucket=subjects.BUCKET_REFVALUES, key=family, payload=raw
     )
+
+
+async def modify(
+    kv: KeyValue,
+    family: str,
+    change: Callable[[RefValues], RefValues],
+    *,
+    operator: SigningKey,
+    trusted: TrustedKeys,
+) -> tuple[int, RefValues]:
+    """Apply ``change`` to ``family``'s stored values and store the result signed.
+
+    What is stored must verify under ``trusted`` first: re-signing an entry nobody trusted
+    would launder whatever a writer of the bucket put there. Compare-and-set on the revision
+    read, so two operators changing one family at once both land (one retries).
+    """
+    while True:
+        found = await kv.get(family)
+        current: RefValues = {}
+        if found is not None:
+            document = documents.open_signed(
+                found[0], trusted, bucket=subjects.BUCKET_REFVALUES, key=family, kind="refvalues"
+            )
+            current = validate(document.payload)
+        values = change({claim: list(allowed) for claim, allowed in current.items()})
+        raw = encode(values)
+        validate(raw)
+        issued_at = events.utcnow()
+        version = documents.next_version(
+            found[0] if found else None,
+            operator,
+            issued_at,
+            bucket=subjects.BUCKET_REFVALUES,
+            key=family,
+        )
+        sealed = documents.seal(
+            operator,
+            bucket=subjects.BUCKET_REFVALUES,
+            key=family,
+            payload=raw,
+            version=version,
+            issued_at=issued_at,
+        )
+        try:
+            if found is None:
+                await kv.create(family, sealed)
+            else:
+                await kv.update(family, sealed, found[1])
+        except WriteConflictError:
+            continue
+        return version, values

@@ -31,6 +31,8 @@ TEST_TIMEOUT_S = 10.0
 CHECK_DATA: dict[str, Any] = {"refvalues": {}, "settings": {}}
 """The data a policy is compiled and tested with: tests supply their own with ``with``."""
 _PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*$", re.M)
+_MESSAGE = re.compile(r"^([^\n]+)\n-- ([^\s:]+:\d+:\d+)$", re.M)
+"""The interpreter's human-readable errors: a message, then ``-- file:line:col``."""
 _TEST_RULE = re.compile(r"^(test_[A-Za-z0-9_]*)\b(?=\s*(?:if\b|\{|:=|=|contains\b))", re.M)
 
 
@@ -66,10 +68,13 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def compile_policy(raw: bytes) -> str:
-    """The policy source if it is bounded UTF-8 that compiles; ``PolicyError`` otherwise."""
+def compile_policy(raw: bytes, name: str = "release.rego") -> str:
+    """The policy source if it is bounded UTF-8 that compiles; ``PolicyError`` carrying the
+    compiler's messages (``file:line:col: message``) otherwise."""
     source = release_policy.validate(raw)
-    PolicyEngine(source, CHECK_DATA)
+    answer = _child({"modules": {name: source}, "query": None})
+    if answer.get("outcome") != "pass":
+        raise PolicyError("policy.compile_failed", str(answer.get("detail", ""))[:1000])
     return source
 
 
@@ -95,7 +100,7 @@ def find_test_rules(source: str) -> tuple[str, list[str]]:
 def check(policy: Path) -> CheckResult:
     """Compile ``policy``, then run every test beside it; ``PolicyError`` if it does not
     compile. A test module that does not compile fails each of its tests (``error``)."""
-    source = compile_policy(_read(policy))
+    source = compile_policy(_read(policy), policy.name)
     plan: list[tuple[str, str, str, str]] = []
     for path in find_test_files(policy):
         text = release_policy.validate(_read(path))
@@ -145,20 +150,33 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         return {"outcome": "error", "detail": f"no result within {TEST_TIMEOUT_S:.0f} s"}
     if done.returncode < 0:
-        return {"outcome": "crashed", "detail": f"the Rego interpreter died (signal {-done.returncode})"}
-    lines = done.stdout.strip().splitlines()
+        died = f"the Rego interpreter died (signal {-done.returncode})"
+        return {"outcome": "crashed", "detail": died}
+    text = done.stdout.decode(errors="replace")
+    lines = text.strip().splitlines()
     try:
         # The interpreter prints compile errors to stdout itself; the answer is the last line.
         answer: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     except ValueError:
         return {"outcome": "crashed", "detail": f"the Rego interpreter exited {done.returncode}"}
+    located = _MESSAGE.findall(text)
+    if located and answer.get("outcome") != "pass":
+        answer["detail"] = "; ".join(f"{where}: {message.strip()}" for message, where in located)
     return answer
 
 
 def _evaluate(request: dict[str, Any]) -> dict[str, str]:
-    """In the child: load the modules, then run the query."""
+    """In the child: load the modules, then run the query (``None``: compile the policy as
+    the policy service does)."""
     import regopy
 
+    if request["query"] is None:
+        ((name, source),) = request["modules"].items()
+        try:
+            PolicyEngine(source, CHECK_DATA, policy_id=name)
+        except PolicyError as exc:
+            return {"outcome": "error", "detail": exc.detail}
+        return {"outcome": "pass"}
     interpreter = regopy.Interpreter()
     try:
         for name, text in request["modules"].items():
