@@ -74,7 +74,9 @@ def compile_policy(raw: bytes, name: str = "release.rego") -> str:
     source = release_policy.validate(raw)
     answer = _child({"modules": {name: source}, "query": None})
     if answer.get("outcome") != "pass":
-        raise PolicyError("policy.compile_failed", str(answer.get("detail", ""))[:1000])
+        # The engine names its module release.rego whatever the file is called.
+        detail = str(answer.get("detail", "")).replace("release.rego:", f"{name}:")
+        raise PolicyError("policy.compile_failed", detail[:1000])
     return source
 
 
