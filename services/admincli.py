@@ -85,7 +85,7 @@ def operator_key(args: argparse.Namespace, config: Config) -> SigningKey:
     from services.policy.documents import OPERATOR
 
     path = getattr(args, "operator_key", None) or config.keys_path / f"{OPERATOR}.key"
-    return SigningKey.load(OPERATOR, path)
+    return SigningKey.load(OPERATOR, Path(path))
 
 
 def timeout_of(args: argparse.Namespace) -> float:

@@ -116,7 +116,14 @@ def _checkpoint_json(anchor: Checkpoint | None) -> dict[str, Any] | None:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     since = _since(args.since)
-    async with Bus.session(config, identities.ADMIN, wait=args.timeout, declare=False) as bus:
+    async with Bus.session(
+        config,
+        identities.ADMIN,
+        wait=args.timeout,
+        declare=False,
+        retry_for=args.timeout,
+        quiet=True,
+    ) as bus:
         log = await _open_log(bus, config)
         if args.action == "verify":
             checked = 0 if log is None else await log.verify_chain()

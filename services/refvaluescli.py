@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -52,7 +53,7 @@ def add_parser(sub: Any) -> None:
     replace.add_argument("family", choices=registry.families())
     replace.add_argument("file", help='JSON: {"measurement": ["<hex>", ...], ...}; - for stdin')
     for parser in (add, remove, replace):
-        parser.add_argument("--operator-key", help=admincli.OPERATOR_KEY_HELP)
+        parser.add_argument("--operator-key", type=Path, help=admincli.OPERATOR_KEY_HELP)
     for parser in (add, listing, remove, replace):
         admincli.add_target(parser)
 
