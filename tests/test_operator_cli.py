@@ -42,12 +42,12 @@ def test_the_cli_signs_what_it_writes(
     )
     values = tmp_path / "refs.json"
     values.write_text(json.dumps({"measurement": [MEASUREMENT.upper()]}))
-    policy = tmp_path / "policy" / "release.rego"
-    policy.parent.mkdir()
-    policy.write_text(default_policy())
+    policy_file = tmp_path / "policy" / "release.rego"
+    policy_file.parent.mkdir()
+    policy_file.write_text(default_policy())
 
     assert cli.main(["refvalues", "set", "snp", str(values), "--config", str(config)]) == 0
-    assert cli.main(["policy", "set", str(policy), "--config", str(config)]) == 0
+    assert cli.main(["policy", "set", str(policy_file), "--config", str(config)]) == 0
     raw = asyncio.run(_stored(nats_server.url, subjects.BUCKET_REFVALUES, "snp"))
     assert raw is not None
     document = documents.open_signed(

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +26,7 @@ from services.mesh.server import NatsServer
 from services.policy.engine import default_policy
 from services.testing.natsauth import authenticated_server
 
+T = TypeVar("T")
 MEASUREMENT = "ab" * 48
 OTHER = "cd" * 48
 SECRET = b"do-not-print-me-0123456789"
@@ -40,16 +42,17 @@ class Mesh:
     def target(self) -> list[str]:
         return ["--data-dir", str(self.data_dir)]
 
-    def run(self, coro_factory: object) -> object:
-        return asyncio.run(self._with_bus(coro_factory))  # type: ignore[arg-type]
+    def run(self, work: Callable[[Bus], Awaitable[T]]) -> T:
+        """``work`` on a bus of its own, as the admin, with the streams declared."""
+        return asyncio.run(self._with_bus(work))
 
-    async def _with_bus(self, work: object) -> object:
+    async def _with_bus(self, work: Callable[[Bus], Awaitable[T]]) -> T:
         bus = await Bus.connect(
             self.server.url, identities.ADMIN, nkey_seed_file=self.seeds[identities.ADMIN]
         )
         try:
             await bus.setup()
-            return await work(bus)  # type: ignore[operator]
+            return await work(bus)
         finally:
             await bus.close()
 
@@ -73,9 +76,7 @@ def _audit_records(mesh: Mesh) -> list[AuditRecord]:
         sealing = KeyFileSource.in_data_dir(mesh.data_dir, create=False)
         return await AuditLog(kv, await load_keyring(kv, sealing)).entries()
 
-    records = mesh.run(read)
-    assert isinstance(records, list)
-    return records
+    return mesh.run(read)
 
 
 def test_policy_set_show_history_rollback(
@@ -149,7 +150,7 @@ def test_policy_set_refuses_what_fails_its_check(
     assert cli.main(["policy", "set", str(broken), *mesh.target, *missing_key]) == 2
     assert "keys.missing" in capsys.readouterr().err
 
-    async def stored(bus: Bus) -> object:
+    async def stored(bus: Bus) -> tuple[bytes, int] | None:
         return await NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES)).get("release")
 
     assert mesh.run(stored) is None

@@ -83,7 +83,9 @@ def test_a_test_that_crashes_the_interpreter_fails_alone(
 ) -> None:
     """regopy dies on some ``with`` uses; that must be a failed test, not a crashed
     command, and must not take the other tests with it."""
-    crashing = PASSING + "\ntest_with if {\n\tnot data.attestmesh.release.allow with input as {}\n}\n"
+    crashing = PASSING + (
+        "\ntest_with if {\n\tnot data.attestmesh.release.allow with input as {}\n}\n"
+    )
     assert cli.main(["policy", "check", str(_policy_dir(tmp_path, crashing))]) == 1
     out = capsys.readouterr().out
     assert "[CRASHED] release_test.rego test_with" in out

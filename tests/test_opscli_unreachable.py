@@ -82,9 +82,7 @@ def _run_all(argvs: list[list[str]], extra: list[str]) -> list[tuple[list[str], 
     return results
 
 
-def _run_batch(
-    argvs: list[list[str]], extra: list[str]
-) -> list[tuple[list[str], int, str, float]]:
+def _run_batch(argvs: list[list[str]], extra: list[str]) -> list[tuple[list[str], int, str, float]]:
     """Run ``argvs`` at once, each timed on its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ATTESTMESH_"))}
     env["PYTHONPATH"] = str(ROOT)
