@@ -264,3 +264,37 @@ def test_secret_commands_never_create_a_sealing_key(
         assert "broker.sealing_key_missing" in err
         assert str(mesh.data_dir / KEY_FILE_NAME) in err
     assert not (mesh.data_dir / KEY_FILE_NAME).exists()
+
+
+async def test_the_broker_service_never_invents_a_sealing_key(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Outside `up`, a broker without its key stops with an error naming the path."""
+    from services import app
+    from services.mesh.config import Config
+    from services.mesh.errors import SealingError
+
+    data_dir = tmp_path / "broker"
+    data_dir.mkdir(mode=0o700)
+    config = Config(nats_url=nats_server.url, data_dir=str(data_dir))
+    with pytest.raises(SealingError) as caught:
+        await app.broker(config, asyncio.Event())
+    assert caught.value.reason == "broker.sealing_key_missing"
+    assert str(data_dir / KEY_FILE_NAME) in caught.value.detail
+    assert not (data_dir / KEY_FILE_NAME).exists()
+
+
+def test_audit_list_names_the_operator_of_a_secret_change(
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    KeyFileSource.in_data_dir(mesh.data_dir, create=True).sealing_key()
+    value = tmp_path / "value"
+    value.write_bytes(SECRET)
+    assert cli.main(["secret", "put", "default/key/app", str(value), *mesh.target]) == 0
+    capsys.readouterr()
+    assert cli.main(["audit", "list", *mesh.target]) == 0
+    out = capsys.readouterr().out
+    admin_key = authconf.public_of(Path(mesh.seeds[identities.ADMIN]))
+    assert "secret_put" in out and "default/key/app" in out
+    assert f"actor=admin:{admin_key}" in out
+    assert "do-not-print" not in out
