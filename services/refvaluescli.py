@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def _expiry(text: str | None) -> datetime | None:
     return moment
 
 
-def _change(args: argparse.Namespace) -> Any:
+def _change(args: argparse.Namespace) -> Callable[[RefValues], RefValues]:
     """The edit to apply to the family's current values (checked before connecting)."""
     family = args.family
     if args.refvalues_action == "set":
