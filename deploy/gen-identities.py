@@ -14,7 +14,7 @@ Writes into OUT (created 0700, files 0600):
 * ``collector-nodes/<node>.nk`` — with ``--collector-nodes``: each node's seed, to install
   on that host at ``collector.nodeIdentities.seedHostPath``.
 * ``operator.key`` — the operator's signing key for policies and reference values
-  (``attestmesh policies put`` / ``attestmesh refvalues --operator-key``). Only its public
+  (``attestmesh policy set`` / ``attestmesh refvalues add --operator-key``). Only its public
   half goes to the cluster (``trustedKeys.operator``); keep the key off it.
 
 Needs ``cryptography`` and ``nkeys`` (both in the project's dev extras).

@@ -123,7 +123,7 @@ async def broker(config: Config, stop: asyncio.Event) -> None:
         service = BrokerService(
             bus,
             TrustedKeys.load(config.trusted_keys_path),
-            KeyFileSource.in_data_dir(Path(config.data_dir)),
+            KeyFileSource.in_data_dir(Path(config.data_dir), create=False),
             signer=broker_signer(config),
             max_records=config.audit_max_records,
             checkpoint_every=config.audit_checkpoint_every,

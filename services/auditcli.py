@@ -72,7 +72,8 @@ async def _open_log(bus: Bus, config: Config) -> AuditLog | None:
         if any(k.startswith(AUDIT_PREFIX) or k == CHECKPOINT_KEY for k in await kv.keys()):
             raise SealingError("broker.keyring_missing", "audit records exist but no keyring")
         return None
-    data_key = await load_keyring(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
+    sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
+    data_key = await load_keyring(kv, sealing)
     return AuditLog(kv, data_key, trusted=TrustedKeys.load(config.trusted_keys_path))
 
 
@@ -88,6 +89,7 @@ def _record_json(record: AuditRecord) -> dict[str, Any]:
         "reason": record.reason,
         "trace_id": record.trace_id,
         "counts": dict(record.counts),
+        "actor": record.actor,
         "prev": record.prev.hex(),
     }
 
@@ -99,6 +101,8 @@ def _record_line(record: AuditRecord) -> str:
     )
     if record.reason:
         line += f" reason={record.reason}"
+    if record.actor:
+        line += f" actor={record.actor}"
     if record.counts:
         line += " " + ",".join(f"{k}={v}" for k, v in sorted(record.counts.items()))
     return line
@@ -112,7 +116,14 @@ def _checkpoint_json(anchor: Checkpoint | None) -> dict[str, Any] | None:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     since = _since(args.since)
-    async with Bus.session(config, identities.ADMIN, wait=args.timeout, declare=False) as bus:
+    async with Bus.session(
+        config,
+        identities.ADMIN,
+        wait=args.timeout,
+        declare=False,
+        retry_for=args.timeout,
+        quiet=True,
+    ) as bus:
         log = await _open_log(bus, config)
         if args.action == "verify":
             checked = 0 if log is None else await log.verify_chain()

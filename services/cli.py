@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services import __version__
+from services import __version__, admincli, policycli, refvaluescli, secretcli
 from services.mesh import config as config_mod
 from services.mesh import identities, subjects
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
-from services.mesh.keys import SigningKey, TrustedKeys
+from services.mesh.keys import TrustedKeys
 from services.verifier import registry
 from services.verifier.collateral import CollateralRequest
 from services.verifier.families.base import Appraisal, Status, VerifyOptions, appraise_untrusted
@@ -63,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--kds", default=None, help="AMD KDS base URL (a mirror)")
     verify.add_argument("--pcs", default=None, help="Intel PCS or PCCS base URL")
 
-    for name in ("policy", "broker"):
-        service = sub.add_parser(name, help=f"run the {name} service")
-        service.add_argument("--config", type=Path)
+    policycli.add_parser(sub)
+    broker = sub.add_parser("broker", help="run the broker service")
+    broker.add_argument("--config", type=Path)
     verifier = sub.add_parser("verifier", help="run one family's verifier worker")
     verifier.add_argument("--family", required=True, choices=registry.families())
     verifier.add_argument("--config", type=Path)
@@ -79,16 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--file", type=Path, required=True)
     health.add_argument("--max-age", type=float, default=60.0)
 
-    secret = sub.add_parser("secret", help="provision secrets into the broker's sealed store")
-    secret.add_argument("action", choices=["put", "list"])
-    secret.add_argument("resource", nargs="?")
-    secret.add_argument("--file", type=Path)
-    secret.add_argument("--config", type=Path)
+    secretcli.add_parser(sub)
 
     coll = sub.add_parser("collateral", help="share vendor collateral with every verifier")
     coll.add_argument("action", choices=["import"])
     coll.add_argument("directory", type=Path, help="Intel PCS layout (tcb_info.json, ...)")
-    coll.add_argument("--config", type=Path)
+    admincli.add_target(coll)
 
     roots = sub.add_parser("roots", help="manage the trust directory")
     roots.add_argument("action", choices=["fetch"])
@@ -104,17 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--config", type=Path)
     audit.add_argument("--timeout", type=float, default=10.0, help="seconds to reach NATS")
 
-    refs = sub.add_parser("refvalues", help="provision reference values for a family (signed)")
-    refs.add_argument("family", choices=registry.families())
-    refs.add_argument("file", type=Path, help='JSON: {"measurement": ["<hex>", ...], ...}')
-    refs.add_argument("--config", type=Path)
-    refs.add_argument("--operator-key", type=Path, help=_OPERATOR_KEY_HELP)
-
-    policies = sub.add_parser("policies", help="provision the release policy (signed)")
-    policies.add_argument("action", choices=["put"])
-    policies.add_argument("file", type=Path, nargs="?", help="Rego (default: the packaged one)")
-    policies.add_argument("--config", type=Path)
-    policies.add_argument("--operator-key", type=Path, help=_OPERATOR_KEY_HELP)
+    refvaluescli.add_parser(sub)
 
     node = sub.add_parser("node", help="manage TEE nodes: NATS identities, hardware pins")
     node_sub = node.add_subparsers(dest="node_action", required=True)
@@ -133,9 +119,6 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
     where.add_argument("--config", type=Path)
     return parser
-
-
-_OPERATOR_KEY_HELP = "operator signing key, PEM (default: operator.key in the keys directory)"
 
 
 def _parse_time(text: str | None) -> datetime:
@@ -271,14 +254,6 @@ def _config(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(getattr(args, "config", None))
 
 
-def _admin_config(args: argparse.Namespace) -> config_mod.Config:
-    """The config of an operator command: the ``admin`` identity of an ``attestmesh up`` data
-    directory unless the config or environment names a seed already."""
-    from services.mesh import authconf, identities
-
-    return authconf.signed_in_as(_config(args), identities.ADMIN)
-
-
 def _node_enroll(args: argparse.Namespace) -> int:
     from services.enroll import enroll
 
@@ -298,31 +273,6 @@ def _node_enroll(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _secret(args: argparse.Namespace) -> int:
-    from services.broker.sealing import KeyFileSource
-    from services.broker.store import SecretStore
-    from services.mesh.bus import Bus
-    from services.mesh.natskv import NatsKeyValue
-
-    config = _admin_config(args)
-
-    async def main() -> None:
-        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
-            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
-            store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
-            if args.action == "list":
-                for name in await store.list():
-                    print(name)
-                return
-            if not args.resource or args.file is None:
-                raise ConfigError("cli.usage", "secret put needs RESOURCE and --file")
-            version = await store.put(args.resource, _read_bounded(args.file))
-            print(f"{args.resource} stored (version {version})")
-
-    asyncio.run(main())
-    return EXIT_OK
-
-
 def _node_reset(args: argparse.Namespace) -> int:
     """Runs as the broker: it holds the sealing key the audit record needs, and only the
     broker and the policy service may write pins (so no pin is cleared unaudited)."""
@@ -335,64 +285,16 @@ def _node_reset(args: argparse.Namespace) -> int:
     config = authconf.signed_in_as(config_mod.load(args.config, **overrides), identities.BROKER)
     name = subjects.token(args.name)
 
-    async def main() -> bool:
-        async with Bus.session(config, identities.BROKER, wait=5.0) as bus:
-            sealing = KeyFileSource.in_data_dir(Path(config.data_dir))
-            trusted = TrustedKeys.load(config.trusted_keys_path)
-            return await reset_node(bus, name, sealing, trusted) is not None
+    sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
+    trusted = TrustedKeys.load(config.trusted_keys_path)
 
-    if asyncio.run(main()):
+    async def work(bus: Bus) -> bool:
+        return await reset_node(bus, name, sealing, trusted) is not None
+
+    if admincli.run(config, admincli.DEFAULT_TIMEOUT_S, work, identity=identities.BROKER):
         print(f"{name}: hardware pin cleared (audited); its next allowed attestation pins anew")
     else:
         print(f"{name}: not pinned, nothing to reset")
-    return EXIT_OK
-
-
-def _operator_key(args: argparse.Namespace, config: config_mod.Config) -> SigningKey:
-    from services.policy.documents import OPERATOR
-
-    return SigningKey.load(OPERATOR, args.operator_key or config.keys_path / "operator.key")
-
-
-def _refvalues(args: argparse.Namespace) -> int:
-    from services.mesh.bus import Bus
-    from services.mesh.natskv import NatsKeyValue
-    from services.policy import refvalues
-
-    config = _admin_config(args)
-    values = refvalues.validate(_read_bounded(args.file))
-    operator = _operator_key(args, config)
-
-    async def main() -> int:
-        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
-            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
-            return await refvalues.store(kv, args.family, values, operator=operator)
-
-    version = asyncio.run(main())
-    print(f"reference values for {args.family} stored (version {version}, signed {operator.kid})")
-    return EXIT_OK
-
-
-def _policies(args: argparse.Namespace) -> int:
-    from services.mesh import subjects
-    from services.mesh.bus import Bus
-    from services.mesh.natskv import NatsKeyValue
-    from services.policy import release_policy
-    from services.policy.engine import PolicyEngine, default_policy
-
-    config = _admin_config(args)
-    raw = _read_bounded(args.file) if args.file else default_policy().encode()
-    source = release_policy.validate(raw)
-    PolicyEngine(source, {"refvalues": {}, "settings": {}})  # refuse what would not compile
-    operator = _operator_key(args, config)
-
-    async def main() -> int:
-        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
-            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-            return await release_policy.store(kv, source, operator=operator)
-
-    version = asyncio.run(main())
-    print(f"release policy stored (version {version}, signed {operator.kid})")
     return EXIT_OK
 
 
@@ -402,18 +304,18 @@ def _collateral(args: argparse.Namespace) -> int:
     from services.verifier.collateral import store
     from services.verifier.families.dcap.pcsfetch import import_plan
 
-    config = _admin_config(args)
+    config = admincli.admin_config(args)
+    timeout = admincli.timeout_of(args)
     directory = {p.name: _read_bounded(p) for p in sorted(args.directory.iterdir()) if p.is_file()}
     plan = import_plan(directory, base=config.pcs_url, root_crl_url=config.intel_root_crl_url)
 
-    async def main() -> None:
-        async with Bus.session(config, identities.ADMIN, wait=5.0) as bus:
-            kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
-            now = datetime.now(UTC).timestamp()
-            for request, data in plan:
-                await store(kv, request, data, at=now)
+    async def work(bus: Bus) -> None:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL))
+        now = datetime.now(UTC).timestamp()
+        for request, data in plan:
+            await store(kv, request, data, at=now)
 
-    asyncio.run(main())
+    admincli.run(config, timeout, work)
     print(f"imported {len(plan)} collateral files (TCB info from {plan[0][0].url})")
     return EXIT_OK
 
@@ -467,7 +369,7 @@ SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up"})
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command not in SERVICES:
+    if args.command not in SERVICES or getattr(args, "policy_action", None) is not None:
         from services.mesh import telemetry
 
         telemetry.configure_cli()
@@ -486,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 interval=args.interval,
             )
         if args.command == "secret":
-            return _secret(args)
+            return secretcli.run(args)
         if args.command == "health":
             from services.mesh.health import check
 
@@ -500,11 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_audit(args)
         if args.command == "refvalues":
-            return _refvalues(args)
+            return refvaluescli.run(args)
+        if args.command == "policy" and args.policy_action is not None:
+            return policycli.run(args)
         if args.command == "node":
             return _node_enroll(args) if args.node_action == "enroll" else _node_reset(args)
-        if args.command == "policies":
-            return _policies(args)
         if args.command == "roots":
             return _roots(args)
         if args.command == "collateral":

@@ -51,6 +51,9 @@ from services.policy.engine import default_policy
 from services.policy.release_policy import POLICY_KEY
 
 FAMILIES = ("snp", "nitro", "tpm")
+_DECIDED_BY_UP = frozenset(
+    {"ATTESTMESH_NATS_URL", "ATTESTMESH_DATA_DIR", "ATTESTMESH_NATS_NKEY_SEED_FILE"}
+)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -114,8 +117,9 @@ class Mesh:
         for name, args in commands.items():
             log = (self.log_dir / f"{name}.log").open("ab")
             self._logs.append(log)
-            env = dict(os.environ)
-            env.pop("ATTESTMESH_NATS_NKEY_SEED_FILE", None)
+            # The environment outranks config.json: what `up` decided there (server, data
+            # dir, identity) must not be overridden by the operator's shell.
+            env = {k: v for k, v in os.environ.items() if k not in _DECIDED_BY_UP}
             if name in self.seeds:
                 env["ATTESTMESH_NATS_NKEY_SEED_FILE"] = str(self.seeds[name])
             env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
@@ -221,7 +225,8 @@ async def seed_secret(config: Config, resource: str) -> None:
     """Create the demo secret (random, sealed) unless it already exists."""
     async with Bus.session(config, identities.ADMIN) as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
-        store = await SecretStore.open(kv, KeyFileSource.in_data_dir(Path(config.data_dir)))
+        sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=True)
+        store = await SecretStore.open(kv, sealing)
         if resource not in await store.list():
             await store.put(resource, os.urandom(32))
 

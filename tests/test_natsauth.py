@@ -19,6 +19,7 @@ import nats
 import nats.errors
 import pytest
 
+from services.broker.sealing import KeyFileSource
 from services.cli import main as cli
 from services.collector.service import DEFAULT_RESOURCE
 from services.embedded import prepare
@@ -169,7 +170,6 @@ async def test_services_stay_in_their_lanes(
             # its release claim, would re-admit it.
             ("pub", "$KV.broker-state.decision.node-a"),
             ("pub", "$KV.broker-state.answered.node-a"),
-            ("pub", "$KV.broker-state.audit.000000000001"),
             ("pub", "$KV.broker-state.audit-checkpoint"),
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
@@ -189,6 +189,7 @@ async def test_services_stay_in_their_lanes(
         ("pub", "$KV.broker-state.secret.default/x"),
         ("pub", "$KV.broker-state.index"),
         ("pub", "$KV.broker-state.keyring"),
+        ("pub", "$KV.broker-state.audit.000000000001"),  # secret changes are audited
     ]
     allowed = await not_refused(
         server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")
@@ -358,10 +359,11 @@ def test_operator_commands_sign_in_as_the_admin_of_an_up_data_dir(
     secret.write_bytes(b"s" * 32)
     with authenticated_server(data_dir) as (server, _):
         _, config_path = prepare(data_dir, server.url)
-        put = ["secret", "put", "default/db", "--file", str(secret), "--config", str(config_path)]
+        KeyFileSource.in_data_dir(data_dir, create=True).sealing_key()  # as `up` does
+        put = ["secret", "put", "default/db/key", str(secret), "--config", str(config_path)]
         assert cli(put) == 0
         assert cli(["secret", "list", "--config", str(config_path)]) == 0
-        assert "default/db" in capsys.readouterr().out.splitlines()
+        assert "default/db/key" in capsys.readouterr().out.splitlines()
         # Without the admin seed the same command is refused by the server, not half-done.
         authconf.seed_file(authconf.identities_dir(data_dir), identities.ADMIN).unlink()
         assert cli(["secret", "list", "--config", str(config_path)]) == 2

@@ -1,4 +1,4 @@
-"""``attestmesh refvalues`` and ``attestmesh policies put`` sign with the operator key."""
+"""``attestmesh refvalues set`` and ``attestmesh policy set`` sign with the operator key."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from services.mesh.server import NatsServer
 from services.policy import documents, refvalues
 from services.policy.engine import default_policy
 from services.policy.release_policy import POLICY_KEY
+
+MEASUREMENT = "ab" * 48
 
 
 async def _stored(url: str, bucket: str, key: str) -> bytes | None:
@@ -39,16 +41,19 @@ def test_the_cli_signs_what_it_writes(
         json.dumps({"nats_url": nats_server.url, "keys_dir": str(keys), "data_dir": str(tmp_path)})
     )
     values = tmp_path / "refs.json"
-    values.write_text('{"measurement": ["ab12"]}')
+    values.write_text(json.dumps({"measurement": [MEASUREMENT.upper()]}))
+    policy_file = tmp_path / "policy" / "release.rego"
+    policy_file.parent.mkdir()
+    policy_file.write_text(default_policy())
 
-    assert cli.main(["refvalues", "snp", str(values), "--config", str(config)]) == 0
-    assert cli.main(["policies", "put", "--config", str(config)]) == 0
+    assert cli.main(["refvalues", "set", "snp", str(values), "--config", str(config)]) == 0
+    assert cli.main(["policy", "set", str(policy_file), "--config", str(config)]) == 0
     raw = asyncio.run(_stored(nats_server.url, subjects.BUCKET_REFVALUES, "snp"))
     assert raw is not None
     document = documents.open_signed(
         raw, trusted, bucket=subjects.BUCKET_REFVALUES, key="snp", kind="refvalues"
     )
-    assert refvalues.validate(document.payload) == {"measurement": ["ab12"]}
+    assert refvalues.validate(document.payload) == {"measurement": [MEASUREMENT]}
     raw = asyncio.run(_stored(nats_server.url, subjects.BUCKET_POLICIES, POLICY_KEY))
     assert raw is not None
     policy = documents.open_signed(
@@ -60,10 +65,11 @@ def test_the_cli_signs_what_it_writes(
     # A policy that does not compile never reaches KV; nor does anything without a key.
     broken = tmp_path / "broken.rego"
     broken.write_text("package attestmesh.release\nallow if {")
-    assert cli.main(["policies", "put", str(broken), "--config", str(config)]) == 2
+    assert cli.main(["policy", "set", str(broken), "--config", str(config)]) == 1
     assert "policy.compile_failed" in capsys.readouterr().err
     missing = ["--operator-key", str(tmp_path / "absent.key")]
-    assert cli.main(["refvalues", "snp", str(values), "--config", str(config), *missing]) == 2
+    refs = ["refvalues", "set", "snp", str(values), "--config", str(config)]
+    assert cli.main([*refs, *missing]) == 2
     assert "keys.missing" in capsys.readouterr().err
     again = asyncio.run(_stored(nats_server.url, subjects.BUCKET_POLICIES, POLICY_KEY))
     assert again == raw

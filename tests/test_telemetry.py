@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.broker.sealing import KeyFileSource
 from services.mesh import otelenv
 from services.mesh.errors import ConfigError
 from services.mesh.server import NatsServer
@@ -220,11 +221,12 @@ def test_admin_commands_print_plain_lines(tmp_path: Path, nats_server: NatsServe
             check=False,
         )
 
-    put = cli("secret", "put", "default/k", "--file", str(secret))
+    KeyFileSource.in_data_dir(tmp_path, create=True).sealing_key()  # as `up` does
+    put = cli("secret", "put", "default/k/v", str(secret))
     assert put.returncode == 0, put.stderr
-    assert put.stdout == "default/k stored (version 1)\n"
+    assert put.stdout == "default/k/v stored (version 1)\n"
     listed = cli("secret", "list")
-    assert listed.stdout.splitlines() == ["default/k"]
+    assert listed.stdout.splitlines() == ["default/k/v"]
     for completed in (put, listed):
         assert "s3cret" not in completed.stdout + completed.stderr
         for line in completed.stderr.splitlines():

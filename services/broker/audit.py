@@ -64,12 +64,18 @@ class Outcome(enum.StrEnum):
     PIN_RESET = "pin_reset"
     """An operator released a node's hardware pin (``attestmesh node reset``)."""
     SUMMARY = "summary"
+    SECRET_PUT = "secret_put"  # noqa: S105 - an outcome name, not a credential
+    """An operator stored a secret (``attestmesh secret put``): ``actor`` says who."""
+    SECRET_DELETED = "secret_deleted"  # noqa: S105 - an outcome name
+    """An operator deleted a secret (``attestmesh secret delete``)."""
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One release decision; ``prev`` is the SHA-256 of the previous sealed record.
 
     ``counts`` is set only on ``summary`` records: refusals per reason since the last one.
+    ``actor`` names who made an operator change (the NATS identity and its public nkey);
+    empty on the broker's own records.
     """
 
     seq: int
@@ -83,6 +89,7 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     trace_id: str = ""
     prev: bytes
     counts: dict[str, int] = {}
+    actor: str = ""
 
 
 def audit_key(seq: int) -> str:
@@ -103,12 +110,15 @@ def _check_fields(
     reason: str,
     trace_id: str,
     counts: dict[str, int],
+    actor: str = "",
 ) -> None:
     problems = [
         label
         for label, value in (("node", node), ("resource", resource), ("decision_id", decision_id))
         if not 0 < len(value) <= MAX_FIELD or not value.isprintable()
     ]
+    if len(actor) > MAX_FIELD or not actor.isprintable():
+        problems.append("actor")
     if _HEX64.fullmatch(verdict_digest) is None:
         problems.append("verdict_digest (64 lowercase hex)")
     if reason and (len(reason) > MAX_FIELD or _REASON.fullmatch(reason) is None):
@@ -246,8 +256,10 @@ class AuditLog:
         reason: str = "",
         trace_id: str = "",
         counts: dict[str, int] | None = None,
+        actor: str = "",
     ) -> AuditRecord:
-        """Record one release decision (or a refusal summary) and return it as stored."""
+        """Record one release decision (or a refusal summary, or an operator's change) and
+        return it as stored."""
         tally = dict(counts or {})
         _check_fields(
             node=node,
@@ -257,6 +269,7 @@ class AuditLog:
             reason=reason,
             trace_id=trace_id,
             counts=tally,
+            actor=actor,
         )
         now = self._clock()
         if now.tzinfo is None:
@@ -277,6 +290,7 @@ class AuditLog:
                 trace_id=trace_id,
                 prev=prev,
                 counts=tally,
+                actor=actor,
             )
             blob = seal(
                 self._key,

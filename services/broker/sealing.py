@@ -172,7 +172,14 @@ class StaticKeySource:
 
 
 class KeyFileSource:
-    """A raw 32-byte key file, created ``0600`` on first use; insecure files are refused.
+    """A raw 32-byte key file, created ``0600`` on first use if ``create``; insecure files
+    are refused.
+
+    Only ``attestmesh up`` (in its own data directory) and test harnesses create keys.
+    Everything else, the broker service and the operator's commands included, is given
+    ``create=False``: a key invented next to a mistyped path would seal secrets nobody else
+    can open, or orphan the real ones, so a missing key is ``broker.sealing_key_missing``
+    naming where it was looked for.
 
     The file must be a regular file (not a symlink) owned by this user, with no group or
     other permission bits, in a directory nobody else can write. Creation writes a
@@ -180,22 +187,29 @@ class KeyFileSource:
     key and two processes racing to create it both end up with the same key.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = path
+        self.create = create
 
     @classmethod
-    def in_data_dir(cls, data_dir: Path) -> KeyFileSource:
+    def in_data_dir(cls, data_dir: Path, *, create: bool = True) -> KeyFileSource:
         """The conventional key file inside the broker's data directory."""
-        return cls(data_dir / KEY_FILE_NAME)
+        return cls(data_dir / KEY_FILE_NAME, create=create)
 
     def __repr__(self) -> str:
         return f"KeyFileSource({str(self.path)!r})"
 
     def sealing_key(self) -> AeadKey:
-        """Read the key file, creating it if absent."""
+        """Read the key file, creating it if absent (and allowed to)."""
         try:
             return self._read()
         except FileNotFoundError:
+            if not self.create:
+                raise SealingError(
+                    "broker.sealing_key_missing",
+                    f"no sealing key at {self.path} (only `attestmesh up` creates one, in "
+                    "its own data directory; point --data-dir or data_dir at the broker's)",
+                ) from None
             self._create()
         try:
             return self._read()

@@ -32,7 +32,7 @@ from services.verifier.worker import expected_report_data
 
 log = telemetry.logger("collector")
 
-DEFAULT_RESOURCE = "default/workload-key"
+DEFAULT_RESOURCE = "default/key/workload"
 """The secret a node asks for unless told otherwise (the demo secret of ``attestmesh up``)."""
 tracer = telemetry.tracer("collector")
 

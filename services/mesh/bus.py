@@ -73,10 +73,13 @@ STREAMS = (
 class Bus:
     """One service's connection to NATS and JetStream."""
 
-    def __init__(self, nc: Client, name: str) -> None:
+    def __init__(self, nc: Client, name: str, *, retry_for: float = 30.0) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=5.0)
+        self.js: JetStreamContext = nc.jetstream(timeout=min(5.0, retry_for))
         self.name = name
+        self.retry_for = retry_for
+        """How long an operation is retried while NATS or JetStream does not answer: long
+        for services (they outlive a server restart), short for an operator's command."""
 
     @classmethod
     async def connect(
@@ -87,8 +90,13 @@ class Bus:
         wait: float = 30.0,
         nkey_seed_file: str | None = None,
         inbox_prefix: str | None = None,
+        retry_for: float = 30.0,
+        quiet: bool = False,
     ) -> Bus:
         """Connect, retrying for ``wait`` seconds so services may start before the server.
+
+        ``quiet`` logs connection errors at debug level: an operator's command reports one
+        line when it gives up instead of a warning per attempt.
 
         ``nkey_seed_file`` names the service's NATS identity (an nkey seed); the server's
         per-identity subject permissions then bound what this service may publish.
@@ -103,7 +111,9 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             if "authorization" in str(exc).lower():
                 refused.set()
-            log.warning("nats.error", error=type(exc).__name__, detail=str(exc)[:200])
+            (log.debug if quiet else log.warning)(
+                "nats.error", error=type(exc).__name__, detail=str(exc)[:200]
+            )
 
         async def on_disconnect() -> None:
             log.info("nats.disconnected")
@@ -139,7 +149,7 @@ class Bus:
             finally:
                 watch.cancel()
             if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
-                return cls(nc, name)
+                return cls(nc, name, retry_for=retry_for)
             problem: BaseException | str = "timed out"
             if attempt.done() and not attempt.cancelled():
                 problem = attempt.exception() or problem
@@ -165,6 +175,8 @@ class Bus:
         wait: float = 30.0,
         declare: bool = True,
         inbox_prefix: str | None = None,
+        retry_for: float = 30.0,
+        quiet: bool = False,
     ) -> AsyncIterator[Bus]:
         """Connect as ``name`` per ``config``, declare streams and buckets, close on exit.
 
@@ -177,6 +189,8 @@ class Bus:
             wait=wait,
             nkey_seed_file=config.nats_nkey_seed_file,
             inbox_prefix=inbox_prefix,
+            retry_for=retry_for,
+            quiet=quiet,
         )
         try:
             if declare:
@@ -239,8 +253,8 @@ class Bus:
         except nats.js.errors.BadRequestError as exc:
             log.warning("bus.bucket_exists", bucket=config.bucket, detail=exc.description)
 
-    async def _retry(self, op: Callable[[], Awaitable[Any]], retry_for: float = 30.0) -> Any:
-        deadline = time.monotonic() + retry_for
+    async def _retry(self, op: Callable[[], Awaitable[Any]], retry_for: float | None = None) -> Any:
+        deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         while True:
             try:
                 return await op()
@@ -260,7 +274,7 @@ class Bus:
         message: events.Message,
         *,
         msg_id: str | None = None,
-        retry_for: float = 30.0,
+        retry_for: float | None = None,
     ) -> api.PubAck:
         """Publish to a stream with de-duplication, retrying until acknowledged."""
         headers = telemetry.inject({"Nats-Msg-Id": msg_id or message.id})
@@ -281,7 +295,7 @@ class Bus:
         reply: type[M],
         *,
         timeout: float = 5.0,
-        retry_for: float = 30.0,
+        retry_for: float | None = None,
     ) -> M:
         """Request/reply with retries while nobody answers (a responder restarting).
 

@@ -112,13 +112,24 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return TrustedKeys.from_pem("policy", pem)
 
 
+ENVIRONMENT = {
+    "ATTESTMESH_NATS_URL": "nats_url",
+    "ATTESTMESH_NATS_NKEY_SEED_FILE": "nats_nkey_seed_file",
+    "ATTESTMESH_DATA_DIR": "data_dir",
+    "ATTESTMESH_ROOTS": "roots_dir",
+    "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
+    "ATTESTMESH_METRICS_PORT": "metrics_port",
+}
+"""The variables :func:`load` reads, each the name of one ``Config`` field."""
+
+
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
     """Read ``path`` (JSON) if given, then apply ``ATTESTMESH_*`` env and explicit overrides.
 
-    The environment fills only what the file leaves unset (absent or null): one shared
-    ``config.json`` and per-process settings (``ATTESTMESH_NATS_NKEY_SEED_FILE``,
-    ``ATTESTMESH_METRICS_PORT``) are how ``attestmesh up`` gives each service its own NATS
-    identity and metrics port.
+    Precedence: explicit overrides (the command line) > environment > file > defaults, so
+    one shared ``config.json`` can be adjusted per process (``attestmesh up`` gives each
+    service its own NATS identity and metrics port this way) and a command-line flag always
+    means what it says.
     """
     raw: dict[str, object] = {}
     if path is not None:
@@ -131,16 +142,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Con
             raise ConfigError("config.unreadable", f"{path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError("config.invalid", f"{path}: expected a JSON object")
-    env_map = {
-        "ATTESTMESH_NATS_URL": "nats_url",
-        "ATTESTMESH_NATS_NKEY_SEED_FILE": "nats_nkey_seed_file",
-        "ATTESTMESH_DATA_DIR": "data_dir",
-        "ATTESTMESH_ROOTS": "roots_dir",
-        "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
-        "ATTESTMESH_METRICS_PORT": "metrics_port",
-    }
-    for env, field in env_map.items():
-        if env in os.environ and raw.get(field) is None:
+    for env, field in ENVIRONMENT.items():
+        if os.environ.get(env):
             raw[field] = os.environ[env]
     if isinstance(raw.get("metrics_port"), str):
         raw["metrics_port"] = _port(str(raw["metrics_port"]))

@@ -26,7 +26,12 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DETAIL = 1024
 
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-ResourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}/[A-Za-z0-9_.-]{1,128}$")]
+ResourceName = Annotated[
+    str,
+    msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}/(?:[A-Za-z0-9_.-]{1,64}/)?[A-Za-z0-9_.-]{1,128}$"),
+]
+"""``<repository>/<type>/<tag>`` as Confidential Containers' key broker names resources (the
+operator's commands write only these), or the earlier ``<namespace>/<name>``, still read."""
 Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
 PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Blob = Annotated[bytes, msgspec.Meta(max_length=512 * 1024)]

@@ -56,8 +56,11 @@ SERVICES = ("policy", "broker")
 BROKER = "broker"
 ADMIN = "admin"
 NODE_PREFIX = "node-"
-ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>")
-"""The ``broker-state`` keys an operator's ``secret`` commands write (see ``broker/store.py``)."""
+ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>", "audit.>")
+"""The ``broker-state`` keys an operator's ``secret`` commands write (``broker/store.py``): the
+secret records, their index and keyring, and the hash-chained audit records that log each
+change (tamper-evident: a rewrite or gap fails ``audit verify``). Never the decisions, release
+claims or signed checkpoints a broker writes."""
 RESPONSES = {"max": 1, "expires": "1m"}
 """What a responder may answer: one reply per request, within a minute."""
 
@@ -196,9 +199,9 @@ def admin() -> Permissions:
 
     Not more: no stream *update* (shortening a bucket's max age would expire every hardware
     pin, or the audit log, with no record; reconfiguring streams is an out-of-band step with
-    the server's own credentials), and in ``broker-state`` only the secret records, their
-    index and the keyring, never the decisions, release claims or audit log a broker writes
-    (putting back a revoked node's older allow would re-admit it).
+    the server's own credentials), and in ``broker-state`` only :data:`ADMIN_BROKER_KEYS`,
+    never the decisions or release claims a broker writes (putting back a revoked node's
+    older allow would re-admit it) nor its signed checkpoints.
     """
     buckets = [
         (subjects.BUCKET_COLLATERAL, False),

@@ -17,11 +17,12 @@ documents ever take effect. Failure never loosens anything:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import nats.errors
 
-from services.mesh import subjects, telemetry
+from services.mesh import events, subjects, telemetry
 from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import TrustedKeys
 from services.mesh.kv import KeyValue
@@ -53,8 +54,13 @@ class Loader:
         *,
         settings: dict[str, Any],
         history: History | None = None,
+        clock: Callable[[], datetime] = events.utcnow,
     ) -> None:
         self.policies = policies
+        self.clock = clock
+        self.expires_next: datetime | None = None
+        """When a reference value in force next expires: the engine is rebuilt then
+        (:meth:`refresh`), so an expired value stops counting without a KV change."""
         self.refs = refs
         self.settings = settings
         self.history = history
@@ -69,7 +75,8 @@ class Loader:
         self.blocked: str | None = UNAVAILABLE
         """Set: every decision is a deny with this reason (nothing good is known, or the
         buckets cannot be read right now)."""
-        self._fingerprint: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self._fingerprint: tuple[str, tuple[tuple[str, str], ...], str] | None = None
+        self._in_force: tuple[Document, dict[str, Document]] | None = None
         self.unusable_refvalues: dict[str, str] = {}
         """Families whose stored reference values were refused with none good in force (a
         service that starts after they were overwritten): their decisions are denied, as
@@ -137,15 +144,33 @@ class Loader:
             self.ref_ledger.prime(key, values)
         self._primed = True
 
+    def refresh(self) -> None:
+        """Rebuild the engine if a reference value in force has expired since it was built.
+
+        Called before each evaluation; costs a comparison unless something expired. The
+        rebuild uses the documents already in force (no KV read), so it cannot fail on the
+        bus; if the policy no longer compiles with the shrunken data, decisions block."""
+        now = self.clock()
+        if self.expires_next is None or now < self.expires_next or self._in_force is None:
+            return
+        policy, refs = self._in_force
+        if not self._adopt(policy, refs):
+            self.engine = None
+            self._block(UNAVAILABLE, "the policy does not compile without expired values")
+
     def _adopt(self, policy: Document, refs: dict[str, Document]) -> bool:
-        fingerprint = (policy.digest, tuple((f, d.digest) for f, d in sorted(refs.items())))
+        now = self.clock()
+        stored = {f: refvalues.validate(d.payload) for f, d in refs.items()}
+        live = {f: refvalues.effective(v, now) for f, v in stored.items()}
+        fingerprint = (
+            policy.digest,
+            tuple((f, d.digest) for f, d in sorted(refs.items())),
+            repr(sorted(live.items())),
+        )
         if fingerprint == self._fingerprint and self.engine is not None:
             self.blocked = None
             return True
-        data = {
-            "refvalues": {f: refvalues.validate(d.payload) for f, d in refs.items()},
-            "settings": self.settings,
-        }
+        data = {"refvalues": live, "settings": self.settings}
         policy_id = f"{POLICY_KEY}@v{policy.version}"
         try:
             engine = PolicyEngine(
@@ -161,6 +186,9 @@ class Loader:
         for document in refs.values():
             self.ref_ledger.commit(document)
         self.engine, self._fingerprint, self.blocked = engine, fingerprint, None
+        self._in_force = (policy, dict(refs))
+        expiries = [e for v in stored.values() if (e := refvalues.next_expiry(v, now))]
+        self.expires_next = min(expiries, default=None)
         log.info(
             "policy.loaded",
             policy_id=policy_id,

@@ -1,24 +1,49 @@
 """Reference values: per family, the claim values a node must present to get secrets.
 
 Stored in the ``refvalues`` KV bucket under the family name as a JSON object mapping a claim
-name to its allowed values (``{"measurement": ["ab12..."], "host_data": [...]}``), wrapped in an
-operator-signed document (:mod:`services.policy.documents`), provisioned with ``attestmesh
-refvalues FAMILY FILE`` and handed to Rego as ``data.refvalues``.
+name to its allowed values, wrapped in an operator-signed document
+(:mod:`services.policy.documents`). A value is either bare (``"ab12..."``, ``7``) or an entry
+``{"value": ..., "expires": "<RFC 3339>", "note": "..."}``. Managed with ``attestmesh
+refvalues add|list|remove`` and handed to Rego as ``data.refvalues`` with the expired entries
+left out (:func:`effective`), so a value stops counting at its expiry without anyone
+re-signing anything.
+
+A claim whose every value has expired keeps one placeholder no claim can equal: dropping
+the claim instead would make the policy stop checking it, letting any value through.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
 import msgspec
 
-from services.mesh import subjects
+from services.mesh import events, subjects
 from services.mesh.errors import PolicyError
-from services.mesh.keys import SigningKey
-from services.mesh.kv import KeyValue
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.mesh.kv import KeyValue, WriteConflictError
 from services.policy import documents
 
 MAX_VALUES_PER_CLAIM = 10_000
+MAX_CLAIMS = 256
+MAX_NOTE = 256
+ALL_EXPIRED = {"attestmesh": "every reference value of this claim has expired"}
+"""Stands in for a claim's values once all of them expired; an object, which no verifier
+emits where reference values are compared, so it matches nothing."""
 
-RefValues = dict[str, list[str | int]]
+
+class Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One reference value with an optional expiry and a note for the operator."""
+
+    value: str | int
+    expires: datetime | None = None
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
+
+
+Value = str | int | Entry
+RefValues = dict[str, list[Value]]
 
 
 def validate(raw: bytes) -> RefValues:
@@ -27,10 +52,40 @@ def validate(raw: bytes) -> RefValues:
         values = msgspec.json.decode(raw, type=RefValues)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise PolicyError("refvalues.invalid", str(exc)) from None
+    if len(values) > MAX_CLAIMS:
+        raise PolicyError("refvalues.too_many", f"{len(values)} claims")
     for claim, allowed in values.items():
         if len(allowed) > MAX_VALUES_PER_CLAIM:
             raise PolicyError("refvalues.too_many", f"{claim}: {len(allowed)} values")
+        for item in allowed:
+            if isinstance(item, Entry) and item.expires is not None and item.expires.tzinfo is None:
+                raise PolicyError("refvalues.invalid", f"{claim}: expiry without a time zone")
     return values
+
+
+def value_of(item: Value) -> str | int:
+    return item.value if isinstance(item, Entry) else item
+
+
+def expires_of(item: Value) -> datetime | None:
+    return item.expires if isinstance(item, Entry) else None
+
+
+def effective(values: RefValues, now: datetime) -> dict[str, list[Any]]:
+    """What the policy compares with at ``now``: bare values, expired entries left out."""
+    out: dict[str, list[Any]] = {}
+    for claim, allowed in values.items():
+        live = [value_of(v) for v in allowed if (e := expires_of(v)) is None or e > now]
+        out[claim] = live if live or not allowed else [ALL_EXPIRED]
+    return out
+
+
+def next_expiry(values: RefValues, now: datetime) -> datetime | None:
+    """The earliest expiry after ``now`` (when :func:`effective` next changes), if any."""
+    pending = [
+        e for allowed in values.values() for v in allowed if (e := expires_of(v)) and e > now
+    ]
+    return min(pending, default=None)
 
 
 async def read_all(kv: KeyValue) -> dict[str, bytes]:
@@ -47,10 +102,65 @@ async def read_all(kv: KeyValue) -> dict[str, bytes]:
     return result
 
 
+def encode(values: RefValues) -> bytes:
+    return msgspec.json.encode(values)
+
+
 async def store(kv: KeyValue, family: str, values: RefValues, *, operator: SigningKey) -> int:
     """Write ``family``'s values signed by ``operator``; return the new version."""
-    raw = msgspec.json.encode(values)
+    raw = encode(values)
     validate(raw)
     return await documents.put_signed(
         kv, operator, bucket=subjects.BUCKET_REFVALUES, key=family, payload=raw
     )
+
+
+async def modify(
+    kv: KeyValue,
+    family: str,
+    change: Callable[[RefValues], RefValues],
+    *,
+    operator: SigningKey,
+    trusted: TrustedKeys,
+) -> tuple[int, RefValues]:
+    """Apply ``change`` to ``family``'s stored values and store the result signed.
+
+    What is stored must verify under ``trusted`` first: re-signing an entry nobody trusted
+    would launder whatever a writer of the bucket put there. Compare-and-set on the revision
+    read, so two operators changing one family at once both land (one retries).
+    """
+    while True:
+        found = await kv.get(family)
+        current: RefValues = {}
+        if found is not None:
+            document = documents.open_signed(
+                found[0], trusted, bucket=subjects.BUCKET_REFVALUES, key=family, kind="refvalues"
+            )
+            current = validate(document.payload)
+        values = change({claim: list(allowed) for claim, allowed in current.items()})
+        raw = encode(values)
+        validate(raw)
+        issued_at = events.utcnow()
+        version = documents.next_version(
+            found[0] if found else None,
+            operator,
+            issued_at,
+            bucket=subjects.BUCKET_REFVALUES,
+            key=family,
+        )
+        sealed = documents.seal(
+            operator,
+            bucket=subjects.BUCKET_REFVALUES,
+            key=family,
+            payload=raw,
+            version=version,
+            issued_at=issued_at,
+        )
+        try:
+            if found is None:
+                await kv.create(family, sealed)
+            else:
+                await kv.update(family, sealed, found[1])
+        except WriteConflictError:
+            continue
+        return version, values

@@ -109,6 +109,7 @@ class PolicyService:
             self.trusted,
             settings=self.settings,
             history=self.history,
+            clock=self.clock,
         )
         await self.reload()
         await self.bus.serve(subjects.NONCE_ALL, self.on_nonce_request, queue="policy")
@@ -257,6 +258,7 @@ class PolicyService:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 span.set_attribute("attestmesh.rejected", exc.reason)
                 raise
+            self.loader.refresh()
             engine, blocked = self.loader.engine, self.loader.blocked_for(result.family)
             if blocked or engine is None:
                 log.warning("verdict.denied_blocked", node=verdict.node, reasons=blocked)

@@ -1,0 +1,193 @@
+"""``attestmesh refvalues add|list|remove|set``: reference values, signed by the operator.
+
+Each change reads the family's stored document, refuses to go on if it does not verify under
+the trusted operator keys, applies the change, and stores the result signed with the
+operator key (compare-and-set). Values are checked against the claim's format
+(:mod:`services.policy.claimformats`) so a mistyped measurement is an error here, not a
+silent deny later. ``--expires`` makes a value stop counting at that time by itself.
+
+Removing a claim's last value is refused: with no values the policy stops checking the
+claim at all, which would let any value through. Add the replacement first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from services import admincli
+from services.mesh import subjects
+from services.mesh.bus import Bus
+from services.mesh.errors import ConfigError, PolicyError
+from services.mesh.keys import TrustedKeys
+from services.mesh.natskv import NatsKeyValue
+from services.policy import claimformats, documents, refvalues
+from services.policy.refvalues import Entry, RefValues
+from services.verifier import registry
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+
+
+def add_parser(sub: Any) -> None:
+    refs = sub.add_parser("refvalues", help="manage reference values (operator-signed)")
+    actions = refs.add_subparsers(dest="refvalues_action", required=True)
+    add = actions.add_parser("add", help="allow VALUE for CLAIM of FAMILY")
+    add.add_argument("family", choices=registry.families())
+    add.add_argument("claim")
+    add.add_argument("value")
+    add.add_argument("--expires", help="RFC 3339 time after which the value stops counting")
+    add.add_argument("--note", default="", help="a note for operators (at most 256 chars)")
+    listing = actions.add_parser("list", help="print reference values (all families or one)")
+    listing.add_argument("family", nargs="?", choices=registry.families())
+    remove = actions.add_parser("remove", help="stop allowing VALUE for CLAIM of FAMILY")
+    remove.add_argument("family", choices=registry.families())
+    remove.add_argument("claim")
+    remove.add_argument("value")
+    replace = actions.add_parser("set", help="replace FAMILY's values with a JSON file")
+    replace.add_argument("family", choices=registry.families())
+    replace.add_argument("file", help='JSON: {"measurement": ["<hex>", ...], ...}; - for stdin')
+    for parser in (add, remove, replace):
+        parser.add_argument("--operator-key", type=Path, help=admincli.OPERATOR_KEY_HELP)
+    for parser in (add, listing, remove, replace):
+        admincli.add_target(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.refvalues_action == "list":
+        return _list(args)
+    config = admincli.admin_config(args)
+    timeout = admincli.timeout_of(args)
+    operator = admincli.operator_key(args, config)
+    trusted = TrustedKeys.load(config.trusted_keys_path)
+    change = _change(args)
+
+    async def work(bus: Bus) -> tuple[int, RefValues]:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+        return await refvalues.modify(kv, args.family, change, operator=operator, trusted=trusted)
+
+    version, _ = admincli.run(config, timeout, work)
+    done = {"add": "added", "remove": "removed", "set": "replaced"}[args.refvalues_action]
+    what = "reference values" if args.refvalues_action == "set" else f"{args.claim} value"
+    print(f"{args.family}: {what} {done} (version {version}, signed {operator.kid})")
+    return EXIT_OK
+
+
+def _expiry(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError("cli.bad_time", f"--expires {text!r} is not RFC 3339") from None
+    if moment.tzinfo is None:
+        raise ConfigError("cli.bad_time", "--expires needs a time zone (e.g. Z)")
+    if moment <= datetime.now(UTC):
+        raise ConfigError("cli.bad_time", "--expires is in the past")
+    return moment
+
+
+def _change(args: argparse.Namespace) -> Callable[[RefValues], RefValues]:
+    """The edit to apply to the family's current values (checked before connecting)."""
+    family = args.family
+    if args.refvalues_action == "set":
+        wanted = _checked_file(family, refvalues.validate(admincli.read_input(args.file)))
+        return lambda _current: wanted
+    value = claimformats.normalise(family, args.claim, args.value)
+    if args.refvalues_action == "add":
+        if len(args.note) > refvalues.MAX_NOTE or not args.note.isprintable():
+            raise ConfigError("cli.usage", f"--note: at most {refvalues.MAX_NOTE} printable")
+        expires = _expiry(args.expires)
+        item: refvalues.Value = (
+            Entry(value=value, expires=expires, note=args.note) if expires or args.note else value
+        )
+
+        def add(current: RefValues) -> RefValues:
+            kept = [v for v in current.get(args.claim, []) if refvalues.value_of(v) != value]
+            current[args.claim] = [*kept, item]
+            return current
+
+        return add
+
+    def remove(current: RefValues) -> RefValues:
+        allowed = current.get(args.claim, [])
+        kept = [v for v in allowed if refvalues.value_of(v) != value]
+        if len(kept) == len(allowed):
+            raise PolicyError("refvalues.not_found", f"{family} {args.claim} has no {value!r}")
+        if not kept:
+            raise PolicyError(
+                "refvalues.last_value",
+                f"{value!r} is the last {args.claim} value: without values the claim is not "
+                "checked at all; add its replacement first",
+            )
+        current[args.claim] = kept
+        return current
+
+    return remove
+
+
+def _checked_file(family: str, values: RefValues) -> RefValues:
+    """Every value of a file normalised to its claim's format."""
+    out: RefValues = {}
+    for claim, allowed in values.items():
+        normalised: list[refvalues.Value] = []
+        for item in allowed:
+            bare = refvalues.value_of(item)
+            value = claimformats.normalise(family, claim, str(bare))
+            if isinstance(bare, int) and not isinstance(value, int):
+                value = bare
+            normalised.append(
+                msgspec.structs.replace(item, value=value) if isinstance(item, Entry) else value
+            )
+        out[claim] = normalised
+    return out
+
+
+def _list(args: argparse.Namespace) -> int:
+    config = admincli.admin_config(args)
+    timeout = admincli.timeout_of(args)
+    trusted = TrustedKeys.load(config.trusted_keys_path)
+
+    async def work(bus: Bus) -> dict[str, bytes]:
+        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
+        if args.family is None:
+            return await refvalues.read_all(kv)
+        found = await kv.get(args.family)
+        return {} if found is None else {args.family: found[0]}
+
+    stored = admincli.run(config, timeout, work)
+    now = datetime.now(UTC)
+    status = EXIT_OK
+    for family, raw in sorted(stored.items()):
+        try:
+            document = documents.open_signed(
+                raw, trusted, bucket=subjects.BUCKET_REFVALUES, key=family, kind="refvalues"
+            )
+            values = refvalues.validate(document.payload)
+        except PolicyError as exc:
+            print(f"attestmesh: {family}: {exc.reason}: {exc.detail}", file=sys.stderr)
+            status = EXIT_REFUSED
+            continue
+        print(f"{family} (version {document.version}, signed {document.signer})")
+        for claim, allowed in sorted(values.items()):
+            for item in allowed:
+                print(f"  {claim} {refvalues.value_of(item)}{_suffix(item, now)}")
+    return status
+
+
+def _suffix(item: refvalues.Value, now: datetime) -> str:
+    if not isinstance(item, Entry):
+        return ""
+    text = ""
+    if item.expires is not None:
+        state = "EXPIRED" if item.expires <= now else "expires"
+        text += f" {state} {item.expires.isoformat(timespec='seconds')}"
+    if item.note:
+        text += f" note={item.note!r}"
+    return text
