@@ -187,7 +187,8 @@ def broker(*, declare_streams: bool = True) -> Permissions:
 
 def admin() -> Permissions:
     """The operator: manage policies, reference values, collateral and secrets, change stream
-    settings, see whether the services' consumers exist, and watch revocations."""
+    settings, see whether the services' consumers exist, and watch revocations, verdicts and
+    decisions (which stage of a round did not answer; none of them carries a secret)."""
     buckets = [
         (subjects.BUCKET_COLLATERAL, False),
         (subjects.BUCKET_REFVALUES, True),
@@ -207,7 +208,12 @@ def admin() -> Permissions:
     ]
     return Permissions(
         publish=_unique(publish),
-        subscribe=(_inbox(subjects.inbox(ADMIN)), "attest.revoked.*"),
+        subscribe=(
+            _inbox(subjects.inbox(ADMIN)),
+            "attest.revoked.*",
+            subjects.VERDICT_ALL,
+            subjects.DECISION_ALL,
+        ),
     )
 
 

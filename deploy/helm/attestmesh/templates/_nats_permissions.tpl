@@ -131,7 +131,7 @@ shorten retention or redirect subjects of a stream it shares with others.
   (include "attestmesh.nats.kvWrite" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
   (list "$JS.API.CONSUMER.INFO.EVIDENCE.*" "$JS.API.CONSUMER.INFO.VERDICTS.*" "$JS.API.CONSUMER.INFO.DECISIONS.*") -}}
-{{- $sub = append $sub "attest.revoked.*" -}}
+{{- $sub = concat $sub (list "attest.revoked.*" "attest.verdict.>" "attest.decision.>") -}}
 {{- else -}}
 {{- fail (printf "attestmesh: no NATS permissions defined for identity %q" $id) -}}
 {{- end -}}
