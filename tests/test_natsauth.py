@@ -163,11 +163,18 @@ async def test_services_stay_in_their_lanes(
             ("pub", "$JS.API.STREAM.DELETE.EVIDENCE"),
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
+            ("sub", "attest.evidence.>"),
+            ("sub", "attest.nonce.*"),
         ],
         inbox_prefix=subjects.inbox("admin"),
     )
     assert admin == []
-    own = [("sub", "attest.revoked.*"), ("pub", "$KV.broker-state.default/x")]
+    own = [
+        ("sub", "attest.revoked.*"),
+        ("sub", "attest.verdict.>"),
+        ("sub", "attest.decision.>"),
+        ("pub", "$KV.broker-state.default/x"),
+    ]
     allowed = await not_refused(
         server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")
     )
