@@ -129,6 +129,7 @@ class Summary:
             "latency_ms": {
                 "p50": round(_percentile(latencies, 50), 2),
                 "p99": round(_percentile(latencies, 99), 2),
+                "max": round(latencies[-1], 2) if latencies else 0.0,
             },
             "failed": len(failures),
             "failures_by_reason": dict(Counter(r.reason for r in failures)),

@@ -17,10 +17,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -31,8 +33,8 @@ pytestmark = pytest.mark.slow
 
 NODES = 6
 INTERVAL = "0.3"
-BEFORE_KILL_S = 3.0
-AFTER_KILL_S = 14.0
+BEFORE_KILL_S = 1.0
+AFTER_KILL_S = 12.0
 """Longer than the ack wait ``up`` configures (10 s), so work a killed process held is redone
 before the counts are taken."""
 
@@ -52,45 +54,61 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ATTESTMESH_"))}
 
 
-def _wait_for_pids(proc: subprocess.Popen[str], path: Path, count: int) -> dict[str, int]:
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
     deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "up wrote no pids.json"
-        if path.exists():
-            pids: dict[str, int] = json.loads(path.read_text())
-            if len(pids) == count:
-                return pids
-        time.sleep(0.2)
+    while not condition():
+        assert proc.poll() is None, f"up exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} in 90 s"
+        time.sleep(0.1)
 
 
-def run_with_kill(data_dir: Path, victim: str | None, replicas: int) -> dict[str, Any]:
-    """Run ``up``, SIGKILL ``victim`` (a name from pids.json) mid-run; return what was
-    counted, with the summary, the audit records and the pids before and after."""
-    command = ["up", "--nodes", str(NODES), "--interval", INTERVAL, "--json"]
+def run_with_kill(
+    data_dir: Path, victim: str | None, replicas: int, hang: float = 0.0
+) -> dict[str, Any]:
+    """Run ``up``, SIGKILL ``victim`` (a name from pids.json) once rounds are flowing; return
+    what was counted, with the summary, the audit records and the pids before and after.
+
+    With ``hang`` the victim is first stopped (SIGSTOP) for that long, so it dies holding
+    work: requests and messages the server handed it that it never answered or acked."""
+    command = ["up", "--nodes", str(NODES), "--interval", INTERVAL]
     command += ["--replicas", str(replicas), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    errors = data_dir.parent / "up.stderr"
+    with errors.open("w") as stderr_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *command],
+            stdout=subprocess.PIPE,
+            stderr=stderr_file,
+            text=True,
+            env=_env(),
+        )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
     try:
         pids_file = data_dir / "pids.json"
-        before = _wait_for_pids(proc, pids_file, 5 * replicas)
+        _wait_for(lambda: _rounds(lines) >= 2 * NODES, proc, "rounds")
+        before = json.loads(pids_file.read_text())
+        assert len(before) == 5 * replicas
         time.sleep(BEFORE_KILL_S)
+        at_kill = _rounds(lines)
         if victim is not None:
+            if hang:
+                os.kill(before[victim], signal.SIGSTOP)
+                time.sleep(hang)
             os.kill(before[victim], signal.SIGKILL)
         time.sleep(AFTER_KILL_S)
         after = json.loads(pids_file.read_text())
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            stdout, stderr = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-            stdout, stderr = proc.communicate()
+            proc.wait()
+        reader.join(10)
+    stderr = errors.read_text()
+    stdout = "".join(lines)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     summary: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
@@ -102,11 +120,22 @@ def run_with_kill(data_dir: Path, victim: str | None, replicas: int) -> dict[str
     return {
         "summary": summary,
         "stderr": stderr,
+        "rounds_after_kill": _rounds(lines) - at_kill,
         "before": before,
         "after": after,
         "released_in_audit": sum(released.values()),
         "released_twice": sum(1 for n in released.values() if n > 1),
     }
+
+
+def _read_lines(stream: IO[str], into: list[str]) -> None:
+    for line in stream:
+        into.append(line)
+
+
+def _rounds(lines: list[str]) -> int:
+    """Round lines printed so far (not the banner, not the summary)."""
+    return sum(1 for line in list(lines) if not line.startswith(("attestmesh up:", "{")))
 
 
 def _read_audit(
@@ -135,27 +164,31 @@ def _table_row(name: str, found: dict[str, Any]) -> str:
     return (
         f"| {name} | {s['attestations']} | {s['attestations'] - s['failed']} | {s['failed']} "
         f"| {s['lost']} | {s['duplicated']} | {s['secrets_released']} "
-        f"| {found['released_twice']} | {s['restarts']} | {s['failures_by_reason']} |"
+        f"| {found['released_twice']} | {s['latency_ms']['p99']:.0f} ms "
+        f"| {s['latency_ms']['max']:.0f} ms "
+        f"| {sum(s['restarts'].values())} | {s['failures_by_reason'] or '-'} |"
     )
 
 
 SCENARIOS = [
-    ("verifier-snp", 1),
-    ("policy", 1),
-    ("broker", 1),
-    ("verifier-snp", 2),
-    ("policy", 2),
-    ("broker", 2),
+    ("verifier-snp", 1, 0.0),
+    ("policy", 1, 0.0),
+    ("broker", 1, 0.0),
+    ("verifier-snp", 2, 0.0),
+    ("policy", 2, 0.0),
+    ("broker", 2, 0.0),
+    ("policy", 2, 1.0),
 ]
 
 
-@pytest.mark.parametrize(("victim", "replicas"), SCENARIOS)
+@pytest.mark.parametrize(("victim", "replicas", "hang"), SCENARIOS)
 def test_kill_9_of_a_service_loses_and_duplicates_nothing(
-    tmp_path: Path, victim: str, replicas: int
+    tmp_path: Path, victim: str, replicas: int, hang: float
 ) -> None:
-    found = run_with_kill(tmp_path / "mesh", victim, replicas)
+    found = run_with_kill(tmp_path / "mesh", victim, replicas, hang)
     summary = found["summary"]
-    print(_table_row(f"kill -9 {victim}, replicas {replicas}", found))
+    how = f"hang {hang:.0f} s, then kill -9" if hang else "kill -9"
+    print(_table_row(f"{how} {victim}, replicas {replicas}", found))
     # The victim was noticed, counted with its reason, and restarted under a new pid.
     assert summary["service_exits"] == {"signal.sigkill": 1}, found["stderr"][-2000:]
     assert summary["restarts"] == {victim: 1}
@@ -165,7 +198,7 @@ def test_kill_9_of_a_service_loses_and_duplicates_nothing(
         k: v for k, v in found["before"].items() if k != victim
     }
     # Nodes kept attesting after the kill, and nothing was lost or done twice.
-    assert summary["attestations"] >= NODES * 8
+    assert found["rounds_after_kill"] >= NODES * 5, summary
     assert summary["lost"] == 0 and summary["duplicated"] == 0
     assert found["released_twice"] == 0
     # Every secret a node received is a sealed release record (the audit chain verified).
@@ -177,13 +210,3 @@ def test_kill_9_of_a_service_loses_and_duplicates_nothing(
         # The surviving replica kept serving: at most the rounds the victim held in flight
         # were late, and they completed within the node's decision timeout.
         assert summary["failed"] <= NODES, summary
-
-
-def test_up_without_faults_counts_no_failures(tmp_path: Path) -> None:
-    """The baseline row of the table: the same load with nothing killed."""
-    found = run_with_kill(tmp_path / "mesh", None, 1)
-    summary = found["summary"]
-    print(_table_row("no fault", found))
-    assert summary["failed"] == 0 and summary["restarts"] == {}
-    assert summary["lost"] == 0 and summary["duplicated"] == 0
-    assert found["released_in_audit"] == summary["secrets_released"] == summary["attestations"]
