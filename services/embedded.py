@@ -4,8 +4,10 @@ It starts the real ``nats-server`` (unless ``--nats`` names one), runs the verif
 and broker each as its own OS process, and drives N simulated TEE nodes in this process.
 The simulated nodes sign with the project's test PKI, which only this deployment trusts (via
 ``test_roots_dir``), and the release policy accepts them only because ``allow_simulated`` is
-set here. Ctrl-C (or the end of ``--rounds``) stops everything; children also get SIGTERM if
-this process dies, so nothing is left behind.
+set here. The service processes are supervised (:mod:`services.supervisor`): one that dies is
+restarted, never a reason for ``up`` to exit; ``--replicas`` runs several of each. Ctrl-C (or
+the end of ``--rounds``) stops everything and prints the summary (:mod:`services.roundwatch`);
+children also get SIGTERM if this process dies, so nothing is left behind.
 
 The embedded server admits only the identities of :mod:`services.mesh.identities`: each
 service process, each simulated node (its own connection, its own key) and the operator
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -108,8 +111,20 @@ class Mesh:
             env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
             argv = [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)]
             specs.append(ChildSpec(name, argv, env, self.log_dir / f"{name}.log"))
-        self.supervisor = Supervisor(specs, pids_file=self.pids_file, on_failure=_report)
+        self.supervisor = Supervisor(
+            specs, pids_file=self.pids_file, on_failure=_report, prepare=self._fresh_port
+        )
         self.supervisor.start()
+
+    def _fresh_port(self, spec: ChildSpec) -> ChildSpec:
+        """Keep a child's metrics port unless someone else bound it meanwhile; then give it
+        a new one and rewrite ``metrics.json``, rather than restart it into the same error."""
+        port = int(spec.env["ATTESTMESH_METRICS_PORT"])
+        if port_free(port):
+            return spec
+        port = self.metrics_ports[spec.name] = free_port()
+        write_metrics_map(Path(self.config.data_dir), self.metrics_ports)
+        return dataclasses.replace(spec, env={**spec.env, "ATTESTMESH_METRICS_PORT": str(port)})
 
     async def supervise(self, stop: asyncio.Event) -> None:
         if self.supervisor is not None:
@@ -138,6 +153,17 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def port_free(port: int) -> bool:
+    """Whether a loopback port can be bound the way the metrics server binds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:
@@ -241,7 +267,7 @@ def _line(result: RoundResult) -> str:
     return f"{result.node:<10} {result.status:<16} {outcome:<28} {result.latency_ms:8.1f} ms"
 
 
-async def wait_until_ready(bus: Bus, timeout: float = 60.0) -> None:
+async def wait_until_ready(bus: Bus, mesh: Mesh, timeout: float = 60.0) -> None:
     """Wait for every service's durable consumer, so the first round measures the mesh and
     not the services' start-up (nothing would be lost without this: streams keep the work).
     A service that dies meanwhile is restarted by the supervisor; only the deadline ends it."""
@@ -255,7 +281,11 @@ async def wait_until_ready(bus: Bus, timeout: float = 60.0) -> None:
                 break
             except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
                 if asyncio.get_running_loop().time() > deadline:
-                    raise RuntimeError(f"{durable} did not start in {timeout:.0f} s") from None
+                    exits = mesh.supervisor.failures if mesh.supervisor else {}
+                    raise RuntimeError(
+                        f"{durable} did not start in {timeout:.0f} s "
+                        f"(service exits so far: {dict(exits) or 'none'}; see {mesh.log_dir})"
+                    ) from None
                 await asyncio.sleep(0.1)
 
 
@@ -287,7 +317,7 @@ async def drive(
             bus = await stack.enter_async_context(
                 Bus.session(admin, identities.ADMIN, declare=False)
             )
-            await wait_until_ready(bus)
+            await wait_until_ready(bus, mesh)
             await watch.start(bus)
             collectors = []
             for i, (name, family) in enumerate(node_names(nodes)):

@@ -94,6 +94,9 @@ class Supervisor:
     specs: list[ChildSpec]
     pids_file: Path | None = None
     on_failure: Callable[[Failure], None] | None = None
+    prepare: Callable[[ChildSpec], ChildSpec] | None = None
+    """Called before every start of a child, e.g. to replace a port another process took
+    while the child was down (the same port again would only fail again)."""
     base_delay: float = DEFAULT_BASE_DELAY_S
     max_delay: float = DEFAULT_MAX_DELAY_S
     stable_after: float = DEFAULT_STABLE_AFTER_S
@@ -112,6 +115,8 @@ class Supervisor:
         self._write_pids()
 
     def _spawn(self, child: _Child) -> None:
+        if self.prepare is not None:
+            child.spec = self.prepare(child.spec)
         spec = child.spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with spec.log_path.open("ab") as log:  # the child keeps its own copy

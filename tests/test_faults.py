@@ -54,10 +54,12 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ATTESTMESH_"))}
 
 
-def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
+def _wait_for(
+    condition: Callable[[], bool], proc: subprocess.Popen[str], what: str, errors: Path
+) -> None:
     deadline = time.monotonic() + 90
     while not condition():
-        assert proc.poll() is None, f"up exited before {what}"
+        assert proc.poll() is None, f"up exited before {what}: {errors.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"no {what} in 90 s"
         time.sleep(0.1)
 
@@ -87,7 +89,7 @@ def run_with_kill(
     reader.start()
     try:
         pids_file = data_dir / "pids.json"
-        _wait_for(lambda: _rounds(lines) >= 2 * NODES, proc, "rounds")
+        _wait_for(lambda: _rounds(lines) >= 2 * NODES, proc, "rounds", errors)
         before = json.loads(pids_file.read_text())
         assert len(before) == 5 * replicas
         time.sleep(BEFORE_KILL_S)

@@ -146,3 +146,47 @@ def test_replicas_share_a_service_identity(replicas: int) -> None:
     }
     assert identities.get("policy-3", "policy") == "policy"
     assert commands.get("broker-2", ["broker"]) == ["broker"]
+
+
+def test_a_restart_gets_a_new_metrics_port_if_its_old_one_was_taken(tmp_path: Path) -> None:
+    import socket
+
+    from services.embedded import Mesh
+    from services.mesh import config as config_mod
+
+    config = config_mod.load(None, data_dir=str(tmp_path))
+    mesh = Mesh(config, tmp_path / "config.json", tmp_path / "logs")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        mesh.metrics_ports["policy"] = taken
+        spec = ChildSpec("policy", ["true"], {"ATTESTMESH_METRICS_PORT": str(taken)}, tmp_path)
+        moved = mesh._fresh_port(spec)
+    port = int(moved.env["ATTESTMESH_METRICS_PORT"])
+    assert port != taken and mesh.metrics_ports["policy"] == port
+    urls = json.loads((tmp_path / "metrics.json").read_text())
+    assert urls["policy"] == f"http://127.0.0.1:{port}/metrics"
+    assert mesh._fresh_port(moved) is moved  # a free port is kept
+
+
+def test_every_start_goes_through_prepare(tmp_path: Path) -> None:
+    clock = FakeClock()
+    prepared: list[str] = []
+
+    def prepare(spec: ChildSpec) -> ChildSpec:
+        prepared.append(spec.name)
+        return spec
+
+    supervisor = Supervisor(
+        [_spec(tmp_path, "once", "raise SystemExit(1)")], clock=clock, prepare=prepare
+    )
+    supervisor.start()
+    try:
+        _wait_dead(supervisor, "once")
+        supervisor.poll()
+        clock.now += 1.0
+        supervisor.poll()
+    finally:
+        supervisor.stop()
+    assert prepared == ["once", "once"]
