@@ -452,6 +452,8 @@ def up(
     except RuntimeError as exc:
         print(f"attestmesh up: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C before the nodes' loop took over the signal
+        code = 130
     finally:
         telemetry.shutdown()
         mesh.stop()

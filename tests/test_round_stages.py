@@ -116,3 +116,22 @@ async def test_the_node_connection_closing_mid_round_is_a_failed_round_not_a_cra
     result = await round_  # used to raise ConnectionClosedError from the unsubscribe
     assert (result.status, result.released, result.reason) == ("none", False, TIMEOUT)
     assert result.evidence_id
+
+
+async def test_a_stage_nobody_answers_is_named_and_a_refusal_is_not_masked() -> None:
+    from services.collector.service import _stage
+    from services.mesh.errors import BusError, Rejected
+
+    async def unanswered() -> None:
+        raise BusError("bus.unavailable", "NoRespondersError")
+
+    async def refused() -> None:
+        raise Rejected("broker.not_allowed", "secret not released")
+
+    with pytest.raises(BusError) as silent:
+        await _stage("collector.no_release", unanswered())
+    assert silent.value.reason == "collector.no_release"
+    assert silent.value.detail == "bus.unavailable"
+    with pytest.raises(Rejected) as refusal:
+        await _stage("collector.no_release", refused())
+    assert refusal.value.reason == "broker.not_allowed"
