@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from services.collector.service import RoundResult
-from services.embedded import Summary
 from services.mesh.bus import Bus
 from services.mesh.server import NatsServer
+from services.roundwatch import Summary
 from services.testing.mesh import TestMesh
 
 

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true")
     up.add_argument("--data-dir", type=Path, default=Path(".attestmesh"))
     up.add_argument("--nats", default=None, help="use this NATS server instead of starting one")
+    up.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        help="processes of each verifier, the policy service and the broker (default 1)",
+    )
 
     verify = sub.add_parser("verify", help="verify one evidence file offline")
     verify.add_argument("evidence", type=Path)
@@ -367,6 +373,20 @@ SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up"})
 """Commands that configure their own logging (JSON lines, traces); the rest talk to a person."""
 
 
+MAX_REPLICAS = 8
+
+
+def _replicas(text: str) -> int:
+    """``--replicas``: 1 to 8 processes per service (more only burns a single machine)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= value <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_REPLICAS}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command not in SERVICES or getattr(args, "policy_action", None) is not None:
@@ -386,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 nats_url=args.nats,
                 interval=args.interval,
+                replicas=args.replicas,
             )
         if args.command == "secret":
             return secretcli.run(args)

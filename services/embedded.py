@@ -4,8 +4,10 @@ It starts the real ``nats-server`` (unless ``--nats`` names one), runs the verif
 and broker each as its own OS process, and drives N simulated TEE nodes in this process.
 The simulated nodes sign with the project's test PKI, which only this deployment trusts (via
 ``test_roots_dir``), and the release policy accepts them only because ``allow_simulated`` is
-set here. Ctrl-C (or the end of ``--rounds``) stops everything; children also get SIGTERM if
-this process dies, so nothing is left behind.
+set here. The service processes are supervised (:mod:`services.supervisor`): one that dies is
+restarted, never a reason for ``up`` to exit; ``--replicas`` runs several of each. Ctrl-C (or
+the end of ``--rounds``) stops everything and prints the summary (:mod:`services.roundwatch`);
+children also get SIGTERM if this process dies, so nothing is left behind.
 
 The embedded server admits only the identities of :mod:`services.mesh.identities`: each
 service process, each simulated node (its own connection, its own key) and the operator
@@ -17,27 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import dataclasses
 import json
 import os
 import signal
 import socket
-import statistics
-import subprocess
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import msgspec
+import nats.errors
 import nats.js.errors
 
 from services.broker.sealing import KeyFileSource
 from services.broker.store import SecretStore
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
 from services.collector.simulator.node import simulated_source, test_pki
-from services.mesh import authconf, identities, subjects, telemetry
+from services.mesh import authconf, identities, metrics, subjects, telemetry
 from services.mesh import config as config_mod
 from services.mesh.bus import Bus
 from services.mesh.config import Config
@@ -49,50 +47,41 @@ from services.policy import documents, refvalues, release_policy
 from services.policy.documents import OPERATOR
 from services.policy.engine import default_policy
 from services.policy.release_policy import POLICY_KEY
+from services.roundwatch import StageWatch, Summary
+from services.supervisor import ChildSpec, Failure, Supervisor
 
 FAMILIES = ("snp", "nitro", "tpm")
 _DECIDED_BY_UP = frozenset(
     {"ATTESTMESH_NATS_URL", "ATTESTMESH_DATA_DIR", "ATTESTMESH_NATS_NKEY_SEED_FILE"}
 )
-_PR_SET_PDEATHSIG = 1
+UP_ACK_WAIT_S = 10.0
+"""How long a service may hold a message before JetStream hands it to another process: short
+enough that work held by a killed process is redone well inside a node's 30 s decision
+timeout, long enough for a simulated appraisal on a busy machine."""
+STOP_GRACE_S = 5.0
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM the child if ``up`` itself dies, so no process is left behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def service_commands(replicas: int = 1) -> dict[str, list[str]]:
+    """Each service process to run (name -> ``attestmesh`` arguments); replica ``i > 1`` of
+    a service is named ``<service>-<i>`` and shares the service's identity and consumers."""
+    base = {f"verifier-{f}": ["verifier", "--family", f] for f in FAMILIES}
+    base["policy"] = ["policy"]
+    base["broker"] = ["broker"]
+    commands: dict[str, list[str]] = {}
+    for name, args in base.items():
+        for i in range(1, replicas + 1):
+            commands[name if i == 1 else f"{name}-{i}"] = args
+    return commands
 
 
-@dataclass
-class Summary:
-    nodes: int
-    results: list[RoundResult] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        latencies = sorted(r.latency_ms for r in self.results if r.released)
-        return {
-            "nodes": self.nodes,
-            "attestations": len(self.results),
-            "verdicts": dict(Counter(r.status for r in self.results)),
-            "decisions": sum(1 for r in self.results if r.status != "none"),
-            "secrets_released": sum(1 for r in self.results if r.released),
-            "latency_ms": {
-                "p50": round(_percentile(latencies, 50), 2),
-                "p99": round(_percentile(latencies, 99), 2),
-            },
-        }
-
-
-def _percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(pct) - 1]
+def identity_of(child: str) -> str:
+    """The NATS identity (seed) of a service process: its replicas share it."""
+    head, _, tail = child.rpartition("-")
+    return head if head and tail.isdigit() else child
 
 
 class Mesh:
-    """The child processes of one ``up``."""
+    """The supervised child processes of one ``up``: each service ``replicas`` times."""
 
     def __init__(
         self,
@@ -100,54 +89,65 @@ class Mesh:
         config_path: Path,
         log_dir: Path,
         seeds: dict[str, Path] | None = None,
+        *,
+        replicas: int = 1,
+        pids_file: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.log_dir = log_dir
         self.seeds = seeds or {}
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.replicas = replicas
+        self.pids_file = pids_file
         self.metrics_ports: dict[str, int] = {}
-        self._logs: list[IO[bytes]] = []
+        self.supervisor: Supervisor | None = None
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        commands = {f"verifier-{f}": ["verifier", "--family", f] for f in FAMILIES}
-        commands["policy"] = ["policy"]
-        commands["broker"] = ["broker"]
-        for name, args in commands.items():
-            log = (self.log_dir / f"{name}.log").open("ab")
-            self._logs.append(log)
+        specs = []
+        for name, args in service_commands(self.replicas).items():
             # The environment outranks config.json: what `up` decided there (server, data
             # dir, identity) must not be overridden by the operator's shell.
             env = {k: v for k, v in os.environ.items() if k not in _DECIDED_BY_UP}
-            if name in self.seeds:
-                env["ATTESTMESH_NATS_NKEY_SEED_FILE"] = str(self.seeds[name])
+            seed = self.seeds.get(identity_of(name))
+            if seed is not None:
+                env["ATTESTMESH_NATS_NKEY_SEED_FILE"] = str(seed)
             env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-            )
+            argv = [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)]
+            specs.append(ChildSpec(name, argv, env, self.log_dir / f"{name}.log"))
+        self.supervisor = Supervisor(
+            specs, pids_file=self.pids_file, on_failure=_report, prepare=self._fresh_port
+        )
+        self.supervisor.start()
 
-    def failed(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
+    def _fresh_port(self, spec: ChildSpec) -> ChildSpec:
+        """Keep a child's metrics port unless someone else bound it meanwhile; then give it
+        a new one and rewrite ``metrics.json``, rather than restart it into the same error."""
+        port = int(spec.env["ATTESTMESH_METRICS_PORT"])
+        if port_free(port):
+            return spec
+        port = self.metrics_ports[spec.name] = free_port()
+        write_metrics_map(Path(self.config.data_dir), self.metrics_ports)
+        return dataclasses.replace(spec, env={**spec.env, "ATTESTMESH_METRICS_PORT": str(port)})
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.run(stop)
 
     def stop(self, timeout: float = 10.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self._logs:
-            log.close()
+        if self.supervisor is not None:
+            self.supervisor.stop(timeout)
+
+
+def _report(failure: Failure) -> None:
+    """A dead service is news, not an error: say so, count it, and let the supervisor restart it."""
+    metrics.service_restarts.add(1, {"service": failure.name, "reason": failure.reason})
+    print(
+        f"attestmesh up: {failure.name} exited ({failure.reason}); "
+        f"restarting in {failure.restart_in:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def free_port() -> int:
@@ -157,6 +157,17 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def port_free(port: int) -> bool:
+    """Whether a loopback port can be bound the way the metrics server binds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:
@@ -189,6 +200,7 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
         offline=True,
         nonce_ttl_s=120.0,
         decision_ttl_s=300.0,
+        ack_wait_s=UP_ACK_WAIT_S,
     )
     path = data_dir / "config.json"
     config_mod.save(config, path)
@@ -276,7 +288,8 @@ def _line(result: RoundResult) -> str:
 
 async def wait_until_ready(bus: Bus, mesh: Mesh, timeout: float = 60.0) -> None:
     """Wait for every service's durable consumer, so the first round measures the mesh and
-    not the services' start-up (nothing would be lost without this: streams keep the work)."""
+    not the services' start-up (nothing would be lost without this: streams keep the work).
+    A service that dies meanwhile is restarted by the supervisor; only the deadline ends it."""
     durables = [(subjects.STREAM_EVIDENCE, f"verifier-{f}") for f in FAMILIES]
     durables += [(subjects.STREAM_VERDICTS, "policy"), (subjects.STREAM_DECISIONS, "broker")]
     deadline = asyncio.get_running_loop().time() + timeout
@@ -285,12 +298,13 @@ async def wait_until_ready(bus: Bus, mesh: Mesh, timeout: float = 60.0) -> None:
             try:
                 await bus.js.consumer_info(stream, durable)
                 break
-            except nats.js.errors.NotFoundError:
-                dead = mesh.failed()
-                if dead:
-                    raise RuntimeError(f"service(s) exited: {', '.join(dead)}") from None
+            except (nats.js.errors.NotFoundError, nats.errors.TimeoutError):
                 if asyncio.get_running_loop().time() > deadline:
-                    raise RuntimeError(f"{durable} did not start in {timeout:.0f} s") from None
+                    exits = mesh.supervisor.failures if mesh.supervisor else {}
+                    raise RuntimeError(
+                        f"{durable} did not start in {timeout:.0f} s "
+                        f"(service exits so far: {dict(exits) or 'none'}; see {mesh.log_dir})"
+                    ) from None
                 await asyncio.sleep(0.1)
 
 
@@ -305,50 +319,80 @@ async def drive(
     mesh: Mesh,
     seeds: dict[str, Path] | None = None,
 ) -> Summary:
-    """Run the simulated nodes, each on its own connection as its own identity."""
+    """Run the simulated nodes, each on its own connection as its own identity, while the
+    supervisor keeps the services running; a failed round is reported, never raised."""
     seeds = seeds or {}
     pki = test_pki(Path(config.data_dir) / "test-pki")
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
     trusted = config.policy_trust()
-    async with contextlib.AsyncExitStack() as stack:
-        admin = as_identity(config, seeds.get(identities.ADMIN))
-        bus = await stack.enter_async_context(Bus.session(admin, identities.ADMIN, declare=False))
-        await wait_until_ready(bus, mesh)
-        collectors = []
-        for i, (name, family) in enumerate(node_names(nodes)):
-            identity = identities.node_identity(name)
-            node_bus = await stack.enter_async_context(
-                Bus.session(
-                    as_identity(config, seeds.get(identity)),
-                    identity,
-                    declare=False,
-                    inbox_prefix=subjects.node_inbox(name),
-                )
+    watch = StageWatch()
+    supervising = asyncio.Event()
+    supervisor = asyncio.create_task(mesh.supervise(supervising))
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            admin = as_identity(config, seeds.get(identities.ADMIN))
+            bus = await stack.enter_async_context(
+                Bus.session(admin, identities.ADMIN, declare=False)
             )
-            source = simulated_source(family, pki, seed=i)
-            collectors.append(CollectorNode(node_bus, name, source, trusted))
-        tasks = [
-            asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))
-            for c in collectors
-        ]
-        expected = None if rounds is None else rounds * nodes
-        while expected is None or len(summary.results) < expected:
-            try:
-                result = await asyncio.wait_for(results.get(), 1.0)
-            except TimeoutError:
-                if stop.is_set():
-                    break
-                dead = mesh.failed()
-                if dead:
-                    raise RuntimeError(f"service(s) exited: {', '.join(dead)}") from None
-                continue
-            summary.results.append(result)
-            if not quiet:
-                print(_line(result), flush=True)
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await wait_until_ready(bus, mesh)
+            await watch.start(bus)
+            collectors = []
+            for i, (name, family) in enumerate(node_names(nodes)):
+                identity = identities.node_identity(name)
+                node_bus = await stack.enter_async_context(
+                    Bus.session(
+                        as_identity(config, seeds.get(identity)),
+                        identity,
+                        declare=False,
+                        inbox_prefix=subjects.node_inbox(name),
+                    )
+                )
+                source = simulated_source(family, pki, seed=i)
+                collectors.append(CollectorNode(node_bus, name, source, trusted))
+            tasks = [
+                asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))
+                for c in collectors
+            ]
+            expected = None if rounds is None else rounds * nodes
+            while expected is None or len(summary.results) < expected:
+                try:
+                    result = await asyncio.wait_for(results.get(), 1.0)
+                except TimeoutError:
+                    if stop.is_set():
+                        break
+                    continue
+                result = watch.attribute(result)
+                summary.results.append(result)
+                if not quiet:
+                    print(_line(result), flush=True)
+            stop.set()
+            await _finish(tasks)
+            if watch.unanswered(summary.results):
+                await asyncio.sleep(STOP_GRACE_S / 2)  # a late decision may still be on its way
+            summary.lost = len(watch.unanswered(summary.results))
+            summary.duplicated = watch.duplicated(summary.results)
+            summary.late_decisions = watch.late(summary.results)
+    finally:
+        await _finish(tasks)
+        supervising.set()
+        await supervisor
+        if mesh.supervisor is not None:
+            summary.restarts = dict(mesh.supervisor.restarts)
+            summary.service_exits = dict(mesh.supervisor.failures)
     return summary
+
+
+async def _finish(tasks: list[asyncio.Task[None]]) -> None:
+    """Let rounds in flight end for a moment, then cancel them (Ctrl-C must not wait for a
+    30 s decision timeout); a cancelled round is not counted."""
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=STOP_GRACE_S)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def up(
@@ -359,7 +403,11 @@ def up(
     data_dir: Path,
     nats_url: str | None,
     interval: float = 5.0,
+    replicas: int = 1,
 ) -> int:
+    """Run the mesh until Ctrl-C (or ``rounds`` per node); the last line printed is the
+    summary, one JSON object. Exit code 1 only if the mesh never came up or ``rounds`` were
+    not all completed; a service dying on the way is restarted, not fatal."""
     seeds: dict[str, Path] = {}
     server = None
     if not nats_url:
@@ -377,7 +425,14 @@ def up(
         stream=open(os.devnull, "w"),  # noqa: SIM115
         metrics_port=0,
     )
-    mesh = Mesh(config, config_path, data_dir / "logs", seeds)
+    mesh = Mesh(
+        config,
+        config_path,
+        data_dir / "logs",
+        seeds,
+        replicas=replicas,
+        pids_file=data_dir / "pids.json",
+    )
     if up_port is not None:
         mesh.metrics_ports["up-nodes"] = up_port
     quiet = as_json
@@ -393,7 +448,7 @@ def up(
         if not quiet:
             print(
                 f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "
-                f"logs in {mesh.log_dir}; Ctrl-C stops",
+                f"{replicas} process(es) per service, logs in {mesh.log_dir}; Ctrl-C stops",
                 flush=True,
             )
 
@@ -417,6 +472,8 @@ def up(
     except RuntimeError as exc:
         print(f"attestmesh up: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # Ctrl-C before the nodes' loop took over the signal
+        code = 130
     finally:
         telemetry.shutdown()
         mesh.stop()
@@ -424,8 +481,5 @@ def up(
             server.stop()
     if rounds is not None and len(summary.results) < rounds * nodes:
         code = 1
-    if as_json:
-        print(json.dumps(summary.to_json()))
-    elif summary.results:
-        print(json.dumps(summary.to_json(), indent=2))
+    print(json.dumps(summary.to_json()), flush=True)
     return code

@@ -173,6 +173,8 @@ async def test_services_stay_in_their_lanes(
             ("pub", "$KV.broker-state.audit-checkpoint"),
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
+            ("sub", "attest.evidence.>"),
+            ("sub", "attest.nonce.*"),
         ],
         inbox_prefix=subjects.inbox("admin"),
     )
@@ -186,6 +188,8 @@ async def test_services_stay_in_their_lanes(
     assert policy == [], "the policy service may not write what it enforces"
     own = [
         ("sub", "attest.revoked.*"),
+        ("sub", "attest.verdict.>"),
+        ("sub", "attest.decision.>"),
         ("pub", "$KV.broker-state.secret.default/x"),
         ("pub", "$KV.broker-state.index"),
         ("pub", "$KV.broker-state.keyring"),

@@ -37,6 +37,10 @@ def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path)
     assert summary["decisions"] == 6
     assert summary["secrets_released"] == 6
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
+    assert summary["failed"] == 0 and summary["failures_by_reason"] == {}
+    assert summary["restarts"] == {} and summary["service_exits"] == {}
+    assert summary["lost"] == 0 and summary["duplicated"] == 0
+    assert not (data_dir / "pids.json").exists()  # removed with the processes it named
     assert _processes_mentioning(str(data_dir)) == []
     assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
     # One NATS identity per service, per simulated node and for the operator, all private;
@@ -99,3 +103,17 @@ def _run_up(data_dir: Path, otlp_endpoint: str) -> subprocess.CompletedProcess[s
         check=False,
         env={**os.environ, "ATTESTMESH_OTLP_ENDPOINT": otlp_endpoint},
     )
+
+
+def test_up_refuses_a_replica_count_out_of_range(tmp_path: Path) -> None:
+    for bad in ("0", "9", "two"):
+        completed = subprocess.run(
+            [sys.executable, "-m", "services.cli", "up", "--replicas", bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert completed.returncode == 2 and "--replicas" in completed.stderr
+        assert not (tmp_path / ".attestmesh").exists()

@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
+import nats.errors
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nats.aio.msg import Msg
@@ -29,6 +31,8 @@ from services.mesh.bus import Bus
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
 from services.mesh.keys import TrustedKeys
 from services.verifier.worker import expected_report_data
+
+T = TypeVar("T")
 
 log = telemetry.logger("collector")
 
@@ -47,6 +51,8 @@ class RoundResult:
     released: bool
     latency_ms: float
     reason: str = ""
+    evidence_id: str = ""
+    """The evidence this round published (empty if it failed before publishing)."""
 
 
 class CollectorNode:
@@ -77,18 +83,25 @@ class CollectorNode:
         self.last_public_key = b""
         self.last_decision_id = ""
         self.last_evidence_id = ""
+        self._evidence_id = ""
 
     async def attest_once(self) -> RoundResult:
+        """One round; a failure anywhere (a service or the connection gone) is a failed
+        round with a reason, never an exception, so the node keeps attesting."""
         started = time.perf_counter()
+        self._evidence_id = ""
         with tracer.start_as_current_span("collector.attest") as span:
             span.set_attribute("attestmesh.node", self.node)
             span.set_attribute("attestmesh.family", self.source.family)
             try:
                 result = await self._round(started)
-            except AttestmeshError as exc:
-                span.set_attribute("attestmesh.error", exc.reason)
-                log.warning("round.failed", node=self.node, reason=exc.reason)
-                result = RoundResult(self.node, "none", False, False, _ms(started), exc.reason)
+            except (AttestmeshError, nats.errors.Error) as exc:
+                reason = exc.reason if isinstance(exc, AttestmeshError) else _bus_reason(exc)
+                span.set_attribute("attestmesh.error", reason)
+                log.warning("round.failed", node=self.node, reason=reason)
+                result = RoundResult(
+                    self.node, "none", False, False, _ms(started), reason, self._evidence_id
+                )
             outcome = (
                 "released" if result.released else "denied" if result.status != "none" else "failed"
             )
@@ -98,8 +111,16 @@ class CollectorNode:
             return result
 
     async def _round(self, started: float) -> RoundResult:
-        challenge = await self.bus.request(
-            subjects.nonce(self.node), events.NonceRequest(node=self.node), events.NonceChallenge
+        """Each stage that can go unanswered fails with its own reason (``collector.no_nonce``,
+        ``collector.evidence_not_accepted``, ``collector.decision_timeout``,
+        ``collector.no_release``), so an operator knows which service to look at."""
+        challenge = await _stage(
+            "collector.no_nonce",
+            self.bus.request(
+                subjects.nonce(self.node),
+                events.NonceRequest(node=self.node),
+                events.NonceChallenge,
+            ),
         )
         private = X25519PrivateKey.generate()
         public = private.public_key().public_bytes(
@@ -135,27 +156,36 @@ class CollectorNode:
 
         sub = await self.bus.nc.subscribe(subjects.decision(self.node), cb=on_decision)
         try:
-            await self.bus.publish(subjects.evidence(self.source.family, self.node), event)
+            await _stage(
+                "collector.evidence_not_accepted",
+                self.bus.publish(subjects.evidence(self.source.family, self.node), event),
+            )
+            self._evidence_id = event.id
             try:
                 decision = await asyncio.wait_for(decisions.get(), self.decision_timeout)
             except TimeoutError:
                 raise BusError("collector.decision_timeout", "no decision arrived") from None
         finally:
-            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
         if decision.refused:
             # The mesh refused this evidence; the node's previous decision stays in force.
             reason = decision.reason or "policy.refused"
-            return RoundResult(self.node, decision.status, False, False, _ms(started), reason)
+            return RoundResult(
+                self.node, decision.status, False, False, _ms(started), reason, event.id
+            )
         self.last_public_key, self.last_decision_id = public, decision.id
         self.last_evidence_id = event.id
         if not decision.allow:
             reason = decision.reason or "policy.denied"
-            return RoundResult(self.node, decision.status, False, False, _ms(started), reason)
-        secret = await self._fetch_secret(private, public, decision)
+            return RoundResult(
+                self.node, decision.status, False, False, _ms(started), reason, event.id
+            )
+        secret = await _stage("collector.no_release", self._fetch_secret(private, public, decision))
         if self.on_secret is not None:
             self.on_secret(self.resource, secret)
-        return RoundResult(self.node, decision.status, True, True, _ms(started))
+        return RoundResult(self.node, decision.status, True, True, _ms(started), "", event.id)
 
     async def _fetch_secret(
         self, private: X25519PrivateKey, public: bytes, decision: signed.SignedDecision
@@ -205,6 +235,23 @@ class CollectorNode:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
+
+
+async def _stage(reason: str, step: Awaitable[T]) -> T:
+    """Await one stage; the bus giving up on it (nobody answered) becomes ``reason``."""
+    try:
+        return await step
+    except BusError as exc:
+        raise BusError(reason, exc.reason) from None
+    except nats.errors.Error as exc:
+        raise BusError(reason, _bus_reason(exc)) from None
+
+
+def _bus_reason(exc: nats.errors.Error) -> str:
+    """``bus.connection_closed`` and the like: the connection itself failed mid-round."""
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return "bus.connection_closed"
+    return "bus.unavailable"
 
 
 def _ms(started: float) -> float:

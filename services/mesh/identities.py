@@ -195,7 +195,8 @@ def broker(*, declare_streams: bool = True) -> Permissions:
 
 def admin() -> Permissions:
     """The operator: manage policies, reference values, collateral and secrets, see whether the
-    services' consumers exist, and watch revocations.
+    services' consumers exist, and watch revocations, verdicts and decisions (which stage of a
+    round did not answer; none of them carries a secret).
 
     Not more: no stream *update* (shortening a bucket's max age would expire every hardware
     pin, or the audit log, with no record; reconfiguring streams is an out-of-band step with
@@ -224,7 +225,12 @@ def admin() -> Permissions:
     ]
     return Permissions(
         publish=_unique(publish),
-        subscribe=(_inbox(subjects.inbox(ADMIN)), "attest.revoked.*"),
+        subscribe=(
+            _inbox(subjects.inbox(ADMIN)),
+            "attest.revoked.*",
+            subjects.VERDICT_ALL,
+            subjects.DECISION_ALL,
+        ),
     )
 
 

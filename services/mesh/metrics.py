@@ -60,6 +60,10 @@ revocations = _meter.create_counter(
 dead_letters = _meter.create_counter(
     "attestmesh_dead_letters", description="Messages dead-lettered, by stream and reason code"
 )
+service_restarts = _meter.create_counter(
+    "attestmesh_service_restarts",
+    description="Service processes restarted by the supervisor, by service and exit reason",
+)
 verification_seconds = _meter.create_histogram(
     "attestmesh_verification_seconds",
     unit="s",
@@ -80,6 +84,7 @@ NAMES = (
     "attestmesh_releases_total",
     "attestmesh_revocations_total",
     "attestmesh_dead_letters_total",
+    "attestmesh_service_restarts_total",
     "attestmesh_verification_seconds",
     "attestmesh_attestation_seconds",
     "attestmesh_consumer_pending",
