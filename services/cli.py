@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="processes of each verifier, the policy service and the broker (default 1)",
     )
+    up.add_argument(
+        "--cluster",
+        type=_cluster,
+        default=1,
+        help="nats-servers forming one JetStream cluster (3 or 5: streams at R3; default 1)",
+    )
 
     verify = sub.add_parser("verify", help="verify one evidence file offline")
     verify.add_argument("evidence", type=Path)
@@ -376,6 +382,13 @@ SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up"})
 MAX_REPLICAS = 8
 
 
+def _cluster(text: str) -> int:
+    """A cluster keeps a majority through the loss of one member only at an odd size."""
+    if text not in ("1", "3", "5"):
+        raise argparse.ArgumentTypeError("--cluster is 1, 3 or 5 servers")
+    return int(text)
+
+
 def _replicas(text: str) -> int:
     """``--replicas``: 1 to 8 processes per service (more only burns a single machine)."""
     try:
@@ -407,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 nats_url=args.nats,
                 interval=args.interval,
                 replicas=args.replicas,
+                cluster=args.cluster,
             )
         if args.command == "secret":
             return secretcli.run(args)

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -38,8 +39,9 @@ from services.collector.simulator.node import simulated_source, test_pki
 from services.mesh import authconf, identities, metrics, subjects, telemetry
 from services.mesh import config as config_mod
 from services.mesh.bus import Bus
+from services.mesh.cluster import LocalCluster, replicas_for
 from services.mesh.config import Config
-from services.mesh.errors import PolicyError
+from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
@@ -101,6 +103,9 @@ class Mesh:
         self.pids_file = pids_file
         self.metrics_ports: dict[str, int] = {}
         self.supervisor: Supervisor | None = None
+        self.servers: list[NatsServer] = []
+        """The embedded nats-server(s) ``up`` runs, watched and restarted like the services."""
+        self.server_restarts: Counter[str] = Counter()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -131,8 +136,29 @@ class Mesh:
         return dataclasses.replace(spec, env={**spec.env, "ATTESTMESH_METRICS_PORT": str(port)})
 
     async def supervise(self, stop: asyncio.Event) -> None:
+        watching = [self._watch_servers(stop)]
         if self.supervisor is not None:
-            await self.supervisor.run(stop)
+            watching.append(self.supervisor.run(stop))
+        await asyncio.gather(*watching)
+
+    async def _watch_servers(self, stop: asyncio.Event) -> None:
+        """Restart an embedded nats-server that died: on its old ports and store, so clients
+        reconnect and a cluster member rejoins its peers and catches up."""
+        while not stop.is_set():
+            for server in self.servers:
+                if server.running or stop.is_set():
+                    continue
+                name = server_name(server)
+                print(f"attestmesh up: {name} exited; restarting", file=sys.stderr, flush=True)
+                metrics.service_restarts.add(1, {"service": name, "reason": "exit"})
+                try:
+                    await asyncio.to_thread(server.start)
+                except BusError as exc:
+                    print(f"attestmesh up: {name} did not restart ({exc.reason})", file=sys.stderr)
+                    continue
+                self.server_restarts[name] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.supervisor is not None:
@@ -178,7 +204,11 @@ def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:
     return path
 
 
-def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
+def server_name(server: NatsServer) -> str:
+    return f"nats-{server.cluster.server_name}" if server.cluster else "nats-server"
+
+
+def prepare(data_dir: Path, nats_url: str, *, jetstream_replicas: int = 1) -> tuple[Config, Path]:
     """Keys, test PKI and the shared config file for a simulated deployment.
 
     The operator key is made here too: on one machine ``up`` is the operator, and it signs
@@ -201,6 +231,7 @@ def prepare(data_dir: Path, nats_url: str) -> tuple[Config, Path]:
         nonce_ttl_s=120.0,
         decision_ttl_s=300.0,
         ack_wait_s=UP_ACK_WAIT_S,
+        jetstream_replicas=jetstream_replicas,
     )
     path = data_dir / "config.json"
     config_mod.save(config, path)
@@ -381,6 +412,7 @@ async def drive(
         if mesh.supervisor is not None:
             summary.restarts = dict(mesh.supervisor.restarts)
             summary.service_exits = dict(mesh.supervisor.failures)
+        summary.restarts.update(mesh.server_restarts)
     return summary
 
 
@@ -404,20 +436,25 @@ def up(
     nats_url: str | None,
     interval: float = 5.0,
     replicas: int = 1,
+    cluster: int = 1,
 ) -> int:
     """Run the mesh until Ctrl-C (or ``rounds`` per node); the last line printed is the
     summary, one JSON object. Exit code 1 only if the mesh never came up or ``rounds`` were
     not all completed; a service dying on the way is restarted, not fatal."""
     seeds: dict[str, Path] = {}
-    server = None
+    servers: list[NatsServer] = []
     if not nats_url:
         seeds = provision_identities(data_dir, nodes)
-        server = NatsServer(
-            authconf.server_store_dir(data_dir), config_file=authconf.server_config_path(data_dir)
-        )
-        server.start()
-        nats_url = server.url
-    config, config_path = prepare(data_dir, nats_url)
+        auth = authconf.server_config_path(data_dir)
+        if cluster > 1:
+            local = LocalCluster(data_dir / "nats-cluster", size=cluster, config_file=auth)
+            local.start()
+            servers, nats_url = local.servers, local.url
+        else:
+            single = NatsServer(authconf.server_store_dir(data_dir), config_file=auth)
+            single.start()
+            servers, nats_url = [single], single.url
+    config, config_path = prepare(data_dir, nats_url, jetstream_replicas=replicas_for(cluster))
     up_port = telemetry.configure(
         "up",
         level="warning",
@@ -433,6 +470,7 @@ def up(
         replicas=replicas,
         pids_file=data_dir / "pids.json",
     )
+    mesh.servers = servers
     if up_port is not None:
         mesh.metrics_ports["up-nodes"] = up_port
     quiet = as_json
@@ -447,7 +485,8 @@ def up(
         write_metrics_map(data_dir, mesh.metrics_ports)
         if not quiet:
             print(
-                f"attestmesh up: NATS at {nats_url}, {nodes} simulated node(s), "
+                f"attestmesh up: NATS at {nats_url} (JetStream R{config.jetstream_replicas}), "
+                f"{nodes} simulated node(s), "
                 f"{replicas} process(es) per service, logs in {mesh.log_dir}; Ctrl-C stops",
                 flush=True,
             )
@@ -477,7 +516,7 @@ def up(
     finally:
         telemetry.shutdown()
         mesh.stop()
-        if server is not None:
+        for server in servers:
             server.stop()
     if rounds is not None and len(summary.results) < rounds * nodes:
         code = 1
