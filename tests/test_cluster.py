@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import pytest
@@ -147,18 +147,20 @@ def _rounds(lines: list[str]) -> int:
     return sum(1 for line in list(lines) if not line.startswith(("attestmesh up:", "{")))
 
 
-def test_up_on_a_cluster_survives_a_kill_9_of_one_server(tmp_path: Path) -> None:
-    """``attestmesh up --cluster 3`` under load: one nats-server is killed (SIGKILL), ``up``
-    restarts it, it rejoins, and no accepted evidence is lost or decided twice; the release
-    audit chain still verifies against the running cluster."""
+def _run_up_with(
+    tmp_path: Path, extra: list[str], pid_file: Callable[[Path], Path], fault: Callable[[int], None]
+) -> tuple[dict[str, Any], str, int, subprocess.CompletedProcess[str]]:
+    """Run ``up`` under load, apply ``fault`` to the nats-server whose pid ``pid_file`` names,
+    keep going 15 s (longer than the services' 10 s ack wait), verify the audit chain while the
+    mesh still runs, Ctrl-C; return the summary, stderr, rounds after the fault, audit result."""
     data_dir = tmp_path / "mesh"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ATTESTMESH_"))}
-    command = ["up", "--cluster", "3", "--nodes", "4", "--interval", "0.3"]
+    command = ["up", *extra, "--nodes", "4", "--interval", "0.3", "--data-dir", str(data_dir)]
     errors = tmp_path / "up.stderr"
     lines: list[str] = []
     with errors.open("w") as stderr_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *command, "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "services.cli", *command],
             stdout=subprocess.PIPE,
             stderr=stderr_file,
             text=True,
@@ -173,11 +175,10 @@ def test_up_on_a_cluster_survives_a_kill_9_of_one_server(tmp_path: Path) -> None
             assert proc.poll() is None, errors.read_text()[-3000:]
             assert time.monotonic() < deadline, "no rounds in 120 s"
             time.sleep(0.1)
-        pid_file = data_dir / "nats-cluster" / "n2" / "nats-server.pid"
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        at_kill = _rounds(lines)
-        time.sleep(15)  # longer than the services' 10 s ack wait
-        after_kill = _rounds(lines) - at_kill
+        fault(int(pid_file(data_dir).read_text()))
+        at_fault = _rounds(lines)
+        time.sleep(15)
+        after_fault = _rounds(lines) - at_fault
         audit = subprocess.run(
             [sys.executable, "-m", "services.cli", "audit", "verify", "--data-dir", str(data_dir)],
             capture_output=True,
@@ -197,15 +198,52 @@ def test_up_on_a_cluster_survives_a_kill_9_of_one_server(tmp_path: Path) -> None
     stderr = errors.read_text()
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    summary = json.loads(lines[-1])
+    summary: dict[str, Any] = json.loads(lines[-1])
+    return summary, stderr, after_fault, audit
+
+
+def _report(what: str, summary: dict[str, Any]) -> None:
+    print(
+        f"{what}: {summary['attestations']} rounds, failed {summary['failed']} "
+        f"{summary['failures_by_reason']}, lost {summary['lost']}, "
+        f"duplicated {summary['duplicated']}, p99 {summary['latency_ms']['p99']:.0f} ms, "
+        f"max {summary['latency_ms']['max']:.0f} ms"
+    )
+
+
+def test_up_on_a_cluster_survives_a_kill_9_of_one_server(tmp_path: Path) -> None:
+    """``attestmesh up --cluster 3`` under load: one nats-server is killed (SIGKILL), ``up``
+    restarts it, it rejoins, and no accepted evidence is lost or decided twice; the release
+    audit chain still verifies against the running cluster."""
+    summary, stderr, after, audit = _run_up_with(
+        tmp_path,
+        ["--cluster", "3"],
+        lambda d: d / "nats-cluster" / "n2" / "nats-server.pid",
+        lambda pid: os.kill(pid, signal.SIGKILL),
+    )
+    _report("cluster kill -9 n2", summary)
     assert summary["restarts"].get("nats-n2") == 1, (summary, stderr[-2000:])
     assert "nats-n2 exited; restarting" in stderr
-    assert after_kill > 0, "no round completed after the server was killed"
+    assert after > 0, "no round completed after the server was killed"
     assert summary["lost"] == 0 and summary["duplicated"] == 0, summary
     assert summary["secrets_released"] > 0
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    print(
-        f"cluster kill -9 n2: {summary['attestations']} rounds, failed {summary['failed']} "
-        f"{summary['failures_by_reason']}, lost 0, duplicated 0, "
-        f"p99 {summary['latency_ms']['p99']:.0f} ms, max {summary['latency_ms']['max']:.0f} ms"
+
+
+def test_up_on_one_server_rides_out_a_10_s_outage(tmp_path: Path) -> None:
+    """The single embedded server stops answering for 10 s (SIGSTOP, then SIGCONT): rounds in
+    flight may fail, but nothing accepted is lost or decided twice, and rounds resume."""
+
+    def outage(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(10)
+        os.kill(pid, signal.SIGCONT)
+
+    summary, _stderr, after, audit = _run_up_with(
+        tmp_path, [], lambda d: d / "nats" / "nats-server.pid", outage
     )
+    _report("single server, 10 s outage", summary)
+    assert after > 0, "no round completed after the outage"
+    assert summary["lost"] == 0 and summary["duplicated"] == 0, summary
+    assert summary["secrets_released"] > 0
+    assert audit.returncode == 0, audit.stdout + audit.stderr
