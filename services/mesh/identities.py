@@ -2,8 +2,9 @@
 
 This module is the one source of truth for every identity's permissions. ``attestmesh up``
 writes its nats-server configuration from it (:mod:`services.mesh.authconf`) and the Helm
-chart's ``_nats_permissions.tpl`` must render exactly the same sets (``tests/test_deploy.py``
-compares them), so the embedded default and a Kubernetes release enforce one model.
+chart's ``_nats_permissions.tpl`` must render exactly the same sets
+(``tests/test_deploy_boundary.py`` compares them), so the embedded default and a Kubernetes
+release enforce one model.
 
 Identities: ``verifier-<family>``, ``policy``, ``broker``, ``admin`` (the operator: policies,
 reference values, collateral, secrets, and reading revocations) and one
