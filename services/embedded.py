@@ -144,18 +144,27 @@ class Mesh:
     async def _watch_servers(self, stop: asyncio.Event) -> None:
         """Restart an embedded nats-server that died: on its old ports and store, so clients
         reconnect and a cluster member rejoins its peers and catches up."""
+        delays: dict[str, float] = {}
         while not stop.is_set():
             for server in self.servers:
                 if server.running or stop.is_set():
                     continue
                 name = server_name(server)
+                delay = delays.get(name, 0.0)
+                if delay:  # failed to start last time: back off, as for the services
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
+                        return
                 print(f"attestmesh up: {name} exited; restarting", file=sys.stderr, flush=True)
                 metrics.service_restarts.add(1, {"service": name, "reason": "exit"})
                 try:
                     await asyncio.to_thread(server.start)
                 except BusError as exc:
                     print(f"attestmesh up: {name} did not restart ({exc.reason})", file=sys.stderr)
+                    delays[name] = min(max(delay * 2, 0.5), 30.0)
                     continue
+                delays.pop(name, None)
                 self.server_restarts[name] += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
@@ -454,14 +463,21 @@ def up(
             single = NatsServer(authconf.server_store_dir(data_dir), config_file=auth)
             single.start()
             servers, nats_url = [single], single.url
-    config, config_path = prepare(data_dir, nats_url, jetstream_replicas=replicas_for(cluster))
-    up_port = telemetry.configure(
-        "up",
-        level="warning",
-        otlp_endpoint=config.otlp_endpoint,
-        stream=open(os.devnull, "w"),  # noqa: SIM115
-        metrics_port=0,
-    )
+    try:
+        config, config_path = prepare(
+            data_dir, nats_url, jetstream_replicas=replicas_for(cluster)
+        )
+        up_port = telemetry.configure(
+            "up",
+            level="warning",
+            otlp_endpoint=config.otlp_endpoint,
+            stream=open(os.devnull, "w"),  # noqa: SIM115
+            metrics_port=0,
+        )
+    except BaseException:  # the servers must not outlive a failed start
+        for server in servers:
+            server.stop()
+        raise
     mesh = Mesh(
         config,
         config_path,

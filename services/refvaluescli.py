@@ -69,8 +69,16 @@ def run(args: argparse.Namespace) -> int:
     change = _change(args)
 
     async def work(bus: Bus) -> tuple[int, RefValues]:
-        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_REFVALUES))
-        return await refvalues.modify(kv, args.family, change, operator=operator, trusted=trusted)
+        bucket = await bus.key_value(subjects.BUCKET_REFVALUES)
+        history = await refvalues.key_history(bucket, args.family)
+        return await refvalues.modify(
+            NatsKeyValue(bucket),
+            args.family,
+            change,
+            operator=operator,
+            trusted=trusted,
+            history=history,
+        )
 
     version, _ = admincli.run(config, timeout, work)
     done = {"add": "added", "remove": "removed", "set": "replaced"}[args.refvalues_action]

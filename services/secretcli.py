@@ -1,11 +1,11 @@
 """``attestmesh secret put|list|delete``: the broker's sealed secrets, by an operator.
 
 Resources are named as Confidential Containers' key broker names them,
-``<repository>/<type>/<tag>``. Every change is written to the broker's sealed, hash-chained
-audit log *before* it is made, naming the operator's NATS identity (its public nkey), so no
-change is ever unrecorded; the record holds the resource and its new version, never the
-value (nor a hash of it, which would let a guessable secret be confirmed offline). No
-command prints a secret value.
+``<repository>/<type>/<tag>``. No command prints a secret value.
+
+Secret changes are not yet in the broker's audit log: the operator may not write that log
+(it could then erase or rewrite it), so the record has to be appended by the broker on the
+operator's request, which is still to be built.
 
 The sealing key must already exist where the broker keeps it (``DATA_DIR/broker-sealing.key``):
 these commands never create one (:class:`~services.broker.sealing.KeyFileSource`).
@@ -14,15 +14,13 @@ these commands never create one (:class:`~services.broker.sealing.KeyFileSource`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
 
 from services import admincli
-from services.broker.audit import AuditLog, Outcome
 from services.broker.sealing import KeyFileSource
-from services.broker.store import MAX_SECRET_SIZE, SecretStore, load_keyring, validate_name
+from services.broker.store import MAX_SECRET_SIZE, SecretStore, validate_name
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import ConfigError, SealingError
@@ -31,8 +29,6 @@ from services.mesh.natskv import NatsKeyValue
 EXIT_OK = 0
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
 _KBS_RESOURCE = re.compile(rf"{_SEGMENT}/{_SEGMENT}/{_SEGMENT}")
-PUT_REASON = "operator.secret_put"
-DELETE_REASON = "operator.secret_deleted"
 
 
 def add_parser(sub: Any) -> None:
@@ -74,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
         resource = validate_name(args.resource)
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
-    who = admincli.actor(config)
     sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
     sealing.sealing_key()  # fail before connecting if the key is not where it should be
 
@@ -83,14 +78,11 @@ def run(args: argparse.Namespace) -> int:
         store = await SecretStore.open(kv, sealing)
         if action == "list":
             return "\n".join(await store.list())
-        audit = AuditLog(kv, await load_keyring(kv, sealing))
         if action == "put":
-            await _audit(audit, who, resource, Outcome.SECRET_PUT, PUT_REASON)
             version = await store.put(resource, value)
             return f"{resource} stored (version {version})"
         if resource not in await store.list():  # nothing to delete: an error, not audited
             raise SealingError("broker.secret_not_found", repr(resource))
-        await _audit(audit, who, resource, Outcome.SECRET_DELETED, DELETE_REASON)
         await store.delete(resource)
         return f"{resource} deleted"
 
@@ -98,17 +90,3 @@ def run(args: argparse.Namespace) -> int:
     if out:
         print(out)
     return EXIT_OK
-
-
-async def _audit(audit: AuditLog, who: str, resource: str, outcome: Outcome, reason: str) -> None:
-    # The digest field must hold 64 hex; it binds the record to the action, not to the value.
-    digest = hashlib.sha256(f"{outcome}:{resource}".encode()).hexdigest()
-    await audit.append(
-        node="operator",
-        resource=resource,
-        decision_id="none",
-        verdict_digest=digest,
-        outcome=outcome,
-        reason=reason,
-        actor=who,
-    )

@@ -171,6 +171,7 @@ async def test_services_stay_in_their_lanes(
             ("pub", "$KV.broker-state.decision.node-a"),
             ("pub", "$KV.broker-state.answered.node-a"),
             ("pub", "$KV.broker-state.audit-checkpoint"),
+            ("pub", "$KV.broker-state.audit.000000000001"),  # nor erase or rewrite the log
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
             ("sub", "attest.evidence.>"),
@@ -193,7 +194,6 @@ async def test_services_stay_in_their_lanes(
         ("pub", "$KV.broker-state.secret.default/x"),
         ("pub", "$KV.broker-state.index"),
         ("pub", "$KV.broker-state.keyring"),
-        ("pub", "$KV.broker-state.audit.000000000001"),  # secret changes are audited
     ]
     allowed = await not_refused(
         server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")

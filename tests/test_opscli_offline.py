@@ -213,3 +213,43 @@ def test_a_missing_sealing_key_is_an_error_that_says_where(tmp_path: Path) -> No
     created = KeyFileSource.in_data_dir(tmp_path / "up", create=True).sealing_key()
     again = KeyFileSource.in_data_dir(tmp_path / "up", create=False).sealing_key()
     assert again.key_id == created.key_id
+
+
+def test_a_change_never_re_signs_an_older_document_put_back(tmp_path: Path) -> None:
+    """v1 allows VULN; the operator withdraws it (v2); a bucket writer puts v1 back. The
+    operator's next ``refvalues add`` must refuse, not sign v1's values (VULN) anew."""
+    from services.mesh.errors import PolicyError
+    from services.mesh.keys import SigningKey, TrustedKeys
+    from services.policy import refvalues
+    from services.testing.memkv import MemoryKeyValue
+
+    vuln, good, new = "aa" * 48, "bb" * 48, "cc" * 48
+    operator = SigningKey.load_or_create("operator", tmp_path)
+    trusted = TrustedKeys.from_pem("operator", operator.public_pem())
+    kv = MemoryKeyValue()
+
+    def add(current: refvalues.RefValues) -> refvalues.RefValues:
+        return {**current, "measurement": [*current["measurement"], new]}
+
+    async def scenario() -> None:
+        await refvalues.store(kv, "snp", {"measurement": [vuln, good]}, operator=operator)
+        v1 = await kv.get("snp")
+        assert v1 is not None
+        await refvalues.store(kv, "snp", {"measurement": [good]}, operator=operator)
+        v2 = await kv.get("snp")
+        assert v2 is not None
+        await kv.update("snp", v1[0], v2[1])  # the older signed document, put back
+        history = [v1[0], v2[0], v1[0]]
+        with pytest.raises(PolicyError) as refused:
+            await refvalues.modify(
+                kv, "snp", add, operator=operator, trusted=trusted, history=history
+            )
+        assert refused.value.reason == "refvalues.rollback"
+        # Without the put-back, the same change goes through.
+        await kv.update("snp", v2[0], (await kv.get("snp") or (b"", 0))[1])
+        _, values = await refvalues.modify(
+            kv, "snp", add, operator=operator, trusted=trusted, history=[v1[0], v2[0]]
+        )
+        assert vuln not in values["measurement"] and new in values["measurement"]
+
+    asyncio.run(scenario())

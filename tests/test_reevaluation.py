@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -13,6 +14,7 @@ from nats.aio.subscription import Subscription
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.server import NatsServer
 from services.policy import refvalues, release_policy
 from services.policy.reevaluation import REASON
 from services.testing.mesh import TestMesh, ask_again
@@ -93,9 +95,38 @@ async def test_a_loosened_rule_revokes_nobody(mesh: TestMesh, bus: Bus) -> None:
     result = await node.attest_once()
     assert result.released
     revoked, sub = await _revocations(bus, "node-ok")
+    assert mesh.policy is not None and mesh.policy.loader is not None
+    before = mesh.policy.loader.engine
     # Re-signed, still admitting everything: the policy recompiles and re-evaluates.
     await refvalues.store(refs, "snp", {"measurement": []}, operator=mesh.operator_key)
-    await asyncio.sleep(2.0)
+    for _ in range(50):  # a new engine means the re-evaluation ran (see PolicyService.reload)
+        if mesh.policy.loader.engine is not before:
+            break
+        await asyncio.sleep(0.1)
+    assert mesh.policy.loader.engine is not before, "the change was never adopted"
+    await asyncio.sleep(1.0)
     assert revoked.empty()
     assert (await ask_again(bus, node)).reason == "broker.already_released"  # still in force
     await sub.unsubscribe()
+
+
+async def test_a_node_is_revoked_while_its_decision_lasts_even_if_its_verdict_expired(
+    nats_server: NatsServer, tmp_path: Path, bus: Bus
+) -> None:
+    """The verifier's token may expire before the decision made on it (different lifetimes,
+    counted from different moments): the decision is what must stay withdrawable."""
+    running = TestMesh(nats_server, tmp_path, verdict_ttl=2.0)
+    await running.start()
+    try:
+        node = running.node(bus, "node-gap")
+        assert (await node.attest_once()).released
+        await asyncio.sleep(3.0)  # the verdict's token has expired; the decision (300 s) has not
+        revoked, sub = await _revocations(bus, "node-gap")
+        policies = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+        await release_policy.store(policies, DENY_ALL, operator=running.operator_key)
+        announcement = await asyncio.wait_for(revoked.get(), WITHIN_S)
+        assert announcement.node == "node-gap"
+        assert (await ask_again(bus, node)).reason == "broker.revoked"
+        await sub.unsubscribe()
+    finally:
+        await running.stop()

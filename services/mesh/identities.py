@@ -57,11 +57,11 @@ SERVICES = ("policy", "broker")
 BROKER = "broker"
 ADMIN = "admin"
 NODE_PREFIX = "node-"
-ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>", "audit.>")
+ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>")
 """The ``broker-state`` keys an operator's ``secret`` commands write (``broker/store.py``): the
-secret records, their index and keyring, and the hash-chained audit records that log each
-change (tamper-evident: a rewrite or gap fails ``audit verify``). Never the decisions, release
-claims or signed checkpoints a broker writes."""
+secret records, their index and keyring. Never the audit log (an operator who could write it
+could erase or rewrite the record of its own and the broker's actions), nor the decisions,
+release claims or signed checkpoints a broker writes."""
 RESPONSES = {"max": 1, "expires": "1m"}
 """What a responder may answer: one reply per request, within a minute."""
 

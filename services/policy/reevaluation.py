@@ -11,13 +11,16 @@ collateral, this can only withdraw trust: it publishes deny decisions, never all
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+
+import msgspec
 
 from services.mesh import events, telemetry
 from services.mesh.errors import ParseError, VerificationError
 from services.mesh.keys import TrustedKeys
-from services.mesh.kv import KeyValue
+from services.mesh.kv import KeyValue, WriteConflictError
 from services.verifier import ear
 
 log = telemetry.logger("policy")
@@ -29,18 +32,36 @@ Evaluate = Callable[[events.Verdict, ear.Result], tuple[bool, list[str]]]
 Publish = Callable[[events.Verdict, ear.Result, list[str]], Awaitable[None]]
 
 
+class _Entry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A node's allow: the signed verdict, when it was accepted, and when the decision made
+    on it expires (the verdict's own token may expire first: its lifetime is the verifier's,
+    counted from an earlier moment; the decision is what must be withdrawable while valid)."""
+
+    verdict: bytes
+    accepted_at: datetime
+    decision_expires_at: datetime
+
+
 class Standing:
-    """The verdict behind each node's current allow decision (node -> the signed verdict)."""
+    """The verdict behind each node's current allow decision (node -> :class:`_Entry`)."""
 
     def __init__(self, kv: KeyValue, trusted: TrustedKeys, clock: Callable[[], datetime]) -> None:
         self._kv = kv
         self._trusted = trusted
         self._clock = clock
 
-    async def allowed(self, verdict: events.Verdict) -> None:
+    async def allowed(
+        self, verdict: events.Verdict, *, accepted_at: datetime, decision_expires_at: datetime
+    ) -> None:
         """Remember the verdict an allow decision was made on (the node's latest)."""
         found = await self._kv.get(verdict.node)
-        payload = events.encode(verdict)
+        payload = msgspec.msgpack.encode(
+            _Entry(
+                verdict=events.encode(verdict),
+                accepted_at=accepted_at,
+                decision_expires_at=decision_expires_at,
+            )
+        )
         if found is None:
             await self._kv.create(verdict.node, payload)
         else:
@@ -61,18 +82,25 @@ class Standing:
             if found is None:
                 continue
             try:
-                verdict = events.decode(found[0], events.Verdict)
-                result = ear.read(verdict.ear, self._trusted, now=self._clock())
-            except (ParseError, VerificationError) as exc:
-                # Expired (its decision has too) or unreadable: nothing left to withdraw.
-                log.info("reevaluation.dropped", node=node, reason=exc.reason)
-                await self._kv.delete(node)
+                entry = msgspec.msgpack.decode(found[0], type=_Entry)
+                if entry.decision_expires_at <= self._clock():
+                    raise VerificationError("reevaluation.expired", "the decision has expired")
+                verdict = events.decode(entry.verdict, events.Verdict)
+                # Signature and signer now; lifetime as when the verdict was accepted.
+                result = ear.read(verdict.ear, self._trusted, now=entry.accepted_at)
+            except (ParseError, VerificationError, msgspec.DecodeError) as exc:
+                # Its decision expired, or unreadable: nothing left to withdraw.
+                reason = exc.reason if isinstance(exc, ParseError | VerificationError) else "bad"
+                log.info("reevaluation.dropped", node=node, reason=reason)
+                with contextlib.suppress(WriteConflictError):
+                    await self._kv.delete(node, last_revision=found[1])
                 continue
             allow, reasons = evaluate(verdict, result)
             if allow:
                 continue
             await publish(verdict, result, [REASON, *reasons])
-            await self._kv.delete(node)
+            with contextlib.suppress(WriteConflictError):  # allowed again meanwhile: keep it
+                await self._kv.delete(node, last_revision=found[1])
             denied += 1
         if denied:
             log.warning("reevaluation.revoked", nodes=denied)

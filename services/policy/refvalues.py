@@ -14,14 +14,16 @@ the claim instead would make the policy stop checking it, letting any value thro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 
 from services.mesh import events, subjects
-from services.mesh.errors import PolicyError
+from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.policy import documents
@@ -122,13 +124,18 @@ async def modify(
     *,
     operator: SigningKey,
     trusted: TrustedKeys,
+    history: Sequence[bytes] = (),
 ) -> tuple[int, RefValues]:
     """Apply ``change`` to ``family``'s stored values and store the result signed.
 
     What is stored must verify under ``trusted`` first: re-signing an entry nobody trusted
-    would launder whatever a writer of the bucket put there. Compare-and-set on the revision
-    read, so two operators changing one family at once both land (one retries).
+    would launder whatever a writer of the bucket put there. It must also be the newest
+    signed version among ``history`` (the key's retained values): a writer who put back an
+    older signed document (one still allowing a withdrawn measurement) must not have the
+    operator's next change sign it anew. Compare-and-set on the revision read, so two
+    operators changing one family at once both land (one retries).
     """
+    newest = _newest_version(history, trusted, family)
     while True:
         found = await kv.get(family)
         current: RefValues = {}
@@ -136,6 +143,13 @@ async def modify(
             document = documents.open_signed(
                 found[0], trusted, bucket=subjects.BUCKET_REFVALUES, key=family, kind="refvalues"
             )
+            if document.version < newest:
+                raise PolicyError(
+                    "refvalues.rollback",
+                    f"the stored {family} values (version {document.version}) are older than "
+                    f"version {newest} in the bucket's history: sign the intended values "
+                    "with `refvalues set`",
+                )
             current = validate(document.payload)
         values = change({claim: list(allowed) for claim, allowed in current.items()})
         raw = encode(values)
@@ -164,3 +178,29 @@ async def modify(
         except WriteConflictError:
             continue
         return version, values
+
+
+def _newest_version(history: Sequence[bytes], trusted: TrustedKeys, family: str) -> int:
+    """The highest version among the retained values that verify (0 if none does)."""
+    newest = 0
+    for raw in history:
+        try:
+            document = documents.open_signed(
+                raw, trusted, bucket=subjects.BUCKET_REFVALUES, key=family, kind="refvalues"
+            )
+        except PolicyError:
+            continue
+        newest = max(newest, document.version)
+    return newest
+
+
+async def key_history(bucket: Any, family: str) -> list[bytes]:
+    """The values the bucket retains for ``family`` (deletions left out). A failure to read
+    them raises: the rollback check must not pass for want of history."""
+    try:
+        entries = await bucket.history(family)
+    except nats.js.errors.NoKeysError:
+        return []
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise BusError("kv.unavailable", type(exc).__name__) from None
+    return [entry.value for entry in entries if entry.value]

@@ -145,6 +145,15 @@ class PolicyService:
             if before is not None and self.loader.engine is not before:
                 await self.reevaluate()
 
+    async def refresh(self) -> None:
+        """Drop reference values that expired since the engine was built; nodes allowed on
+        them are re-evaluated at once, as after any other tightening."""
+        assert self.loader is not None
+        before = self.loader.engine
+        self.loader.refresh()
+        if before is not None and self.loader.engine is not before:
+            await self.reevaluate()
+
     async def reevaluate(self) -> int:
         """A rule changed: withdraw every allow decision the new rules would not make."""
         assert self.loader is not None and self.standing is not None
@@ -194,6 +203,8 @@ class PolicyService:
                     changed = True
             if changed:
                 await self.reload()
+            else:
+                await self.refresh()
 
     async def run(
         self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
@@ -235,8 +246,9 @@ class PolicyService:
         ) as span:
             verdict = events.decode(msg.data, events.Verdict)
             span.set_attribute("attestmesh.node", verdict.node)
+            accepted_at = self.clock()
             try:
-                result = ear.read(verdict.ear, self.trusted, now=self.clock())
+                result = ear.read(verdict.ear, self.trusted, now=accepted_at)
             except VerificationError as exc:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 raise Rejected(exc.reason, exc.detail) from None
@@ -258,7 +270,7 @@ class PolicyService:
                 log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
                 span.set_attribute("attestmesh.rejected", exc.reason)
                 raise
-            self.loader.refresh()
+            await self.refresh()
             engine, blocked = self.loader.engine, self.loader.blocked_for(result.family)
             if blocked or engine is None:
                 log.warning("verdict.denied_blocked", node=verdict.node, reasons=blocked)
@@ -273,11 +285,13 @@ class PolicyService:
                     self.pins.pin(verdict.node, result.hwid, evidence_id=verdict.evidence_id),
                 )
                 log.info("node.pinned", node=verdict.node, hwid=result.hwid)
-            await self.publish_decision(verdict, result, allow, reasons)
+            expires = await self.publish_decision(verdict, result, allow, reasons)
             span.set_attribute("attestmesh.allow", allow)
             assert self.standing is not None
             if allow:
-                await self.standing.allowed(verdict)
+                await self.standing.allowed(
+                    verdict, accepted_at=accepted_at, decision_expires_at=expires
+                )
             else:
                 await self.standing.denied(verdict.node)
 
@@ -386,7 +400,7 @@ class PolicyService:
         *,
         reappraisal: bool = False,
         source: str = "",
-    ) -> None:
+    ) -> datetime:
         """``source`` tells apart decisions about one verdict made under different rules (a
         re-evaluation after a policy change), which de-duplication must not merge."""
         now = self.clock()
@@ -421,3 +435,4 @@ class PolicyService:
         await self.bus.publish(subjects.decision(verdict.node), decision)
         metrics.decisions.add(1, {"allow": str(allow).lower()})
         log.info("decision.published", node=verdict.node, allow=allow, reasons=reasons)
+        return expires

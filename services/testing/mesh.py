@@ -59,10 +59,12 @@ class TestMesh:
         *,
         settings: dict[str, bool] | None = None,
         decision_ttl: float = 300.0,
+        verdict_ttl: float = 300.0,
         pinning: bool = True,
         seeds: dict[str, str] | None = None,
     ) -> None:
         self.server = server
+        self.verdict_ttl = verdict_ttl
         self.pinning = pinning
         self.seeds = seeds or {}
         """identity -> nkey seed file, for a server that requires authentication."""
@@ -115,6 +117,7 @@ class TestMesh:
                     NatsKeyValue(await bus.key_value(subjects.BUCKET_COLLATERAL)), offline=True
                 ),
                 reappraise=True,
+                verdict_ttl=self.verdict_ttl,
             )
             return lambda stop: worker.run(stop, max_deliver=3, ack_wait=5.0)
 

@@ -130,7 +130,7 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
-  (list "$KV.broker-state.keyring" "$KV.broker-state.index" "$KV.broker-state.secret.>" "$KV.broker-state.audit.>")
+  (list "$KV.broker-state.keyring" "$KV.broker-state.index" "$KV.broker-state.secret.>")
   (list "$JS.API.CONSUMER.INFO.EVIDENCE.*" "$JS.API.CONSUMER.INFO.VERDICTS.*" "$JS.API.CONSUMER.INFO.DECISIONS.*") -}}
 {{- $sub = concat $sub (list "attest.revoked.*" "attest.verdict.>" "attest.decision.>") -}}
 {{- else -}}
