@@ -47,7 +47,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/attestmesh bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .attestmesh .pytest_cache .mypy_cache .ruff_cache

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--timeout", type=float, default=10.0, help="seconds to reach NATS")
 
     refvaluescli.add_parser(sub)
+    from bench import cli as benchcli
+
+    benchcli.add_parser(sub)
 
     node = sub.add_parser("node", help="manage TEE nodes: NATS identities, hardware pins")
     node_sub = node.add_subparsers(dest="node_action", required=True)
@@ -375,7 +378,7 @@ def _collector(args: argparse.Namespace) -> int:
     return app.run("collector", config, main)
 
 
-SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up"})
+SERVICES = frozenset({"verifier", "policy", "broker", "collector", "up", "bench"})
 """Commands that configure their own logging (JSON lines, traces); the rest talk to a person."""
 
 
@@ -422,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 replicas=args.replicas,
                 cluster=args.cluster,
             )
+        if args.command == "bench":
+            from bench import cli as benchcli
+
+            return benchcli.run(args)
         if args.command == "secret":
             return secretcli.run(args)
         if args.command == "health":

@@ -63,15 +63,19 @@ timeout, long enough for a simulated appraisal on a busy machine."""
 STOP_GRACE_S = 5.0
 
 
-def service_commands(replicas: int = 1) -> dict[str, list[str]]:
+def service_commands(
+    replicas: int = 1, replicated: frozenset[str] | None = None
+) -> dict[str, list[str]]:
     """Each service process to run (name -> ``attestmesh`` arguments); replica ``i > 1`` of
-    a service is named ``<service>-<i>`` and shares the service's identity and consumers."""
+    a service is named ``<service>-<i>`` and shares the service's identity and consumers.
+    ``replicated`` limits the replicas to those services (the bench scales one verifier)."""
     base = {f"verifier-{f}": ["verifier", "--family", f] for f in FAMILIES}
     base["policy"] = ["policy"]
     base["broker"] = ["broker"]
     commands: dict[str, list[str]] = {}
     for name, args in base.items():
-        for i in range(1, replicas + 1):
+        count = replicas if replicated is None or name in replicated else 1
+        for i in range(1, count + 1):
             commands[name if i == 1 else f"{name}-{i}"] = args
     return commands
 
@@ -93,6 +97,7 @@ class Mesh:
         seeds: dict[str, Path] | None = None,
         *,
         replicas: int = 1,
+        replicated: frozenset[str] | None = None,
         pids_file: Path | None = None,
     ) -> None:
         self.config = config
@@ -100,6 +105,7 @@ class Mesh:
         self.log_dir = log_dir
         self.seeds = seeds or {}
         self.replicas = replicas
+        self.replicated = replicated
         self.pids_file = pids_file
         self.metrics_ports: dict[str, int] = {}
         self.supervisor: Supervisor | None = None
@@ -110,7 +116,7 @@ class Mesh:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         specs = []
-        for name, args in service_commands(self.replicas).items():
+        for name, args in service_commands(self.replicas, self.replicated).items():
             # The environment outranks config.json: what `up` decided there (server, data
             # dir, identity) must not be overridden by the operator's shell.
             env = {k: v for k, v in os.environ.items() if k not in _DECIDED_BY_UP}

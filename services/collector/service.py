@@ -39,6 +39,8 @@ log = telemetry.logger("collector")
 DEFAULT_RESOURCE = "default/key/workload"
 """The secret a node asks for unless told otherwise (the demo secret of ``attestmesh up``)."""
 tracer = telemetry.tracer("collector")
+PENDING_RETRY_FIRST_S = 0.005
+PENDING_RETRY_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,13 @@ class CollectorNode:
     async def _fetch_secret(
         self, private: X25519PrivateKey, public: bytes, decision: signed.SignedDecision
     ) -> bytes:
-        """Ask the broker; it may not have recorded the decision yet, so retry briefly."""
+        """Ask the broker; it may not have recorded the decision yet, so retry briefly.
+
+        The first retries come after a few milliseconds (the broker usually records the
+        decision within that), backing off to ``PENDING_RETRY_MAX_S``: a fixed 50 ms wait
+        was most of a round's latency on an idle mesh."""
         deadline = time.monotonic() + self.decision_timeout
+        delay = PENDING_RETRY_FIRST_S
         while True:
             request = events.SecretRequest(
                 node=self.node,
@@ -214,7 +221,8 @@ class CollectorNode:
             pending = response.reason in ("broker.no_decision", "broker.decision_pending")
             if not pending or time.monotonic() > deadline:
                 raise Rejected(response.reason or "broker.refused", "secret not released")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, PENDING_RETRY_MAX_S)
 
     async def run(
         self,

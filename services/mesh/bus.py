@@ -348,6 +348,13 @@ class Bus:
         ``handler`` raising :class:`ParseError` or :class:`Rejected` marks the message as
         poison (dead-lettered at once); any other failure is retried with back-off until
         ``max_deliver``, then dead-lettered.
+
+        Consumption is continuous with at most ``batch`` messages in flight: a pull asks for
+        as many messages as there are free slots, so one slow message delays only itself,
+        not the next pull (a batch awaited as a whole made every message wait for the
+        slowest of its batch). Messages still in flight when ``stop`` is set are finished
+        and acknowledged before this returns; if this task is cancelled, so are they, and
+        JetStream redelivers them after ``ack_wait`` (at-least-once either way).
         """
         config = api.ConsumerConfig(
             durable_name=durable,
@@ -360,16 +367,33 @@ class Bus:
         psub = await self._retry(
             lambda: self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         )
-        while not stop.is_set():
-            try:
-                msgs = await psub.fetch(batch, timeout=1.0)
-            except _TRANSIENT:
-                continue
-            except nats.js.errors.APIError as exc:
-                log.warning("consume.fetch_failed", stream=stream, code=exc.code)
-                await asyncio.sleep(0.5)
-                continue
-            await asyncio.gather(*(self._deliver(m, stream, handler, max_deliver) for m in msgs))
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                if len(in_flight) >= batch:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    in_flight = _reap(in_flight)
+                    continue
+                try:
+                    msgs = await psub.fetch(batch - len(in_flight), timeout=1.0)
+                except _TRANSIENT:
+                    continue
+                except nats.js.errors.APIError as exc:
+                    log.warning("consume.fetch_failed", stream=stream, code=exc.code)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    in_flight.add(
+                        asyncio.create_task(self._deliver(msg, stream, handler, max_deliver))
+                    )
+                in_flight = _reap(in_flight)
+            if in_flight:
+                await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _deliver(
         self,
@@ -422,3 +446,12 @@ class Bus:
         log.warning("consume.dead_lettered", stream=stream, reason=reason, deliveries=deliveries)
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.term()
+
+
+def _reap(tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+    """The tasks still running; one that failed re-raises here, as it did from ``gather``
+    (a handler's own errors are dealt with in ``_deliver``, so this is a crash to surface)."""
+    for task in tasks:
+        if task.done():
+            task.result()
+    return {task for task in tasks if not task.done()}
