@@ -73,13 +73,6 @@ def admin_config(args: argparse.Namespace) -> Config:
     return authconf.signed_in_as(config, identities.ADMIN)
 
 
-def actor(config: Config) -> str:
-    """Who an audit record names for this command: the identity and its public nkey."""
-    if config.nats_nkey_seed_file is None:
-        return f"{identities.ADMIN}:unauthenticated"
-    return f"{identities.ADMIN}:{authconf.public_of(Path(config.nats_nkey_seed_file))}"
-
-
 def operator_key(args: argparse.Namespace, config: Config) -> SigningKey:
     """The operator's signing key; a missing key is an error naming where it looked."""
     from services.policy.documents import OPERATOR

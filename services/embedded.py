@@ -39,7 +39,7 @@ from services.collector.simulator.node import simulated_source, test_pki
 from services.mesh import authconf, identities, metrics, subjects, telemetry
 from services.mesh import config as config_mod
 from services.mesh.bus import Bus
-from services.mesh.cluster import LocalCluster, replicas_for
+from services.mesh.cluster import LocalCluster, free_port, replicas_for
 from services.mesh.config import Config
 from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
@@ -189,15 +189,6 @@ def _report(failure: Failure) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def free_port() -> int:
-    """A loopback port free right now, for a child's metrics endpoint (the child binds it
-    within a second, so the window for another process to take it is small)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def port_free(port: int) -> bool:

@@ -77,11 +77,12 @@ def enroll(node: str, config: config_mod.Config, out: Path, *, replace: bool = F
     if embedded:
         authconf.register(directory, identity, public)
         authconf.write_server_config(authconf.server_config_path(data_dir), directory)
-        try:
-            authconf.signal_reload(authconf.server_pid_file(data_dir))
-            reloaded = True
-        except ConfigError:
-            reloaded = False  # not running: `attestmesh up` reads the registry when it starts
+        for pid_file in authconf.server_pid_files(data_dir):
+            try:
+                authconf.signal_reload(pid_file)
+                reloaded = True
+            except ConfigError:
+                continue  # not running: `attestmesh up` reads the registry when it starts
     else:
         values = {"collector": {"nodeIdentities": {"nodes": {node: public}}}}
         values_file = out / "values.json"

@@ -262,3 +262,45 @@ def test_up_on_one_server_rides_out_a_10_s_outage(tmp_path: Path) -> None:
     assert summary["lost"] == 0 and summary["duplicated"] == 0, summary
     assert summary["secrets_released"] > 0
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+async def test_enroll_admits_a_node_to_every_member_of_an_up_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every member reads the one authorization file, so every member must reload it: the
+    new node may then connect to whichever server it reaches first."""
+    from services.cli import main as cli
+    from services.embedded import prepare, provision_identities
+    from services.mesh import authconf
+
+    data_dir = tmp_path / "data"
+    provision_identities(data_dir, 0)
+    running = LocalCluster(
+        data_dir / "nats-cluster", size=3, config_file=authconf.server_config_path(data_dir)
+    )
+    running.start()
+    try:
+        prepare(data_dir, running.url, jetstream_replicas=running.replicas)
+        out = tmp_path / "edge"
+        argv = ["node", "enroll", "edge-9", "--data-dir", str(data_dir), "--out", str(out)]
+        assert await asyncio.to_thread(cli, argv) == 0
+        assert "reloaded" in capsys.readouterr().out
+        seed = str(out / "node-edge-9.nk")
+        for server in running.servers:
+            bus = None
+            for _ in range(50):  # each reload is asynchronous
+                try:
+                    bus = await Bus.connect(
+                        server.url,
+                        "node-edge-9",
+                        wait=0.5,
+                        nkey_seed_file=seed,
+                        inbox_prefix=subjects.node_inbox("edge-9"),
+                    )
+                    break
+                except AttestmeshError:
+                    await asyncio.sleep(0.1)
+            assert bus is not None, f"{server.url} did not admit the enrolled node"
+            await bus.close()
+    finally:
+        running.stop()

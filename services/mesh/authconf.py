@@ -71,8 +71,19 @@ def server_config_path(data_dir: Path) -> Path:
     return server_store_dir(data_dir) / "nats-server.conf"
 
 
+MEMBER_CONFIG = "member.conf"
+"""A cluster member's configuration file, in its own store directory."""
+
+
 def server_pid_file(data_dir: Path) -> Path:
     return server_store_dir(data_dir) / "nats-server.pid"
+
+
+def server_pid_files(data_dir: Path) -> list[Path]:
+    """Every embedded server's pid file: the single server's, or each member's of an
+    ``up --cluster`` (all read the same authorization file, so all must reload it)."""
+    members = sorted((data_dir / "nats-cluster").glob("n*/nats-server.pid"))
+    return [server_pid_file(data_dir), *members]
 
 
 def seed_file(directory: Path, identity: str) -> Path:
@@ -145,9 +156,15 @@ def server_authorization(users: dict[str, str]) -> dict[str, Any]:
 
 
 def write_server_config(path: Path, directory: Path) -> None:
-    """(Re)write the server's configuration from the registry in ``directory``."""
-    config = {"authorization": server_authorization(read_registry(directory))}
-    write_private(path, json.dumps(config, indent=2) + "\n")
+    """(Re)write the server's configuration from the registry in ``directory``; so too each
+    ``up --cluster`` member's, which carries the same authorization beside its own cluster
+    block (a reload re-reads the whole file, so the cluster settings must be in it)."""
+    authorization = server_authorization(read_registry(directory))
+    write_private(path, json.dumps({"authorization": authorization}, indent=2) + "\n")
+    for member in sorted(path.parent.parent.glob(f"nats-cluster/n*/{MEMBER_CONFIG}")):
+        config = json.loads(member.read_text())
+        config["authorization"] = authorization
+        write_private(member, json.dumps(config, indent=2) + "\n")
 
 
 def signal_reload(pid_file: Path) -> None:

@@ -15,10 +15,14 @@ leaves them a way in). The chart's test checks the chart derives the same replic
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 from pathlib import Path
 
+from services.mesh.authconf import MEMBER_CONFIG
 from services.mesh.errors import ConfigError
+from services.mesh.keys import write_private
 from services.mesh.server import ClusterRole, NatsServer
 
 MAX_SERVERS = 5
@@ -47,7 +51,9 @@ def server_urls(nats_url: str) -> list[str]:
     return urls
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` right now (the process that binds it does so within moments,
+    so the window for another process to take it is small)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
@@ -72,17 +78,26 @@ class LocalCluster:
     ) -> None:
         if not 1 <= size <= MAX_SERVERS:
             raise ConfigError("cluster.size_invalid", f"1..{MAX_SERVERS} servers, not {size}")
-        ports = [_free_port(host) for _ in range(size)]
+        ports = [free_port(host) for _ in range(size)]
         routes = tuple(f"nats://{host}:{port}" for port in ports)
-        self.servers = [
-            NatsServer(
-                base_dir / f"n{i + 1}",
-                host=host,
-                config_file=config_file,
-                cluster=ClusterRole(server_name=f"n{i + 1}", cluster_port=port, routes=routes),
+        self.servers = []
+        for i, port in enumerate(ports):
+            role = ClusterRole(server_name=f"n{i + 1}", cluster_port=port, routes=routes)
+            store = base_dir / f"n{i + 1}"
+            member_config = None
+            if config_file is not None:
+                # The cluster block goes into the member's own file beside the shared
+                # settings: a reload (a node enrolled) re-reads the file and would otherwise
+                # lose the flags, and refuse to run a JetStream cluster without a name.
+                member_config = store / MEMBER_CONFIG
+                settings = json.loads(config_file.read_text())
+                settings.update(role.settings(host))
+                store.mkdir(parents=True, exist_ok=True)
+                write_private(member_config, (json.dumps(settings, indent=2) + "\n").encode())
+                role = dataclasses.replace(role, in_config=True)
+            self.servers.append(
+                NatsServer(store, host=host, config_file=member_config, cluster=role)
             )
-            for i, port in enumerate(ports)
-        ]
 
     @property
     def size(self) -> int:

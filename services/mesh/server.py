@@ -46,6 +46,19 @@ class ClusterRole:
     cluster_port: int
     routes: tuple[str, ...]
     cluster_name: str = "attestmesh"
+    in_config: bool = False
+    """The settings are in the server's configuration file, not passed as flags."""
+
+    def settings(self, host: str) -> dict[str, object]:
+        """The same, as configuration-file entries."""
+        return {
+            "server_name": self.server_name,
+            "cluster": {
+                "name": self.cluster_name,
+                "listen": f"{host}:{self.cluster_port}",
+                "routes": list(self.routes),
+            },
+        }
 
     def args(self, host: str) -> list[str]:
         return [
@@ -108,7 +121,7 @@ class NatsServer:
         ]
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
-        if self.cluster is not None:
+        if self.cluster is not None and not self.cluster.in_config:
             args += self.cluster.args(self.host)
         self._proc = subprocess.Popen(
             args,
