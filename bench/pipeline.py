@@ -25,10 +25,10 @@ from typing import Any
 
 from bench import ceiling, proc
 from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
-from services.collector.simulator.node import simulated_source, test_pki
 from services.embedded import (
     Mesh,
     as_identity,
+    connect_nodes,
     prepare,
     provision_identities,
     seed_policy,
@@ -36,7 +36,7 @@ from services.embedded import (
     seed_secret,
     wait_until_ready,
 )
-from services.mesh import authconf, identities, subjects
+from services.mesh import authconf, identities
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.server import NatsServer
@@ -149,26 +149,13 @@ async def _drive(
     nodes: int,
     seconds: float,
 ) -> tuple[Phase, Phase]:
-    pki = test_pki(Path(config.data_dir) / "test-pki")
-    trusted = config.policy_trust()
     async with contextlib.AsyncExitStack() as stack:
         admin = as_identity(config, seeds.get(identities.ADMIN))
         bus = await stack.enter_async_context(Bus.session(admin, identities.ADMIN, declare=False))
         await wait_until_ready(bus, mesh)
-        collectors = []
-        for i in range(nodes):
-            name = node_name(i)
-            identity = identities.node_identity(name)
-            node_bus = await stack.enter_async_context(
-                Bus.session(
-                    as_identity(config, seeds.get(identity)),
-                    identity,
-                    declare=False,
-                    inbox_prefix=subjects.node_inbox(name),
-                )
-            )
-            source = simulated_source(FAMILY, pki, seed=i)
-            collectors.append(CollectorNode(node_bus, name, source, trusted))
+        collectors = await connect_nodes(
+            stack, config, seeds, [(node_name(i), FAMILY) for i in range(nodes)]
+        )
         for _ in range(WARM_UP_ROUNDS):
             await asyncio.gather(*(c.attest_once() for c in collectors))
         pids = proc.read_pids(mesh.pids_file) if mesh.pids_file else {}

@@ -345,6 +345,32 @@ async def wait_until_ready(bus: Bus, mesh: Mesh, timeout: float = 60.0) -> None:
                 await asyncio.sleep(0.1)
 
 
+async def connect_nodes(
+    stack: contextlib.AsyncExitStack[bool | None],
+    config: Config,
+    seeds: dict[str, Path],
+    nodes: list[tuple[str, str]],
+) -> list[CollectorNode]:
+    """Simulated nodes ((name, family) each), each on its own connection as its own
+    identity, with a reply inbox only it may read; closed with ``stack``."""
+    pki = test_pki(Path(config.data_dir) / "test-pki")
+    trusted = config.policy_trust()
+    collectors = []
+    for i, (name, family) in enumerate(nodes):
+        identity = identities.node_identity(name)
+        node_bus = await stack.enter_async_context(
+            Bus.session(
+                as_identity(config, seeds.get(identity)),
+                identity,
+                declare=False,
+                inbox_prefix=subjects.node_inbox(name),
+            )
+        )
+        source = simulated_source(family, pki, seed=i)
+        collectors.append(CollectorNode(node_bus, name, source, trusted))
+    return collectors
+
+
 async def drive(
     config: Config,
     *,
@@ -359,10 +385,8 @@ async def drive(
     """Run the simulated nodes, each on its own connection as its own identity, while the
     supervisor keeps the services running; a failed round is reported, never raised."""
     seeds = seeds or {}
-    pki = test_pki(Path(config.data_dir) / "test-pki")
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
-    trusted = config.policy_trust()
     watch = StageWatch()
     supervising = asyncio.Event()
     supervisor = asyncio.create_task(mesh.supervise(supervising))
@@ -375,19 +399,7 @@ async def drive(
             )
             await wait_until_ready(bus, mesh)
             await watch.start(bus)
-            collectors = []
-            for i, (name, family) in enumerate(node_names(nodes)):
-                identity = identities.node_identity(name)
-                node_bus = await stack.enter_async_context(
-                    Bus.session(
-                        as_identity(config, seeds.get(identity)),
-                        identity,
-                        declare=False,
-                        inbox_prefix=subjects.node_inbox(name),
-                    )
-                )
-                source = simulated_source(family, pki, seed=i)
-                collectors.append(CollectorNode(node_bus, name, source, trusted))
+            collectors = await connect_nodes(stack, config, seeds, node_names(nodes))
             tasks = [
                 asyncio.create_task(c.run(stop, interval=interval, rounds=rounds, results=results))
                 for c in collectors
