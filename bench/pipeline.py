@@ -184,7 +184,8 @@ def run(*, seconds: float, nodes: int, processes: int, ceiling_s: float = 2.0) -
         try:
             config, config_path = prepare(data_dir, server.url)
             admin = as_identity(config, seeds.get(identities.ADMIN))
-            asyncio.run(seed_secret(admin, DEFAULT_RESOURCE))
+            broker = as_identity(config, seeds.get(identities.BROKER))
+            asyncio.run(seed_secret(broker, DEFAULT_RESOURCE))
             asyncio.run(seed_policy(admin))
             asyncio.run(seed_refvalues(admin))
             mesh = Mesh(

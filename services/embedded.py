@@ -271,8 +271,9 @@ def as_identity(config: Config, seed: Path | None) -> Config:
 
 
 async def seed_secret(config: Config, resource: str) -> None:
-    """Create the demo secret (random, sealed) unless it already exists."""
-    async with Bus.session(config, identities.ADMIN) as bus:
+    """Create the demo secret (random, sealed) unless it already exists: as the broker,
+    before any broker runs (the operator may change secrets only through a broker)."""
+    async with Bus.session(config, identities.BROKER) as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
         sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=True)
         store = await SecretStore.open(kv, sealing)
@@ -473,9 +474,7 @@ def up(
             single.start()
             servers, nats_url = [single], single.url
     try:
-        config, config_path = prepare(
-            data_dir, nats_url, jetstream_replicas=replicas_for(cluster)
-        )
+        config, config_path = prepare(data_dir, nats_url, jetstream_replicas=replicas_for(cluster))
         up_port = telemetry.configure(
             "up",
             level="warning",
@@ -503,7 +502,8 @@ def up(
     code = 0
     try:
         admin = as_identity(config, seeds.get(identities.ADMIN))
-        asyncio.run(seed_secret(admin, DEFAULT_RESOURCE))
+        broker = as_identity(config, seeds.get(identities.BROKER))
+        asyncio.run(seed_secret(broker, DEFAULT_RESOURCE))
         asyncio.run(seed_policy(admin))
         asyncio.run(seed_refvalues(admin))
         mesh.start()

@@ -3,32 +3,37 @@
 Resources are named as Confidential Containers' key broker names them,
 ``<repository>/<type>/<tag>``. No command prints a secret value.
 
-Secret changes are not yet in the broker's audit log: the operator may not write that log
-(it could then erase or rewrite it), so the record has to be appended by the broker on the
-operator's request, which is still to be built.
-
-The sealing key must already exist where the broker keeps it (``DATA_DIR/broker-sealing.key``):
-these commands never create one (:class:`~services.broker.sealing.KeyFileSource`).
+The commands never touch sealed state themselves and need no sealing key: each is a request
+to the broker signed with the operator key (:mod:`services.broker.operator`), which seals the
+value, appends the change to its audit log with the signer's key id, and only then applies
+it. A value travels HPKE-wrapped to the broker's intake key, whose public half the broker
+signs (:mod:`services.broker.intake`); a request names the store generation it was made at,
+so if another change lands first the command re-reads and signs again (a few times).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
+import time
 from typing import Any
 
 from services import admincli
-from services.broker.sealing import KeyFileSource
-from services.broker.store import MAX_SECRET_SIZE, SecretStore, validate_name
-from services.mesh import subjects
+from services.broker import intake, release
+from services.broker.store import MAX_SECRET_SIZE, validate_name
+from services.mesh import events, subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import ConfigError, SealingError
-from services.mesh.natskv import NatsKeyValue
+from services.mesh.errors import ConfigError, Rejected, ReleaseError, VerificationError
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.verifier.ear import unb64url
 
 EXIT_OK = 0
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
 _KBS_RESOURCE = re.compile(rf"{_SEGMENT}/{_SEGMENT}/{_SEGMENT}")
+
+
+MAX_ATTEMPTS = 4
+"""Re-signings after another change moved the store's generation first."""
 
 
 def add_parser(sub: Any) -> None:
@@ -43,6 +48,7 @@ def add_parser(sub: Any) -> None:
     delete.add_argument("resource")
     for parser in (put, listing, delete):
         admincli.add_target(parser)
+        parser.add_argument("--operator-key", help=admincli.OPERATOR_KEY_HELP)
 
 
 def resource_name(text: str) -> str:
@@ -70,23 +76,120 @@ def run(args: argparse.Namespace) -> int:
         resource = validate_name(args.resource)
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
-    sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
-    sealing.sealing_key()  # fail before connecting if the key is not where it should be
+    operator = admincli.operator_key(args, config)
+    trusted = TrustedKeys.load(config.trusted_keys_path)
+    desk = _Desk(operator, trusted, timeout)
 
     async def work(bus: Bus) -> str:
-        kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
-        store = await SecretStore.open(kv, sealing)
         if action == "list":
-            return "\n".join(await store.list())
-        if action == "put":
-            version = await store.put(resource, value)
-            return f"{resource} stored (version {version})"
-        if resource not in await store.list():  # nothing to delete: an error, not audited
-            raise SealingError("broker.secret_not_found", repr(resource))
-        await store.delete(resource)
-        return f"{resource} deleted"
+            return "\n".join((await desk.ask(bus, "secret-list")).secrets)
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                done = await desk.change(bus, action, resource, value)
+            except Rejected as exc:
+                if exc.reason != "broker.generation_moved":
+                    raise
+                continue
+            if action == "put":
+                return f"{resource} stored (version {done.version}, audit record {done.audit_id})"
+            return f"{resource} deleted (audit record {done.audit_id})"
+        raise ReleaseError("broker.generation_moved", "other changes kept landing first")
 
     out = admincli.run(config, timeout, work)
     if out:
         print(out)
     return EXIT_OK
+
+
+class _Desk:
+    """The operator's end of :mod:`services.broker.operator`."""
+
+    def __init__(self, operator: SigningKey, trusted: TrustedKeys, timeout: float) -> None:
+        self.operator = operator
+        self.trusted = trusted
+        self.timeout = timeout
+
+    async def _send(self, bus: Bus, request: events.OperatorRequest) -> events.OperatorResponse:
+        response = await bus.request(
+            subjects.operator(request.action),
+            request,
+            events.OperatorResponse,
+            timeout=self.timeout,
+            retry_for=self.timeout,
+        )
+        if not response.ok:
+            raise Rejected(response.reason or "broker.refused", f"{request.action} refused")
+        return response
+
+    def _sign(
+        self,
+        action: str,
+        request_id: str,
+        *,
+        resource: str = "",
+        generation: int = 0,
+        enc: bytes = b"",
+        ciphertext: bytes = b"",
+    ) -> str:
+        now = int(time.time())
+        return self.operator.sign(
+            {
+                "act": action,
+                "jti": request_id,
+                "resource": resource,
+                "generation": generation,
+                "digest": intake.value_digest(enc, ciphertext),
+                "iat": now,
+                "exp": now + intake.TOKEN_LIFETIME_S // 2,
+            }
+        )
+
+    async def ask(self, bus: Bus, action: events.OperatorAction) -> events.OperatorResponse:
+        """A request without a value (a listing)."""
+        request_id = events.new_id()
+        token = self._sign(action, request_id)
+        return await self._send(
+            bus, events.OperatorRequest(id=request_id, action=action, token=token)
+        )
+
+    async def _intake(self, bus: Bus) -> tuple[bytes, int]:
+        """The broker's intake key, only if the broker's own key signed it."""
+        response = await self._send(bus, events.OperatorRequest(action="intake"))
+        try:
+            claims = self.trusted.verify(
+                response.intake, accept=lambda name: name == intake.BROKER_SIGNER
+            )
+            if claims.get("sub") != intake.INTAKE_SUBJECT:
+                raise VerificationError("operator.intake_invalid", "not an intake statement")
+            public = unb64url(str(claims["intake"]))
+        except (KeyError, ValueError) as exc:
+            raise VerificationError("operator.intake_invalid", type(exc).__name__) from None
+        return public, response.generation
+
+    async def change(
+        self, bus: Bus, action: str, resource: str, value: bytes
+    ) -> events.OperatorResponse:
+        """Sign and send one put or delete at the store's current generation."""
+        public, generation = await self._intake(bus)
+        request_id = events.new_id()
+        enc = ciphertext = b""
+        if action == "put":
+            wrapped = release.wrap(
+                value, public, info=intake.value_info(resource), aad=request_id.encode()
+            )
+            enc, ciphertext = wrapped.enc, wrapped.ciphertext
+        kind: events.OperatorAction = "secret-put" if action == "put" else "secret-delete"
+        token = self._sign(
+            kind,
+            request_id,
+            resource=resource,
+            generation=generation,
+            enc=enc,
+            ciphertext=ciphertext,
+        )
+        return await self._send(
+            bus,
+            events.OperatorRequest(
+                id=request_id, action=kind, token=token, enc=enc, ciphertext=ciphertext
+            ),
+        )

@@ -27,7 +27,9 @@ from services.mesh import authconf, events, identities, subjects
 from services.mesh.bus import Bus
 from services.mesh.config import load
 from services.mesh.errors import BusError, ConfigError, Rejected
+from services.mesh.keys import SigningKey
 from services.mesh.server import NatsServer
+from services.testing.brokerthread import running_broker
 from services.testing.mesh import TestMesh
 from services.testing.natsauth import authenticated_server, not_refused
 
@@ -172,6 +174,9 @@ async def test_services_stay_in_their_lanes(
             ("pub", "$KV.broker-state.answered.node-a"),
             ("pub", "$KV.broker-state.audit-checkpoint"),
             ("pub", "$KV.broker-state.audit.000000000001"),  # nor erase or rewrite the log
+            # Secrets change only through the broker, which audits each change first.
+            ("pub", "$KV.broker-state.secret.default/x"),
+            ("pub", "$KV.broker-state.index"),
             ("sub", "attest.secret.*"),
             ("sub", "_INBOX_node_node-a.>"),
             ("sub", "attest.evidence.>"),
@@ -191,9 +196,8 @@ async def test_services_stay_in_their_lanes(
         ("sub", "attest.revoked.*"),
         ("sub", "attest.verdict.>"),
         ("sub", "attest.decision.>"),
-        ("pub", "$KV.broker-state.secret.default/x"),
-        ("pub", "$KV.broker-state.index"),
         ("pub", "$KV.broker-state.keyring"),
+        ("pub", "attest.operator.secret-put"),
     ]
     allowed = await not_refused(
         server.url, seeds["admin"], own, inbox_prefix=subjects.inbox("admin")
@@ -364,9 +368,13 @@ def test_operator_commands_sign_in_as_the_admin_of_an_up_data_dir(
     with authenticated_server(data_dir) as (server, _):
         _, config_path = prepare(data_dir, server.url)
         KeyFileSource.in_data_dir(data_dir, create=True).sealing_key()  # as `up` does
+        keys = data_dir / "keys"
+        for name in ("operator", "broker"):
+            SigningKey.load_or_create(name, keys).publish_to(keys / "trusted")
         put = ["secret", "put", "default/db/key", str(secret), "--config", str(config_path)]
-        assert cli(put) == 0
-        assert cli(["secret", "list", "--config", str(config_path)]) == 0
+        with running_broker(load(config_path)):
+            assert cli(put) == 0
+            assert cli(["secret", "list", "--config", str(config_path)]) == 0
         assert "default/db/key" in capsys.readouterr().out.splitlines()
         # Without the admin seed the same command is refused by the server, not half-done.
         authconf.seed_file(authconf.identities_dir(data_dir), identities.ADMIN).unlink()

@@ -1,11 +1,10 @@
 """Operator commands against an `up`-style authenticated nats-server, signed in as ``admin``:
-``policy set|show|history|rollback``, ``refvalues add|list|remove``, ``secret
-put|list|delete`` (audited, never printing a value), their refusals and exit codes."""
+``policy set|show|history|rollback`` and ``refvalues add|list|remove``, their refusals and
+exit codes (``secret`` commands: tests/test_operator_secrets.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -203,61 +202,6 @@ def test_refvalues_refuse_to_resign_what_nobody_signed(
     assert "refvalues.unsigned" in capsys.readouterr().err
     assert cli.main(["refvalues", "list", *mesh.target]) == 1
     assert "refvalues.unsigned" in capsys.readouterr().err
-
-
-def test_secrets_are_stored_and_never_printed(
-    mesh: Mesh,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    KeyFileSource.in_data_dir(mesh.data_dir, create=True).sealing_key()  # as `up` does
-    value = tmp_path / "value"
-    value.write_bytes(SECRET)
-    assert cli.main(["secret", "put", "default/key/app", str(value), *mesh.target]) == 0
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(SECRET + b"-2")))
-    assert cli.main(["secret", "put", "default/key/db", "-", *mesh.target]) == 0
-    assert cli.main(["secret", "list", *mesh.target]) == 0
-    assert cli.main(["secret", "delete", "default/key/app", *mesh.target]) == 0
-    assert cli.main(["secret", "list", *mesh.target]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.splitlines() == [
-        "default/key/app stored (version 1)",
-        "default/key/db stored (version 1)",
-        "default/key/app",
-        "default/key/db",
-        "default/key/app deleted",
-        "default/key/db",
-    ]
-    assert b"do-not-print" not in (captured.out + captured.err).encode()
-
-    # The operator cannot write the broker's audit log (it could rewrite it): until the broker
-    # records secret changes on request, none appear there, and none are forged either.
-    assert _audit_records(mesh) == []
-
-    refusals = [
-        (["secret", "put", "default/app", str(value)], "secret.bad_resource"),
-        (["secret", "put", "a/b/../c", str(value)], "secret.bad_resource"),
-        (["secret", "put", "default/key/x", str(tmp_path / "none")], "cli.unreadable"),
-        (["secret", "delete", "default/key/never"], "broker.secret_not_found"),
-    ]
-    for argv, reason in refusals:
-        assert cli.main([*argv, *mesh.target]) == 2
-        assert reason in capsys.readouterr().err
-    assert _audit_records(mesh) == []  # refusals change nothing and record nothing
-
-
-def test_secret_commands_never_create_a_sealing_key(
-    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    value = tmp_path / "value"
-    value.write_bytes(SECRET)
-    for argv in (["secret", "put", "default/key/app", str(value)], ["secret", "list"]):
-        assert cli.main([*argv, *mesh.target]) == 2
-        err = capsys.readouterr().err
-        assert "broker.sealing_key_missing" in err
-        assert str(mesh.data_dir / KEY_FILE_NAME) in err
-    assert not (mesh.data_dir / KEY_FILE_NAME).exists()
 
 
 async def test_the_broker_service_never_invents_a_sealing_key(

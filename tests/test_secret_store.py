@@ -375,3 +375,20 @@ async def test_store_matches_a_dict(ops: list[tuple[str, bytes | None]]) -> None
     assert await restarted.list() == sorted(model)
     for name, value in model.items():
         assert await restarted.get(name) == value
+
+
+async def test_a_change_made_at_an_older_generation_is_refused(kv: MemoryKeyValue) -> None:
+    """What makes an operator's signed request single-use: it names the generation."""
+    store = await open_store(kv)
+    start = await store.generation()
+    await store.put("default/key/app", b"v1", at_generation=start)
+    for stale in (
+        store.put("default/key/app", b"replayed", at_generation=start),
+        store.delete("default/key/app", at_generation=start),
+    ):
+        with pytest.raises(SealingError) as caught:
+            await stale
+        assert caught.value.reason == "broker.generation_moved"
+    assert await store.get("default/key/app") == b"v1"
+    await store.delete("default/key/app", at_generation=start + 1)
+    assert await store.generation() == start + 2

@@ -29,6 +29,7 @@ from opentelemetry import trace
 from services.broker import release
 from services.broker.answers import Answers, RefusalCounter
 from services.broker.audit import DEFAULT_MAX_RECORDS, AuditLog, Outcome
+from services.broker.operator import OperatorDesk
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
 from services.mesh import events, metrics, subjects, telemetry
@@ -127,6 +128,10 @@ class BrokerService:
                 await self.store.put(name, value)
                 log.info("secret.seeded", resource=name)
         await self.bus.serve(subjects.SECRET_ALL, self.on_secret_request, queue="broker")
+        desk = OperatorDesk(
+            self.store, self.audit, data_key, self.trusted, signer=self.signer, clock=self.clock
+        )
+        await self.bus.serve(subjects.OPERATOR_ALL, desk.on_request, queue="broker")
 
     async def run(self, stop: Any, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
         maintenance = asyncio.create_task(self._maintenance(stop))

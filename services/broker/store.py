@@ -74,6 +74,14 @@ def record_key(name: str) -> str:
     return RECORD_PREFIX + encoded.decode()
 
 
+def _check_generation(current: int, expected: int | None) -> None:
+    if expected is not None and current != expected:
+        raise SealingError(
+            "broker.generation_moved",
+            f"the store is at generation {current}, the request was made at {expected}",
+        )
+
+
 async def _backoff(attempt: int) -> None:
     await asyncio.sleep(secrets.randbelow(1000 * (attempt + 1)) / 1_000_000)
 
@@ -198,8 +206,16 @@ class SecretStore:
         except SealingError:
             return 0
 
-    async def put(self, name: str, value: bytes) -> int:
-        """Seal and store ``value`` as ``name``; return its new version."""
+    async def generation(self) -> int:
+        """The index generation: it advances with every put and delete."""
+        _, generation, _ = await self._load_index()
+        return generation
+
+    async def put(self, name: str, value: bytes, *, at_generation: int | None = None) -> int:
+        """Seal and store ``value`` as ``name``; return its new version.
+
+        With ``at_generation``, only if the store is still at that generation (an operator's
+        signed request names it, so a replayed request finds it moved on)."""
         key = record_key(name)
         if not 0 < len(value) <= MAX_SECRET_SIZE:
             raise SealingError(
@@ -207,6 +223,7 @@ class SecretStore:
             )
         for attempt in range(MAX_CAS_RETRIES):
             index, generation, index_revision = await self._load_index()
+            _check_generation(generation, at_generation)
             entry = index.entries.get(name)
             if entry is None and len(index.entries) >= MAX_ENTRIES:
                 raise SealingError("broker.store_full", f"at most {MAX_ENTRIES} names")
@@ -251,11 +268,13 @@ class SecretStore:
         index, _, _ = await self._load_index()
         return sorted(name for name, entry in index.entries.items() if entry.live)
 
-    async def delete(self, name: str) -> None:
-        """Remove ``name``, leaving a tombstone so an old blob cannot be resurrected."""
+    async def delete(self, name: str, *, at_generation: int | None = None) -> None:
+        """Remove ``name``, leaving a tombstone so an old blob cannot be resurrected
+        (``at_generation`` as for :meth:`put`)."""
         key = record_key(name)
         for attempt in range(MAX_CAS_RETRIES):
             index, generation, index_revision = await self._load_index()
+            _check_generation(generation, at_generation)
             entry = index.entries.get(name)
             if entry is None or not entry.live:
                 raise SealingError("broker.secret_not_found", repr(name))

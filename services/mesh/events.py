@@ -234,6 +234,43 @@ class SecretResponse(Message, frozen=True, kw_only=True):
     audit_id: str = ""
 
 
+OperatorAction = Literal["intake", "secret-put", "secret-delete", "secret-list"]
+
+
+class OperatorRequest(Message, frozen=True, kw_only=True):
+    """attest.operator.<action> request, answered by the broker.
+
+    ``token`` is the operator's signed statement of the change (action, resource, the digest
+    of ``enc``/``ciphertext``, the secret version it expects to replace, a short expiry); the
+    broker acts on it and seals it into the audit log, so every change is attributable to a
+    signing key and not merely to whoever held the admin NATS credentials. The token names
+    the store generation it was made against: the broker applies it only at that generation,
+    so a replayed or reordered request (the generation has moved on) changes nothing. A new
+    value travels HPKE-wrapped to the broker's intake key (``intake`` answers with that key,
+    signed by the broker)."""
+
+    action: OperatorAction
+    token: Jws = ""
+    enc: bytes = b""
+    ciphertext: Blob = b""
+
+
+class OperatorResponse(Message, frozen=True, kw_only=True):
+    """The broker's answer: ``ok`` or a refusal ``reason``; what the action produced."""
+
+    ok: bool
+    reason: str = ""
+    intake: Jws = ""
+    """For ``intake``: a broker-signed token naming its X25519 intake key."""
+    generation: int = 0
+    """The secret store's generation (every change advances it): what the next signed
+    request must name."""
+    version: int = 0
+    audit_id: str = ""
+    secrets: list[str] = []
+    """For ``secret-list``: the names of the live secrets."""
+
+
 class Refusal(Message, frozen=True, kw_only=True):
     """A reply saying a request was refused, with the reason code."""
 

@@ -7,7 +7,8 @@ chart's ``_nats_permissions.tpl`` must render exactly the same sets
 release enforce one model.
 
 Identities: ``verifier-<family>``, ``policy``, ``broker``, ``admin`` (the operator: policies,
-reference values, collateral, secrets, and reading revocations) and one
+reference values, collateral, requests to the broker for secret changes, and reading
+revocations) and one
 ``node-<node>`` per TEE node. Everything not allowed here is denied by the server; there is
 no anonymous user.
 
@@ -57,7 +58,9 @@ SERVICES = ("policy", "broker")
 BROKER = "broker"
 ADMIN = "admin"
 NODE_PREFIX = "node-"
-ADMIN_BROKER_KEYS = ("keyring", "index", "secret.>")
+ADMIN_BROKER_KEYS = ("keyring",)
+"""The one sealed record the admin writes directly: the keyring, re-wrapped by recovery (a
+wrong key is refused before it is written). Secrets change through the broker."""
 """The ``broker-state`` keys an operator's ``secret`` commands write (``broker/store.py``): the
 secret records, their index and keyring. Never the audit log (an operator who could write it
 could erase or rewrite the record of its own and the broker's actions), nor the decisions,
@@ -189,7 +192,11 @@ def broker(*, declare_streams: bool = True) -> Permissions:
                 subjects.dlq(subjects.STREAM_DECISIONS),
             ]
         ),
-        subscribe=(_inbox(subjects.inbox("broker")), f"{subjects.SECRET_ALL} broker"),
+        subscribe=(
+            _inbox(subjects.inbox("broker")),
+            f"{subjects.SECRET_ALL} broker",
+            f"{subjects.OPERATOR_ALL} broker",
+        ),
         responder=True,
     )
 
@@ -203,7 +210,9 @@ def admin() -> Permissions:
     pin, or the audit log, with no record; reconfiguring streams is an out-of-band step with
     the server's own credentials), and in ``broker-state`` only :data:`ADMIN_BROKER_KEYS`,
     never the decisions or release claims a broker writes (putting back a revoked node's
-    older allow would re-admit it) nor its signed checkpoints.
+    older allow would re-admit it), its signed checkpoints, or the secrets and their index:
+    secret changes are signed requests on ``attest.operator.*`` that the broker audits
+    before applying (:mod:`services.broker.operator`).
     """
     buckets = [
         (subjects.BUCKET_COLLATERAL, False),
@@ -216,6 +225,7 @@ def admin() -> Permissions:
     broker_state = subjects.BUCKET_BROKER
     publish += kv_read(broker_state) + kv_watch(broker_state)
     publish += [f"$KV.{broker_state}.{key}" for key in ADMIN_BROKER_KEYS]
+    publish.append(subjects.OPERATOR_ALL)
     publish += [
         f"$JS.API.CONSUMER.INFO.{stream}.*"
         for stream in (

@@ -67,6 +67,13 @@ def secret(node: str) -> str:
 
 
 SECRET_ALL = "attest.secret.*"  # noqa: S105 - a subject, not a password
+OPERATOR_ALL = "attest.operator.*"
+"""Operator requests the broker answers (its intake key, secret changes): only the admin
+identity may publish here, and the broker also checks the operator's signature."""
+
+
+def operator(action: str) -> str:
+    return f"attest.operator.{token(action)}"
 
 
 def inbox(identity: str) -> str:

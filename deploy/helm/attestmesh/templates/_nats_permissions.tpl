@@ -112,7 +112,7 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.dlq.DECISIONS") -}}
-{{- $sub = append $sub "attest.secret.* broker" -}}
+{{- $sub = concat $sub (list "attest.secret.* broker" "attest.operator.* broker") -}}
 {{- $responder = true -}}
 {{- else if hasPrefix "node-" $id -}}
 {{- $node := trimPrefix "node-" $id -}}
@@ -130,7 +130,7 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
-  (list "$KV.broker-state.keyring" "$KV.broker-state.index" "$KV.broker-state.secret.>")
+  (list "$KV.broker-state.keyring" "attest.operator.*")
   (list "$JS.API.CONSUMER.INFO.EVIDENCE.*" "$JS.API.CONSUMER.INFO.VERDICTS.*" "$JS.API.CONSUMER.INFO.DECISIONS.*") -}}
 {{- $sub = concat $sub (list "attest.revoked.*" "attest.verdict.>" "attest.decision.>") -}}
 {{- else -}}
