@@ -5,6 +5,13 @@ the broker releases can be opened only by this round's TEE-held key; the private
 leaves the process and is dropped when the round ends. The round acts only on a decision the
 policy service signed for it (:mod:`services.collector.decisions`); anything else on the
 node's decision subject is ignored and counted, and the round keeps waiting.
+
+What a round released is held in :attr:`CollectorNode.secrets`, in memory only. While
+:meth:`CollectorNode.run` runs, the node listens on its own revocation subject
+(:mod:`services.collector.revocations`): a revocation drops every held secret, tells the
+embedding application (``on_revoked``), and starts the next round at once instead of after
+the interval, so a node revoked by a transient failure is back within a round, while one
+that still fails stays denied and holds nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from nats.aio.msg import Msg
 
 from services.broker import release
 from services.collector import decisions as signed
+from services.collector.revocations import RevocationWatch
+from services.collector.secrets import HeldSecrets
 from services.collector.sources.base import EvidenceSource
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
@@ -41,6 +50,7 @@ DEFAULT_RESOURCE = "default/key/workload"
 tracer = telemetry.tracer("collector")
 PENDING_RETRY_FIRST_S = 0.005
 PENDING_RETRY_MAX_S = 0.05
+REVOKED_DURING_ROUND = "collector.revoked_during_round"
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,14 @@ class CollectorNode:
         resource: str = DEFAULT_RESOURCE,
         decision_timeout: float = 30.0,
         on_secret: Callable[[str, bytes], None] | None = None,
+        on_revoked: Callable[[str], None] | None = None,
         clock: Callable[[], datetime] = events.utcnow,
     ) -> None:
         """``trusted`` must hold the policy service's public key (as ``policy``): the only
-        signer whose decisions this node acts on."""
+        signer whose decisions this node acts on. ``on_secret(resource, value)`` hands an
+        embedding application each released secret; ``on_revoked(reason)`` tells it to drop
+        every copy it took (it may be called more than once for one withdrawal: on a denied
+        round and on the broker's announcement)."""
         self.bus = bus
         self.node = subjects.token(node)
         self.source = source
@@ -82,6 +96,16 @@ class CollectorNode:
         self.resource = resource
         self.decision_timeout = decision_timeout
         self.on_secret = on_secret
+        self.on_revoked = on_revoked
+        self.secrets = HeldSecrets()
+        """What this node received and still holds; emptied when it is revoked or denied."""
+        self.revocations = RevocationWatch(bus, self.node, self._revoked)
+        """The node's revocation subject; :meth:`run` listens on it (``async with``)."""
+        self._withdrawals = 0
+        self._in_round = False
+        self._allowed = False
+        """The last round that got a decision was allowed, and nothing revoked it since."""
+        self._wake = asyncio.Event()
         self.last_public_key = b""
         self.last_decision_id = ""
         self.last_evidence_id = ""
@@ -92,11 +116,13 @@ class CollectorNode:
         round with a reason, never an exception, so the node keeps attesting."""
         started = time.perf_counter()
         self._evidence_id = ""
+        self._wake.clear()
+        self._in_round = True
         with tracer.start_as_current_span("collector.attest") as span:
             span.set_attribute("attestmesh.node", self.node)
             span.set_attribute("attestmesh.family", self.source.family)
             try:
-                result = await self._round(started)
+                result = await self._round(started, self._withdrawals)
             except (AttestmeshError, nats.errors.Error) as exc:
                 reason = exc.reason if isinstance(exc, AttestmeshError) else _bus_reason(exc)
                 span.set_attribute("attestmesh.error", reason)
@@ -104,6 +130,8 @@ class CollectorNode:
                 result = RoundResult(
                     self.node, "none", False, False, _ms(started), reason, self._evidence_id
                 )
+            finally:
+                self._in_round = False
             outcome = (
                 "released" if result.released else "denied" if result.status != "none" else "failed"
             )
@@ -112,10 +140,14 @@ class CollectorNode:
             )
             return result
 
-    async def _round(self, started: float) -> RoundResult:
+    async def _round(self, started: float, withdrawals: int) -> RoundResult:
         """Each stage that can go unanswered fails with its own reason (``collector.no_nonce``,
         ``collector.evidence_not_accepted``, ``collector.decision_timeout``,
-        ``collector.no_release``), so an operator knows which service to look at."""
+        ``collector.no_release``), so an operator knows which service to look at.
+
+        ``withdrawals`` is how many revocations the node had seen when the round began: a
+        secret released to a round that saw another one is not kept (it cannot tell whether
+        that revocation was about its own decision), and the next round starts at once."""
         challenge = await _stage(
             "collector.no_nonce",
             self.bus.request(
@@ -180,14 +212,45 @@ class CollectorNode:
         self.last_public_key, self.last_decision_id = public, decision.id
         self.last_evidence_id = event.id
         if not decision.allow:
+            # The broker records this deny and revokes the node: drop now, and do not take
+            # that announcement of what this round already knows as a reason to attest again.
             reason = decision.reason or "policy.denied"
+            self._allowed = False
+            self._wake.clear()
+            self._forget(reason)
             return RoundResult(
                 self.node, decision.status, False, False, _ms(started), reason, event.id
             )
         secret = await _stage("collector.no_release", self._fetch_secret(private, public, decision))
+        if self._withdrawals != withdrawals:
+            log.warning("secret.discarded", node=self.node, reason=REVOKED_DURING_ROUND)
+            return RoundResult(
+                self.node, decision.status, True, True, _ms(started), REVOKED_DURING_ROUND, event.id
+            )
+        self.secrets.put(self.resource, secret)
+        self._allowed = True
         if self.on_secret is not None:
             self.on_secret(self.resource, secret)
         return RoundResult(self.node, decision.status, True, True, _ms(started), "", event.id)
+
+    def _revoked(self, reason: str) -> None:
+        """The broker withdrew this node's decision: drop what it holds and attest again at
+        once, unless the node already knew (its last round was denied, and this is the
+        broker announcing that very deny: attesting again would only repeat it)."""
+        self._withdrawals += 1
+        if self._in_round or self._allowed:
+            self._wake.set()
+        self._allowed = False
+        dropped = self.secrets.drop()
+        log.warning("revocation.received", node=self.node, reason=reason, dropped=dropped)
+        if self.on_revoked is not None:
+            self.on_revoked(reason)
+
+    def _forget(self, reason: str) -> None:
+        """Drop every held secret and tell the embedding application to drop its copies."""
+        self.secrets.drop()
+        if self.on_revoked is not None:
+            self.on_revoked(reason)
 
     async def _fetch_secret(
         self, private: X25519PrivateKey, public: bytes, decision: signed.SignedDecision
@@ -232,17 +295,28 @@ class CollectorNode:
         rounds: int | None = None,
         results: asyncio.Queue[RoundResult] | None = None,
     ) -> None:
-        """Attest every ``interval`` seconds (continuous attestation) until ``stop``."""
+        """Attest every ``interval`` seconds (continuous attestation) until ``stop``, and at
+        once after a revocation; the node listens on its revocation subject meanwhile."""
         done = 0
-        while not stop.is_set() and (rounds is None or done < rounds):
-            result = await self.attest_once()
-            done += 1
-            if results is not None:
-                results.put_nowait(result)
-            if rounds is not None and done >= rounds:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        async with self.revocations:
+            while not stop.is_set() and (rounds is None or done < rounds):
+                result = await self.attest_once()
+                done += 1
+                if results is not None:
+                    results.put_nowait(result)
+                if rounds is not None and done >= rounds:
+                    break
+                await self._pause(stop, interval)
+
+    async def _pause(self, stop: asyncio.Event, interval: float) -> None:
+        """Wait for the interval, or less if stopped or revoked meanwhile."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def _stage(reason: str, step: Awaitable[T]) -> T:

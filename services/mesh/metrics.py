@@ -57,6 +57,11 @@ releases = _meter.create_counter(
 revocations = _meter.create_counter(
     "attestmesh_revocations", description="Nodes revoked (attest.revoked.<node> published)"
 )
+revocations_received = _meter.create_counter(
+    "attestmesh_revocations_received",
+    description="Revocations a collector received for its own node, by outcome (applied: "
+    "secrets dropped; ignored: malformed) and reason code",
+)
 dead_letters = _meter.create_counter(
     "attestmesh_dead_letters", description="Messages dead-lettered, by stream and reason code"
 )
@@ -83,6 +88,7 @@ NAMES = (
     "attestmesh_decisions_total",
     "attestmesh_releases_total",
     "attestmesh_revocations_total",
+    "attestmesh_revocations_received_total",
     "attestmesh_dead_letters_total",
     "attestmesh_service_restarts_total",
     "attestmesh_verification_seconds",

@@ -215,6 +215,10 @@ class TestMesh:
             if received is not None:
                 received[name] = secret
 
+        def forget(reason: str) -> None:
+            if received is not None:
+                received.pop(name, None)
+
         return CollectorNode(
             bus,
             name,
@@ -222,6 +226,7 @@ class TestMesh:
             self.collector_trust(),
             decision_timeout=decision_timeout,
             on_secret=keep,
+            on_revoked=forget,
         )
 
     def collector_trust(self) -> TrustedKeys:
