@@ -90,6 +90,7 @@ def _record_json(record: AuditRecord) -> dict[str, Any]:
         "trace_id": record.trace_id,
         "counts": dict(record.counts),
         "actor": record.actor,
+        "reasons": list(record.reasons),
         "prev": record.prev.hex(),
     }
 
@@ -105,6 +106,8 @@ def _record_line(record: AuditRecord) -> str:
         line += f" actor={record.actor}"
     if record.counts:
         line += " " + ",".join(f"{k}={v}" for k, v in sorted(record.counts.items()))
+    if record.reasons:
+        line += f" reasons={json.dumps(record.reasons)}"
     return line
 
 

@@ -46,6 +46,22 @@ async def test_replicas_racing_on_one_claim_release_once(kv: MemoryKeyValue) -> 
     assert won.count(True) == 1
 
 
+async def test_an_unclaimed_item_can_be_claimed_again_under_its_decision_only(
+    kv: MemoryKeyValue,
+) -> None:
+    answers = Answers(kv, KEY)
+    assert await answers.claim("node-1", "dec-1", 100, "r:default/node-key")
+    assert await answers.claim("node-1", "dec-1", 100, "v:revoked")
+    await answers.unclaim("node-1", "dec-1", "v:revoked")
+    assert not await answers.claim("node-1", "dec-1", 100, "r:default/node-key")  # kept
+    assert await answers.claim("node-1", "dec-1", 100, "v:revoked")
+    # Taking back a claim of a decision the record has moved on from changes nothing.
+    assert await answers.claim("node-1", "dec-2", 200, "v:revoked")
+    await answers.unclaim("node-1", "dec-1", "v:revoked")
+    await answers.unclaim("node-3", "dec-1", "v:revoked")
+    assert not await answers.claim("node-1", "dec-2", 200, "v:revoked")
+
+
 async def test_claims_are_sealed(kv: MemoryKeyValue) -> None:
     await Answers(kv, KEY).claim("node-1", "dec-secretive", 100, "r:default/node-key")
     blob = kv.raw("answered.node-1")

@@ -16,7 +16,10 @@ decision's holder). A release first *claims* its resource with compare-and-set, 
 winner wraps, audits and answers; so the "once" holds across replicas sharing the bucket and
 across restarts. A claim made just before a crash is never answered: that fails closed (the
 node re-attests). A new decision for the node replaces the record, which keeps it to one
-small key per node.
+small key per node. A deny decision's ``revoked`` audit record is claimed the same way
+(``v:revoked``), so a redelivered decision, or two replicas handling it, add one record; if
+appending it then fails, the claim is taken back (:meth:`Answers.unclaim`) so the
+redelivery that follows writes it.
 
 **Counting.** Requests from anyone not holding the node's current decision (no decision,
 expired, unknown id, malformed, wrong subject) and repeats are counted per reason in memory
@@ -107,6 +110,33 @@ class Answers:
                 continue
             return True
         raise SealingError("broker.write_conflict", f"claim on {key} kept conflicting")
+
+    async def unclaim(self, node: str, decision_id: str, item: str) -> None:
+        """Take back a claim whose work failed, so a retry may claim it again; a record that
+        has moved on to another decision is left alone."""
+        key = answered_key(node)
+        for _ in range(MAX_CAS_RETRIES):
+            found = await self._kv.get(key)
+            if found is None:
+                return
+            current, version = self._read(key, found[0])
+            if current.decision_id != decision_id or item not in current.items:
+                return
+            kept = [claimed for claimed in current.items if claimed != item]
+            record = _Answered(decision_id, current.issued_at, kept)
+            blob = seal(
+                self._key,
+                msgspec.msgpack.encode(record),
+                purpose="answered",
+                name=key,
+                version=version + 1,
+            )
+            try:
+                await self._kv.update(key, blob, found[1])
+            except WriteConflictError:
+                continue
+            return
+        raise SealingError("broker.write_conflict", f"unclaim on {key} kept conflicting")
 
 
 class RefusalCounter:

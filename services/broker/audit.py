@@ -1,7 +1,8 @@
 """The release audit log: sealed, hash-chained records in the broker bucket, with retention.
 
 Each release decision (released, or refused to a requester holding the node's current
-decision) becomes one :class:`AuditRecord` under ``audit.<seq>`` (12-digit, zero-padded),
+decision), and each deny decision that revokes a node (``revoked``, with the policy's
+signed reasons), becomes one :class:`AuditRecord` under ``audit.<seq>`` (12-digit, zero-padded),
 sealed with the data key with the key and sequence number in the associated data. Refusals
 to unknown requesters are not sealed one by one: the broker counts them and appends a
 periodic ``summary`` record carrying the counts. Each record carries the SHA-256 of the
@@ -47,6 +48,7 @@ SEQ_DIGITS = 12
 MAX_FIELD = 253
 MAX_APPEND_RETRIES = 64
 MAX_COUNTS = 64
+MAX_REASONS = 16
 DEFAULT_MAX_RECORDS = 20_000
 GENESIS = bytes(32)
 SUMMARY_REASON = "broker.refusals_counted"
@@ -68,6 +70,9 @@ class Outcome(enum.StrEnum):
     """An operator stored a secret (``attestmesh secret put``): ``actor`` says who."""
     SECRET_DELETED = "secret_deleted"  # noqa: S105 - an outcome name
     """An operator deleted a secret (``attestmesh secret delete``)."""
+    REVOKED = "revoked"
+    """The broker recorded a deny decision and revoked the node (``attest.revoked.<node>``);
+    ``reasons`` holds the reasons the policy signed into the decision."""
 
 
 class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -75,7 +80,8 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     ``counts`` is set only on ``summary`` records: refusals per reason since the last one.
     ``actor`` names who made an operator change (the NATS identity and its public nkey);
-    empty on the broker's own records.
+    empty on the broker's own records. ``reasons`` is set only on ``revoked`` records: the
+    policy's reasons for the deny, as it signed them (rule texts as well as codes).
     """
 
     seq: int
@@ -90,6 +96,7 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     prev: bytes
     counts: dict[str, int] = {}
     actor: str = ""
+    reasons: list[str] = []
 
 
 def audit_key(seq: int) -> str:
@@ -111,6 +118,7 @@ def _check_fields(
     trace_id: str,
     counts: dict[str, int],
     actor: str = "",
+    reasons: list[str] | None = None,
 ) -> None:
     problems = [
         label
@@ -130,6 +138,11 @@ def _check_fields(
         for code, number in counts.items()
     ):
         problems.append(f"counts (at most {MAX_COUNTS} dotted codes, positive)")
+    if reasons and (
+        len(reasons) > MAX_REASONS
+        or any(not 0 < len(text) <= MAX_FIELD or not text.isprintable() for text in reasons)
+    ):
+        problems.append(f"reasons (at most {MAX_REASONS}, each 1..{MAX_FIELD} printable)")
     if problems:
         raise SealingError("broker.audit_field_invalid", ", ".join(problems))
 
@@ -257,10 +270,12 @@ class AuditLog:
         trace_id: str = "",
         counts: dict[str, int] | None = None,
         actor: str = "",
+        reasons: list[str] | None = None,
     ) -> AuditRecord:
-        """Record one release decision (or a refusal summary, or an operator's change) and
-        return it as stored."""
+        """Record one release decision (or a refusal summary, an operator's change, or a
+        revocation) and return it as stored."""
         tally = dict(counts or {})
+        why = list(reasons or [])
         _check_fields(
             node=node,
             resource=resource,
@@ -270,6 +285,7 @@ class AuditLog:
             trace_id=trace_id,
             counts=tally,
             actor=actor,
+            reasons=why,
         )
         now = self._clock()
         if now.tzinfo is None:
@@ -291,6 +307,7 @@ class AuditLog:
                 prev=prev,
                 counts=tally,
                 actor=actor,
+                reasons=why,
             )
             blob = seal(
                 self._key,

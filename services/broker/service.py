@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +29,13 @@ from opentelemetry import trace
 
 from services.broker import release
 from services.broker.answers import Answers, RefusalCounter
-from services.broker.audit import DEFAULT_MAX_RECORDS, AuditLog, Outcome
+from services.broker.audit import (
+    DEFAULT_MAX_RECORDS,
+    MAX_FIELD,
+    MAX_REASONS,
+    AuditLog,
+    Outcome,
+)
 from services.broker.operator import OperatorDesk
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
@@ -54,6 +61,8 @@ DECISION_PREFIX = "decision."
 POLICY_SIGNER = "policy"
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
+REVOKED_CLAIM = "v:revoked"
+"""The claim (:mod:`.answers`) that makes a deny decision's ``revoked`` record happen once."""
 
 
 class _Counted(ReleaseError):
@@ -73,6 +82,8 @@ class HeldDecision:
     evidence_id: str
     reappraisal: bool
     refused: bool = False
+    reasons: tuple[str, ...] = ()
+    """The policy's reasons for the decision, bounded (for the audit log)."""
 
 
 def may_read(node: str, resource: str) -> bool:
@@ -210,6 +221,7 @@ class BrokerService:
                 evidence_id=str(claims["evidence_id"]),
                 reappraisal=claims.get("reappraisal") is True,
                 refused=claims.get("refused") is True,
+                reasons=_bounded_reasons(claims.get("reasons")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
@@ -266,6 +278,33 @@ class BrokerService:
                     subjects.revoked(decision.node), revocation, msg_id=f"revoke-{held.decision_id}"
                 )
                 metrics.revocations.add(1)
+                await self._audit_revocation(decision.node, held, span)
+
+    async def _audit_revocation(self, node: str, held: HeldDecision, span: trace.Span) -> None:
+        """One ``revoked`` audit record per deny decision, after the announcement (which must
+        not wait on the log). Decisions are delivered at least once and replicas may handle
+        the same one, so the record is claimed first, like a release; if appending fails,
+        the claim is taken back and the error raised, so the redelivery writes it (an
+        append that succeeded unseen may then be written twice: never lost)."""
+        assert self.answers is not None and self.audit is not None
+        if not await self.answers.claim(node, held.decision_id, held.issued_at, REVOKED_CLAIM):
+            return
+        ctx = span.get_span_context()
+        try:
+            await self.audit.append(
+                node=node,
+                resource="*",
+                decision_id=held.decision_id,
+                verdict_digest=hashlib.sha256(held.verdict_id.encode()).hexdigest(),
+                outcome=Outcome.REVOKED,
+                reason="policy.reappraisal" if held.reappraisal else "policy.denied",
+                reasons=list(held.reasons),
+                trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",
+            )
+        except AttestmeshError:
+            await self.answers.unclaim(node, held.decision_id, REVOKED_CLAIM)
+            raise
+        log.info("decision.revocation_audited", node=node)
 
     async def current_decision(self, node: str) -> HeldDecision:
         """The node's recorded decision, re-verified; refusals say why there is none."""
@@ -414,6 +453,15 @@ class BrokerService:
             trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",
         )
         return entry.seq
+
+
+def _bounded_reasons(signed: object) -> tuple[str, ...]:
+    """The signed reasons as the audit log takes them: at most 16 printable strings of at
+    most 253 characters (longer ones cut), anything else left out."""
+    if not isinstance(signed, list):
+        return ()
+    texts = (r[:MAX_FIELD] for r in signed if isinstance(r, str) and r and r.isprintable())
+    return tuple(itertools.islice(texts, MAX_REASONS))
 
 
 def _refusal_kind(reason: str) -> str:
