@@ -1,4 +1,5 @@
-"""``attestmesh refvalues add|list|remove|set``: reference values, signed by the operator.
+"""``attestmesh refvalues add|list|remove|set|import-snp``: reference values, signed by the
+operator.
 
 Each change reads the family's stored document, refuses to go on if it does not verify under
 the trusted operator keys, applies the change, and stores the result signed with the
@@ -8,6 +9,10 @@ silent deny later. ``--expires`` makes a value stop counting at that time by its
 
 Removing a claim's last value is refused: with no values the policy stops checking the
 claim at all, which would let any value through. Add the replacement first.
+
+``import-snp`` adds SNP ``measurement`` values computed from launch inputs (OVMF, vCPUs,
+kernel...) instead of typed in (:mod:`services.policy.snplaunch`); inputs are checked and
+digests computed before anything connects, so a bad file changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -31,8 +36,12 @@ from services.policy import claimformats, documents, refvalues
 from services.policy.refvalues import Entry, RefValues
 from services.verifier import registry
 
+if TYPE_CHECKING:
+    from services.policy import snplaunch
+
 EXIT_OK = 0
 EXIT_REFUSED = 1
+MEASUREMENT = "measurement"
 
 
 def add_parser(sub: Any) -> None:
@@ -42,8 +51,6 @@ def add_parser(sub: Any) -> None:
     add.add_argument("family", choices=registry.families())
     add.add_argument("claim")
     add.add_argument("value")
-    add.add_argument("--expires", help="RFC 3339 time after which the value stops counting")
-    add.add_argument("--note", default="", help="a note for operators (at most 256 chars)")
     listing = actions.add_parser("list", help="print reference values (all families or one)")
     listing.add_argument("family", nargs="?", choices=registry.families())
     remove = actions.add_parser("remove", help="stop allowing VALUE for CLAIM of FAMILY")
@@ -53,20 +60,46 @@ def add_parser(sub: Any) -> None:
     replace = actions.add_parser("set", help="replace FAMILY's values with a JSON file")
     replace.add_argument("family", choices=registry.families())
     replace.add_argument("file", help='JSON: {"measurement": ["<hex>", ...], ...}; - for stdin')
-    for parser in (add, remove, replace):
+    snp = actions.add_parser(
+        "import-snp",
+        help="add SNP measurements computed from launch inputs (sev-snp-measure)",
+        description="Compute expected SEV-SNP launch measurements (as `sev-snp-measure "
+        "--mode snp` does) and add them as snp measurement values: from FILE, a JSON list "
+        'of launch configurations ({"launches": [{"ovmf": ..., "vcpus": ..., '
+        '"vcpu_type": ...}]}), or from --ovmf and the options below.',
+    )
+    snp.set_defaults(family="snp", claim=MEASUREMENT)
+    snp.add_argument("file", nargs="?", help="JSON file of launch configurations")
+    snp.add_argument("--ovmf", type=Path, help="the guest's OVMF firmware image")
+    snp.add_argument("--vcpus", type=int, help="number of guest vCPUs")
+    snp.add_argument("--vcpu-type", help="guest vCPU type, e.g. EPYC-v4, EPYC-Milan, EPYC-Genoa")
+    snp.add_argument("--vmm-type", default="QEMU", help="QEMU (default), ec2 or gce")
+    snp.add_argument("--kernel", type=Path, help="kernel of a direct boot (measured by hash)")
+    snp.add_argument("--initrd", type=Path, help="initrd (with --kernel)")
+    snp.add_argument("--append", help="kernel command line (with --kernel)")
+    snp.add_argument("--guest-features", default="0x1", help="SEV features, hex (default 0x1)")
+    for parser in (add, snp):
+        parser.add_argument("--expires", help="RFC 3339 time after which the value stops counting")
+        parser.add_argument("--note", default="", help="a note for operators (at most 256 chars)")
+    for parser in (add, remove, replace, snp):
         parser.add_argument("--operator-key", type=Path, help=admincli.OPERATOR_KEY_HELP)
-    for parser in (add, listing, remove, replace):
+    for parser in (add, listing, remove, replace, snp):
         admincli.add_target(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.refvalues_action == "list":
         return _list(args)
+    imported: list[refvalues.Value] = []
+    if args.refvalues_action == "import-snp":
+        imported = _measured(args)
+        change = _adding(args.claim, imported)
+    else:
+        change = _change(args)
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
     operator = admincli.operator_key(args, config)
     trusted = TrustedKeys.load(config.trusted_keys_path)
-    change = _change(args)
 
     async def work(bus: Bus) -> tuple[int, RefValues]:
         bucket = await bus.key_value(subjects.BUCKET_REFVALUES)
@@ -81,9 +114,12 @@ def run(args: argparse.Namespace) -> int:
         )
 
     version, _ = admincli.run(config, timeout, work)
-    done = {"add": "added", "remove": "removed", "set": "replaced"}[args.refvalues_action]
-    what = "reference values" if args.refvalues_action == "set" else f"{args.claim} value"
-    print(f"{args.family}: {what} {done} (version {version}, signed {operator.kid})")
+    action = args.refvalues_action
+    done = {"add": "added", "remove": "removed", "set": "replaced", "import-snp": "added"}
+    what = "reference values" if action == "set" else f"{args.claim} value"
+    if action == "import-snp":
+        what = f"{len(imported)} {args.claim} value(s)"
+    print(f"{args.family}: {what} {done[action]} (version {version}, signed {operator.kid})")
     return EXIT_OK
 
 
@@ -109,19 +145,7 @@ def _change(args: argparse.Namespace) -> Callable[[RefValues], RefValues]:
         return lambda _current: wanted
     value = claimformats.normalise(family, args.claim, args.value)
     if args.refvalues_action == "add":
-        if len(args.note) > refvalues.MAX_NOTE or not args.note.isprintable():
-            raise ConfigError("cli.usage", f"--note: at most {refvalues.MAX_NOTE} printable")
-        expires = _expiry(args.expires)
-        item: refvalues.Value = (
-            Entry(value=value, expires=expires, note=args.note) if expires or args.note else value
-        )
-
-        def add(current: RefValues) -> RefValues:
-            kept = [v for v in current.get(args.claim, []) if refvalues.value_of(v) != value]
-            current[args.claim] = [*kept, item]
-            return current
-
-        return add
+        return _adding(args.claim, [_item(value, _expiry(args.expires), args.note)])
 
     def remove(current: RefValues) -> RefValues:
         allowed = current.get(args.claim, [])
@@ -138,6 +162,85 @@ def _change(args: argparse.Namespace) -> Callable[[RefValues], RefValues]:
         return current
 
     return remove
+
+
+def _item(value: str | int, expires: datetime | None, note: str) -> refvalues.Value:
+    if len(note) > refvalues.MAX_NOTE or not note.isprintable():
+        raise ConfigError("cli.usage", f"--note: at most {refvalues.MAX_NOTE} printable")
+    return Entry(value=value, expires=expires, note=note) if expires or note else value
+
+
+def _adding(claim: str, items: list[refvalues.Value]) -> Callable[[RefValues], RefValues]:
+    """Add ``items`` to ``claim``, replacing entries with the same values (and of two
+    items with one value, keeping the first)."""
+    added: set[str | int] = set()
+    unique: list[refvalues.Value] = []
+    for item in items:
+        if refvalues.value_of(item) not in added:
+            added.add(refvalues.value_of(item))
+            unique.append(item)
+
+    def add(current: RefValues) -> RefValues:
+        kept = [v for v in current.get(claim, []) if refvalues.value_of(v) not in added]
+        current[claim] = [*kept, *unique]
+        return current
+
+    return add
+
+
+def _measured(args: argparse.Namespace) -> list[refvalues.Value]:
+    """``import-snp``'s measurement values, each printed as it is computed."""
+    from services.policy import snplaunch
+
+    if (args.file is None) == (args.ovmf is None):
+        raise ConfigError("cli.usage", "import-snp takes FILE or --ovmf, one of them")
+    expires = _expiry(args.expires)
+    if args.file is None:
+        if args.vcpus is None or args.vcpu_type is None:
+            raise ConfigError("cli.usage", "--ovmf needs --vcpus and --vcpu-type")
+        try:
+            features = int(args.guest_features, 0)
+        except ValueError:
+            raise ConfigError("cli.usage", "--guest-features is a number (e.g. 0x1)") from None
+        launch = snplaunch.Launch(
+            ovmf=args.ovmf,
+            vcpus=args.vcpus,
+            vcpu_type=args.vcpu_type,
+            vmm_type=args.vmm_type,
+            kernel=args.kernel,
+            initrd=args.initrd,
+            append=args.append,
+            guest_features=features,
+        )
+        plan = [(launch, expires, args.note)]
+    else:
+        beside = (args.vcpus, args.vcpu_type, args.kernel, args.initrd, args.append)
+        if any(option is not None for option in beside) or args.vmm_type != "QEMU":
+            raise ConfigError("cli.usage", "launch options go into FILE, not beside it")
+        path = Path(args.file)
+        launches = snplaunch.read_launch_file(admincli.read_input(args.file), path.parent)
+        plan = [
+            (launch, _entry_expiry(entry.expires) or expires, entry.note or args.note)
+            for launch, entry in launches
+        ]
+    items: list[refvalues.Value] = []
+    for launch, until, note in plan:
+        digest = snplaunch.launch_digest(launch)
+        value = claimformats.normalise(args.family, args.claim, digest)
+        items.append(_item(value, until, note))
+        print(f"{args.family} {args.claim} {value} ({_described(launch)})")
+    return items
+
+
+def _entry_expiry(moment: datetime | None) -> datetime | None:
+    if moment is not None and (moment.tzinfo is None or moment <= datetime.now(UTC)):
+        raise ConfigError("cli.bad_time", "a launch's expires needs a time zone and the future")
+    return moment
+
+
+def _described(launch: snplaunch.Launch) -> str:
+    text = f"{launch.vcpus} x {launch.vcpu_type}, {launch.vmm_type}, {launch.ovmf.name}"
+    return text + (f", kernel {launch.kernel.name}" if launch.kernel is not None else "")
 
 
 def _checked_file(family: str, values: RefValues) -> RefValues:
