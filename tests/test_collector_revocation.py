@@ -16,7 +16,13 @@ from nats.aio.msg import Msg
 
 from services.collector.revocations import OTHER_REASON, WRONG_NODE, reason_code
 from services.collector.secrets import HeldSecrets
-from services.collector.service import DEFAULT_RESOURCE, CollectorNode, RoundResult
+from services.collector.service import (
+    DEFAULT_RESOURCE,
+    REVOKED_DURING_ROUND,
+    CollectorNode,
+    RoundResult,
+)
+from services.collector.simulator.node import simulated_source
 from services.mesh import events, identities, subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import ConfigError
@@ -192,6 +198,61 @@ async def test_junk_on_the_revocation_subject_is_counted_and_ignored(
         await bus.nc.publish(subject, json.dumps(valid).encode())
         await _until(lambda: len(node.secrets) == 0, within=1.0)
         assert (await running.next(within=5.0)).released
+    finally:
+        await running.halt()
+
+
+class RevokedWhileCollecting:
+    """A simulated SNP source during whose first collection the node is revoked (as a
+    re-evaluation landing mid-round would be): it waits until the node has taken the
+    revocation in, then lets the round go on."""
+
+    family = "snp"
+    simulated = True
+
+    def __init__(self, inner: object, bus: Bus, loop: asyncio.AbstractEventLoop) -> None:
+        self.inner, self.bus, self.loop = inner, bus, loop
+        self.node: CollectorNode | None = None
+        self.collected = 0
+
+    async def _revoke(self) -> None:
+        assert self.node is not None
+        revocation = events.Revocation(node=self.node.node, reason="policy.denied")
+        await self.bus.publish(subjects.revoked(self.node.node), revocation)
+        await _until(lambda: self.node is not None and self.node.revocations.received, 2.0)
+
+    def collect(self, report_data: bytes) -> events.Evidence:
+        self.collected += 1
+        if self.collected == 1:
+            asyncio.run_coroutine_threadsafe(self._revoke(), self.loop).result(5)
+        evidence: events.Evidence = self.inner.collect(report_data)  # type: ignore[attr-defined]
+        return evidence
+
+
+async def test_a_secret_released_to_a_round_that_saw_a_revocation_is_not_kept(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    source = RevokedWhileCollecting(
+        simulated_source("snp", mesh.pki, seed=7), bus, asyncio.get_running_loop()
+    )
+    handed: list[bytes] = []
+    node = CollectorNode(
+        bus,
+        "node-m",
+        source,
+        mesh.collector_trust(),
+        on_secret=lambda _resource, value: handed.append(value),
+    )
+    source.node = node
+    running = Running(node)
+    try:
+        first = await running.next()
+        # Released by the broker (and audited), but the node cannot tell whether the
+        # revocation was about this round's decision: it keeps nothing and asks again.
+        assert first.released and first.reason == REVOKED_DURING_ROUND
+        second = await running.next(within=5.0)
+        assert second.released and second.reason == ""
+        assert handed == [mesh.secret] and node.secrets.get(DEFAULT_RESOURCE) == mesh.secret
     finally:
         await running.halt()
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import threading
 
+from services.broker.store import MAX_SECRET_SIZE
 from services.mesh.errors import ConfigError
 
 MAX_HELD = 64
 """Resources one node holds at most (a collector asks for one; an embedding app a few)."""
-MAX_SECRET_BYTES = 64 * 1024
 
 
 class HeldSecrets:
@@ -52,7 +52,7 @@ class HeldSecrets:
 
     def put(self, resource: str, value: bytes) -> None:
         """Hold ``value`` for ``resource``, zeroing the value it replaces."""
-        if len(value) > MAX_SECRET_BYTES:
+        if len(value) > MAX_SECRET_SIZE:
             raise ConfigError("collector.secret_too_large", f"{resource}: over the bound")
         with self._lock:
             if resource not in self._values and len(self._values) >= self._max_held:
