@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from services import sealingopts
 from services.mesh import authconf, identities
 from services.mesh import config as config_mod
 from services.mesh.bus import Bus
@@ -50,9 +51,12 @@ def add_target(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve(config_file: Path | None, data_dir: Path | None, nats: str | None) -> Config:
-    """The configuration an operator command runs with (precedence: module docstring)."""
-    overrides: dict[str, object] = {"nats_url": nats}
+def resolve(
+    config_file: Path | None, data_dir: Path | None, nats: str | None, **extra: object
+) -> Config:
+    """The configuration an operator command runs with (precedence: module docstring);
+    ``extra`` are further command-line overrides (``None``: not given)."""
+    overrides: dict[str, object] = {"nats_url": nats, **extra}
     if config_file is not None:
         return config_mod.load(config_file, **overrides)
     if data_dir is not None:
@@ -68,7 +72,10 @@ def resolve(config_file: Path | None, data_dir: Path | None, nats: str | None) -
 def admin_config(args: argparse.Namespace) -> Config:
     """``args``' configuration signed in as ``admin``."""
     config = resolve(
-        getattr(args, "config", None), getattr(args, "data_dir", None), getattr(args, "nats", None)
+        getattr(args, "config", None),
+        getattr(args, "data_dir", None),
+        getattr(args, "nats", None),
+        **sealingopts.overrides(args),
     )
     return authconf.signed_in_as(config, identities.ADMIN)
 

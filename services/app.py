@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from services.broker.sealing import KeyFileSource
+from services.broker import keysources
 from services.broker.service import BrokerService
 from services.mesh import metrics, subjects, telemetry
 from services.mesh.bus import Bus
@@ -118,12 +119,17 @@ def broker_signer(config: Config) -> SigningKey | None:
     return SigningKey.load_or_create("broker", config.keys_path)
 
 
-async def broker(config: Config, stop: asyncio.Event) -> None:
+async def broker(
+    config: Config, stop: asyncio.Event, environ: Mapping[str, str] | None = None
+) -> None:
+    """The broker, its sealing key from ``config.sealing_source`` (``environ``: where the
+    ``env`` source looks, this process's environment unless given)."""
+    sealing = keysources.from_config(config, os.environ if environ is None else environ)
     async with Bus.session(config, "broker") as bus:
         service = BrokerService(
             bus,
             TrustedKeys.load(config.trusted_keys_path),
-            KeyFileSource.in_data_dir(Path(config.data_dir), create=False),
+            sealing,
             signer=broker_signer(config),
             max_records=config.audit_max_records,
             checkpoint_every=config.audit_checkpoint_every,

@@ -1,6 +1,7 @@
 """``attestmesh audit verify|list``: check and read the broker's audit log from outside.
 
-It reads the ``broker-state`` bucket directly with the broker's sealing key file and the
+It reads the ``broker-state`` bucket directly with the broker's sealing key (the configured
+source, ``--sealing-source``; by default the key file in the data directory) and the
 trusted keys of the deployment (the broker's public key checks the checkpoint), and writes
 nothing. Everything, from connecting onwards, runs under one deadline: an unreachable NATS
 is a clear error with exit code 2, never a hang.
@@ -19,9 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from services import sealingopts
 from services.broker.audit import AUDIT_PREFIX, AuditLog, AuditRecord
 from services.broker.checkpoint import CHECKPOINT_KEY, Checkpoint
-from services.broker.sealing import KeyFileSource
 from services.broker.store import KEYRING_KEY, load_keyring
 from services.mesh import authconf, identities, subjects
 from services.mesh import config as config_mod
@@ -37,17 +38,18 @@ EXIT_USAGE = 2
 DEFAULT_DATA_DIR = Path(".attestmesh")
 
 
-def audit_config(config_file: Path | None, data_dir: Path | None) -> Config:
-    """``--config FILE``, else ``DATA_DIR/config.json`` (the embedded default)."""
+def audit_config(config_file: Path | None, data_dir: Path | None, **overrides: object) -> Config:
+    """``--config FILE``, else ``DATA_DIR/config.json`` (the embedded default); ``overrides``
+    from the command line (the sealing-key options)."""
     if config_file is not None:
-        return config_mod.load(config_file)
+        return config_mod.load(config_file, **overrides)
     directory = data_dir if data_dir is not None else DEFAULT_DATA_DIR
     path = directory / "config.json"
     if not path.is_file():
         if data_dir is not None:
             raise ConfigError("cli.no_config", f"{path} does not exist (run `attestmesh up`)")
-        return config_mod.load(None)
-    return config_mod.load(path)
+        return config_mod.load(None, **overrides)
+    return config_mod.load(path, **overrides)
 
 
 def _since(text: str | None) -> datetime | None:
@@ -72,8 +74,7 @@ async def _open_log(bus: Bus, config: Config) -> AuditLog | None:
         if any(k.startswith(AUDIT_PREFIX) or k == CHECKPOINT_KEY for k in await kv.keys()):
             raise SealingError("broker.keyring_missing", "audit records exist but no keyring")
         return None
-    sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
-    data_key = await load_keyring(kv, sealing)
+    data_key = await load_keyring(kv, sealingopts.source(config))
     return AuditLog(kv, data_key, trusted=TrustedKeys.load(config.trusted_keys_path))
 
 
@@ -149,7 +150,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 def run_audit(args: argparse.Namespace) -> int:
     """Entry point for ``attestmesh audit``; maps a broken chain to exit 1."""
-    config = authconf.signed_in_as(audit_config(args.config, args.data_dir), identities.ADMIN)
+    config = audit_config(args.config, args.data_dir, **sealingopts.overrides(args))
+    config = authconf.signed_in_as(config, identities.ADMIN)
     if not 0 < args.timeout <= 600:
         raise ConfigError("cli.usage", "--timeout must be in (0, 600] seconds")
 

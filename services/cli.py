@@ -16,7 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services import __version__, admincli, policycli, refvaluescli, secretcli
+from services import (
+    __version__,
+    admincli,
+    policycli,
+    refvaluescli,
+    sealingopts,
+    secretcli,
+)
 from services.mesh import config as config_mod
 from services.mesh import identities, subjects
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
@@ -78,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     policycli.add_parser(sub)
     broker = sub.add_parser("broker", help="run the broker service")
     broker.add_argument("--config", type=Path)
+    sealingopts.add_options(broker)
     verifier = sub.add_parser("verifier", help="run one family's verifier worker")
     verifier.add_argument("--family", required=True, choices=registry.families())
     verifier.add_argument("--config", type=Path)
@@ -111,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", type=Path, help="an `up` data directory (its config.json)")
     where.add_argument("--config", type=Path)
     audit.add_argument("--timeout", type=float, default=10.0, help="seconds to reach NATS")
+    sealingopts.add_options(audit)
 
     refvaluescli.add_parser(sub)
     from bench import cli as benchcli
@@ -133,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     where = reset.add_mutually_exclusive_group()
     where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
     where.add_argument("--config", type=Path)
+    sealingopts.add_options(reset)
     return parser
 
 
@@ -266,7 +276,7 @@ def _human(appraisal: Appraisal) -> str:
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config:
-    return config_mod.load(getattr(args, "config", None))
+    return config_mod.load(getattr(args, "config", None), **sealingopts.overrides(args))
 
 
 def _node_enroll(args: argparse.Namespace) -> int:
@@ -291,16 +301,15 @@ def _node_enroll(args: argparse.Namespace) -> int:
 def _node_reset(args: argparse.Namespace) -> int:
     """Runs as the broker: it holds the sealing key the audit record needs, and only the
     broker and the policy service may write pins (so no pin is cleared unaudited)."""
-    from services.broker.sealing import KeyFileSource
     from services.mesh import authconf, subjects
     from services.mesh.bus import Bus
     from services.nodes import reset_node
 
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    overrides = {"data_dir": args.data_dir, **sealingopts.overrides(args)}
     config = authconf.signed_in_as(config_mod.load(args.config, **overrides), identities.BROKER)
     name = subjects.token(args.name)
 
-    sealing = KeyFileSource.in_data_dir(Path(config.data_dir), create=False)
+    sealing = sealingopts.source(config)
     trusted = TrustedKeys.load(config.trusted_keys_path)
 
     async def work(bus: Bus) -> bool:

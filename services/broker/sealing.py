@@ -2,8 +2,8 @@
 
 Key hierarchy (DESIGN.md §4)::
 
-    sealing key (32 B)  ── from a SealingKeySource: key file now; TEE-derived key or
-      │                    Kubernetes Secret later
+    sealing key (32 B)  ── from a SealingKeySource (``keysources``): key file, environment,
+      │                    Kubernetes Secret or SEV-SNP derived key
       └─ wraps ─► data key (32 B, random) ── split into n-of-m Shamir shares, each HPKE-
                     │                        encrypted to a recovery officer (``recovery``)
                     └─ seals ─► secrets, the version index, audit records
@@ -145,15 +145,27 @@ def open_sealed(
     return Opened(plaintext, version)
 
 
+def sealed_key_id(blob: bytes) -> bytes:
+    """The id of the key ``blob`` claims to be sealed under, read without opening it.
+
+    Unauthenticated until the blob opens: good for choosing or naming a key, never for
+    trusting one.
+    """
+    if not HEADER_SIZE + TAG_SIZE <= len(blob) <= MAX_BLOB or blob[:4] != MAGIC:
+        raise SealingError("broker.seal_malformed", "not a sealed envelope")
+    return bytes(_HEADER.unpack_from(blob)[2])
+
+
 class SealingKeySource(Protocol):
-    """Where the sealing key comes from; the store never learns which kind it is.
+    """Where the sealing key comes from; the store never learns which kind it is
+    (:mod:`services.broker.keysources` lists them and picks one from configuration).
 
     Implementations must fail closed (raise :class:`SealingError`) rather than hand out a
     key whose secrecy they cannot vouch for.
     """
 
     def sealing_key(self) -> AeadKey:
-        """Load (or on first use create) the sealing key."""
+        """Load the sealing key (only ``attestmesh up``'s key file creates one)."""
         ...
 
 

@@ -34,7 +34,13 @@ from collections.abc import Sequence
 import msgspec
 
 from services.broker.recovery import RecoveryShare, make_recovery_shares
-from services.broker.sealing import AeadKey, SealingKeySource, open_sealed, seal
+from services.broker.sealing import (
+    AeadKey,
+    SealingKeySource,
+    open_sealed,
+    seal,
+    sealed_key_id,
+)
 from services.mesh.errors import SealingError
 from services.mesh.kv import KeyValue, WriteConflictError
 
@@ -118,6 +124,34 @@ async def load_keyring(kv: KeyValue, source: SealingKeySource) -> AeadKey:
             continue
         return data_key
     raise SealingError("broker.write_conflict", "keyring creation kept conflicting")
+
+
+async def open_keyring(kv: KeyValue, source: SealingKeySource) -> AeadKey:
+    """Unwrap the data key of a bucket that has one; never creates anything.
+
+    For the operator's recovery commands: an empty bucket is ``broker.keyring_missing``.
+    """
+    sealing_key = source.sealing_key()
+    found = await kv.get(KEYRING_KEY)
+    if found is None:
+        raise SealingError("broker.keyring_missing", "the bucket holds no keyring")
+    opened = open_sealed(sealing_key, found[0], purpose="keyring", name=KEYRING_KEY)
+    return AeadKey(opened.plaintext)
+
+
+async def data_key_id(kv: KeyValue) -> bytes:
+    """The id of the data key, read from the sealed index's header.
+
+    What a recovery must rebuild when the sealing key is lost: the keyring is sealed under
+    that lost key, but the index is sealed under the data key itself. Unauthenticated here;
+    :func:`rewrap_keyring` opens the index before trusting a recovered key.
+    """
+    found = await kv.get(INDEX_KEY)
+    if found is None:
+        raise SealingError(
+            "broker.index_missing", "no sealed index: the store was never opened by a broker"
+        )
+    return sealed_key_id(found[0])
 
 
 async def rewrap_keyring(kv: KeyValue, data_key: AeadKey, source: SealingKeySource) -> None:

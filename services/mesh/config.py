@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -17,6 +17,27 @@ from services.mesh.errors import ConfigError
 from services.mesh.keys import TrustedKeys
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+SealingSource = Literal["file", "env", "k8s-secret", "snp"]
+SnpKeyField = Literal["policy", "image_id", "family_id", "measurement", "guest_svn", "tcb_version"]
+
+
+class SnpSealing(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the broker mixes into its SEV-SNP derived sealing key (``sealing_source: snp``).
+
+    Every field changes the key: keep them fixed for the life of the sealed state, and plan
+    any change (a new image when ``measurement`` is mixed in) as a recovery (README: sealing
+    keys). Field names follow AMD's MSG_KEY_REQ.
+    """
+
+    device: str = "/dev/sev-guest"
+    root_key: Literal["vcek", "vmrk"] = "vcek"
+    """VCEK: the chip's key, so the same guest on another chip derives another key."""
+    fields: list[SnpKeyField] = msgspec.field(default_factory=lambda: ["measurement", "policy"])
+    vmpl: Annotated[int, msgspec.Meta(ge=0, le=3)] = 0
+    guest_svn: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] = 0
+    tcb_version: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """The raw 64-bit TCB_VERSION (checked to fit when the key is requested)."""
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -84,6 +105,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The broker signs an audit checkpoint after this many records (and every interval)."""
     audit_maintenance_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     """How often the broker seals its refusal counts, checkpoints and prunes the audit log."""
+    sealing_source: SealingSource = "file"
+    """Where the broker and the operator's commands get the sealing key (README: sealing
+    keys): a key file, ``ATTESTMESH_SEALING_KEY``, a mounted Kubernetes Secret or the SNP
+    firmware. None of them ever creates a key."""
+    sealing_key_file: str | None = None
+    """The key file of ``sealing_source: file``; unset: ``broker-sealing.key`` in ``data_dir``."""
+    sealing_secret_dir: str | None = None
+    """Where the Kubernetes Secret holding ``broker-sealing.key`` is mounted (``k8s-secret``)."""
+    sealing_snp: SnpSealing = msgspec.field(default_factory=SnpSealing)
 
     def __post_init__(self) -> None:
         if self.audit_checkpoint_every > self.audit_max_records:
@@ -119,8 +149,15 @@ ENVIRONMENT = {
     "ATTESTMESH_ROOTS": "roots_dir",
     "ATTESTMESH_OTLP_ENDPOINT": "otlp_endpoint",
     "ATTESTMESH_METRICS_PORT": "metrics_port",
+    "ATTESTMESH_SEALING_SOURCE": "sealing_source",
+    "ATTESTMESH_SEALING_KEY_FILE": "sealing_key_file",
+    "ATTESTMESH_SEALING_SECRET_DIR": "sealing_secret_dir",
 }
-"""The variables :func:`load` reads, each the name of one ``Config`` field."""
+"""The variables :func:`load` reads, each the name of one ``Config`` field.
+
+``ATTESTMESH_SEALING_KEY`` is deliberately not among them: it is the key itself (for
+``sealing_source: env``), read only by :class:`~services.broker.keysources.EnvKeySource`, so
+it can never end up in a ``Config`` that is saved, printed or logged."""
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: object) -> Config:
