@@ -20,6 +20,7 @@ from services import (
     __version__,
     admincli,
     policycli,
+    recoverycli,
     refvaluescli,
     sealingopts,
     secretcli,
@@ -143,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", help="the broker's data directory (its sealing key)")
     where.add_argument("--config", type=Path)
     sealingopts.add_options(reset)
+    recoverycli.add_parser(sub)
     return parser
 
 
@@ -440,6 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return benchcli.run(args)
         if args.command == "secret":
             return secretcli.run(args)
+        if args.command == "recovery":
+            return recoverycli.run(args)
         if args.command == "health":
             from services.mesh.health import check
 
