@@ -15,7 +15,10 @@ identity names whose public keys this service accepts), sealing (bool), hostSeed
 the host holding the NATS seed instead of the identity's Secret), writable (bool: the
 runtime directory stays writable, for the simulated collector's test PKI), roots (bool),
 resources, nodeSelector, tolerations, affinity, devices (list of host paths to mount at the
-same place, {name, path, type}), extraLabels (dict).
+same place, {name, path, type}), extraLabels (dict), extraEnv (list of {name, value}),
+sealingSecret ({name, key}: the broker's sealing key read in place from that Secret, mounted
+read-only on the service container alone at /etc/attestmesh/sealing; see the broker's
+sealing.source and services/broker/k8ssecret.py for what the broker accepts there).
 */}}
 {{- define "attestmesh.servicePod" -}}
 {{- $root := .root -}}
@@ -147,6 +150,9 @@ spec:
           value: "1"
         - name: HOME
           value: /tmp
+        {{- range .extraEnv }}
+        - {name: {{ .name }}, value: {{ .value | quote }}}
+        {{- end }}
       {{- if $root.Values.metrics.enabled }}
       ports:
         - {name: metrics, containerPort: {{ $root.Values.metrics.port }}, protocol: TCP}
@@ -181,6 +187,9 @@ spec:
         {{- end }}
         {{- range .devices }}
         - {name: {{ .name }}, mountPath: {{ .path }}}
+        {{- end }}
+        {{- if .sealingSecret }}
+        - {name: sealing-key, mountPath: /etc/attestmesh/sealing, readOnly: true}
         {{- end }}
   volumes:
     - name: config
@@ -221,6 +230,14 @@ spec:
           {{- range .trusted }}
           - {key: {{ . }}.pem, path: {{ . }}.pem}
           {{- end }}
+    {{- end }}
+    {{- with .sealingSecret }}
+    - name: sealing-key
+      secret:
+        secretName: {{ .name }}
+        defaultMode: 0400
+        items:
+          - {key: {{ .key }}, path: broker-sealing.key}
     {{- end }}
     {{- if $root.Values.nats.tls.enabled }}
     - name: nats-ca
