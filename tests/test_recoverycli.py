@@ -301,3 +301,27 @@ def test_an_unreachable_nats_is_exit_2(
     init = ["recovery", "init", "--shares", "2", "--threshold", "2", "--officers", str(keys)]
     assert cli.main([*init, *nowhere, *mesh.target]) == 2
     assert "bus." in capsys.readouterr().err
+
+    # recover: the shares check out offline, then the mesh cannot be reached.
+    from services.broker.officers import SHARE_FORMAT, ShareFile, encode_share, load_officers
+
+    found = load_officers(keys)
+    shares = make_recovery_shares(AeadKey.generate(), [o.public_key for o in found], 2)
+    argv, officer_keys = ["recovery", "recover"], []
+    for officer, share in zip(found, shares, strict=True):
+        path = tmp_path / f"{officer.name}.share"
+        document = ShareFile(
+            format=SHARE_FORMAT,
+            officer=officer.name,
+            officer_key=officer.fingerprint,
+            shares=2,
+            share=share,
+        )
+        path.write_bytes(encode_share(document))
+        argv.append(str(path))
+        officer_keys += ["--officer-key", str(keys / f"{officer.name}.key")]
+    new_key = tmp_path / "never.key"
+    extra = [*officer_keys, "--new-key", str(new_key), *nowhere, *mesh.target]
+    assert cli.main([*argv, *extra]) == 2
+    assert "bus." in capsys.readouterr().err
+    assert not new_key.exists()

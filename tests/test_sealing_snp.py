@@ -181,3 +181,11 @@ def test_errors_and_reprs_never_carry_the_key(device: Path) -> None:
     firmware.fail = (errno.EIO, 0x16, 0)
     error = refused(src, "broker.snp_firmware_error")
     assert key.hex() not in str(error) and key.hex() not in repr(src)
+
+
+def test_the_real_ioctl_on_something_that_is_not_the_device_fails_closed(device: Path) -> None:
+    """The default seam is fcntl.ioctl itself: a regular file answers ENOTTY, untouched."""
+    error = refused(
+        SnpDerivedKeySource(KeyRequest(), device=device), "broker.sealing_key_unavailable"
+    )
+    assert "ENOTTY" in error.detail and "fw_error 0x0" in error.detail
