@@ -192,7 +192,7 @@ def test_secret_mount_given_as_a_symlink_is_refused(tmp_path: Path) -> None:
     refused(KubernetesSecretSource(tmp_path / "alias"), "broker.sealing_key_insecure")
 
 
-@pytest.mark.parametrize("size", [0, 31, 33, 64])
+@pytest.mark.parametrize("size", [0, 31, 33, 64, 5000])
 def test_secret_of_the_wrong_size_is_refused(tmp_path: Path, size: int) -> None:
     project(tmp_path / "sealing", b"k" * size)
     error = refused(KubernetesSecretSource(tmp_path / "sealing"), "broker.sealing_key_invalid")

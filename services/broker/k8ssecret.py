@@ -123,15 +123,15 @@ class KubernetesSecretSource:
                 "broker.sealing_key_insecure",
                 f"{path} has mode {stat.S_IMODE(info.st_mode):o}: writable by group or other",
             )
-        data = os.read(fd, KEY_SIZE * 4)
-        if len(data) == KEY_SIZE:
+        data = os.read(fd, KEY_SIZE * 2)
+        if len(data) == KEY_SIZE == info.st_size:
             return data
         hint = ""
         if _BASE64_KEY.fullmatch(data):
             hint = ": it looks like base64 text; put the key in the Secret's data, not stringData"
         raise SealingError(
             "broker.sealing_key_invalid",
-            f"{path} holds {len(data)} bytes, not the {KEY_SIZE} raw bytes of a key{hint}",
+            f"{path} holds {info.st_size} bytes, not the {KEY_SIZE} raw bytes of a key{hint}",
         )
 
 
