@@ -35,6 +35,8 @@ from services.mesh.natskv import NatsKeyValue
 EXIT_OK = 0
 EXIT_BROKEN = 1
 EXIT_USAGE = 2
+NO_KEY = ("broker.sealing_key_", "broker.sealing_params_", "broker.snp_")
+"""Reasons of a sealing-key source that could not produce the key."""
 DEFAULT_DATA_DIR = Path(".attestmesh")
 
 
@@ -165,6 +167,8 @@ def run_audit(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(bounded())
     except SealingError as exc:
+        if exc.reason.startswith(NO_KEY):
+            raise  # no sealing key to check with: a configuration error (exit 2), not a break
         if args.json:
             print(json.dumps({"ok": False, "reason": exc.reason, "detail": exc.detail}))
         print(f"attestmesh: audit log broken: {exc.reason}: {exc.detail}", file=sys.stderr)

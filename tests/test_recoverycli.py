@@ -1,7 +1,8 @@
 """``attestmesh recovery`` against an authenticated nats-server, signed in as ``admin``: five
 officers, shares of the data key any three of which recover it after the sealing key is
-lost; and the refusals (two shares, shares of another key, a tampered share, the wrong
-officer's key), none of which changes the keyring."""
+lost, a real broker serving the old secrets under the new key; and the refusals (two
+shares, shares of another key, a tampered share, the wrong officer's key), none of which
+changes the keyring."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import base64
 import json
 import stat
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,13 +22,40 @@ from services.broker.keysources import ENV_KEY
 from services.broker.recovery import make_recovery_shares
 from services.broker.sealing import KEY_FILE_NAME, AeadKey, KeyFileSource, StaticKeySource
 from services.broker.store import KEYRING_KEY, SecretStore, open_keyring
+from services.mesh import config as config_mod
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.cluster import free_port
+from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
-from tests.test_opscli import SECRET, Mesh, mesh  # noqa: F401 (an authenticated server)
+from services.testing.brokerthread import running_broker
+from services.testing.natsauth import authenticated_server
+from tests.test_operator_secrets import SECRET, Mesh
 
 OFFICERS = ("ada", "bo", "cy", "di", "ed")
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    """An authenticated server, the keys `up` would make, and no broker yet (:func:`broker`)."""
+    data_dir = tmp_path / "mesh"
+    data_dir.mkdir(mode=0o700)
+    with authenticated_server(data_dir) as (server, seeds):
+        keys = data_dir / "keys"
+        operator = SigningKey.load_or_create("operator", keys)
+        for name in ("operator", "broker", "policy"):
+            SigningKey.load_or_create(name, keys).publish_to(keys / "trusted")
+        KeyFileSource.in_data_dir(data_dir, create=True).sealing_key()  # as `up` does
+        (data_dir / "config.json").write_text(
+            json.dumps({"nats_url": server.url, "data_dir": str(data_dir)})
+        )
+        yield Mesh(server, data_dir, seeds, operator)
+
+
+def broker(mesh: Mesh, **overrides: object) -> AbstractContextManager[None]:
+    """The broker service of ``mesh``, with ``overrides`` (its sealing source) applied."""
+    path = mesh.data_dir / "config.json"
+    return running_broker(config_mod.load(path, data_dir=str(mesh.data_dir), **overrides))
 
 
 @dataclass
@@ -68,17 +98,13 @@ def _store(where: Mesh, source: object) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def ceremony(
-    mesh: Mesh,  # noqa: F811
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> Iterator[Ceremony]:
-    sealing = KeyFileSource.in_data_dir(mesh.data_dir, create=True)
-    sealing.sealing_key()  # as `up` does
+def ceremony(mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Ceremony]:
+    sealing = KeyFileSource.in_data_dir(mesh.data_dir, create=False)
     value = tmp_path / "value"
     value.write_bytes(SECRET)
-    for resource in ("default/key/app", "default/key/db"):
-        assert cli.main(["secret", "put", resource, str(value), *mesh.target]) == 0
+    with broker(mesh):
+        for resource in ("default/key/app", "default/key/db"):
+            assert cli.main(["secret", "put", resource, str(value), *mesh.target]) == 0
     keys = tmp_path / "officers"
     for name in OFFICERS:
         assert cli.main(["recovery", "officer-key", name, "--out", str(keys)]) == 0
@@ -109,7 +135,7 @@ def test_three_of_five_shares_recover_under_a_new_key_file(
         assert document["officer"] == path.stem and document["shares"] == 5
         assert document["share"]["threshold"] == 3
     assert stat.S_IMODE((ceremony.keys / "ada.key").stat().st_mode) == 0o600
-    assert cli.main(["secret", "list", *target]) == 2
+    assert cli.main(["audit", "list", *target]) == 2
     assert "broker.sealing_key_missing" in capsys.readouterr().err
 
     new_dir = tmp_path / "new"
@@ -121,12 +147,13 @@ def test_three_of_five_shares_recover_under_a_new_key_file(
     assert ceremony.data_key.export().hex() not in out
     assert stat.S_IMODE(new_key.stat().st_mode) == 0o600
 
-    # The broker's store opens every existing secret under the new sealing key...
+    # The broker serves every existing secret under the new sealing key...
+    with broker(ceremony.mesh, sealing_key_file=str(new_key)):
+        assert cli.main(["secret", "list", *target]) == 0
+        assert capsys.readouterr().out.splitlines() == ["default/key/app", "default/key/db"]
+    # ...and the store opens them, values intact.
     secrets = _store(ceremony.mesh, KeyFileSource(new_key, create=False))
     assert secrets == {"default/key/app": SECRET, "default/key/db": SECRET}
-    # ...and so do the operator's commands pointed at it.
-    assert cli.main(["secret", "list", "--sealing-key-file", str(new_key), *target]) == 0
-    assert capsys.readouterr().out.splitlines() == ["default/key/app", "default/key/db"]
 
     # The new key file is only ever created: an existing path is refused, nothing changes.
     before = ceremony.keyring()
@@ -144,6 +171,9 @@ def test_recovery_into_the_configured_source(
     monkeypatch.setenv(ENV_KEY, base64.b64encode(new.export()).decode())
     assert ceremony.recover(("ada", "cy", "ed"), "--sealing-source", "env") == 0
     assert "(env source)" in capsys.readouterr().out
+    with broker(ceremony.mesh, sealing_source="env"):
+        assert cli.main(["secret", "list", *ceremony.mesh.target]) == 0
+        assert capsys.readouterr().out.split() == ["default/key/app", "default/key/db"]
     secrets = _store(ceremony.mesh, StaticKeySource(new.export()))
     assert set(secrets) == {"default/key/app", "default/key/db"}
     # A source without a key is refused before anything is touched.
@@ -187,32 +217,47 @@ def test_refusals_change_nothing(
     assert ceremony.keyring() == before and not new_key.exists()
 
 
-@pytest.mark.parametrize("field", ["ciphertext", "enc", "x", "threshold", "key_id"])
-def test_a_tampered_share_is_refused(
-    ceremony: Ceremony, tmp_path: Path, field: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    before = ceremony.keyring()
-    document = json.loads(Path(ceremony.share("cy")).read_text())
+def _tamper(document: dict[str, Any], field: str) -> None:
     share = document["share"]
-    if field in ("x", "threshold"):
-        share[field] = 4 if field == "x" else 2
+    if field == "x":
+        share["x"] = 4
+    elif field == "threshold":
+        share["threshold"] = 2
     else:
         raw = bytearray(base64.b64decode(share[field]))
         raw[-1] ^= 1
         share[field] = base64.b64encode(bytes(raw)).decode()
-    tampered = tmp_path / "cy.share"
-    tampered.write_text(json.dumps(document))
-    argv = ["recovery", "recover", ceremony.share("ada"), ceremony.share("bo"), str(tampered)]
-    keys = [x for n in ("ada", "bo", "cy") for x in ("--officer-key", ceremony.key(n))]
+
+
+def test_a_tampered_share_is_refused(
+    ceremony: Ceremony, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any changed byte fails the share's HPKE (its info binds key id, threshold and index),
+    even a relabelling applied to every share alike, such as a lowered threshold."""
+    before = ceremony.keyring()
     new_key = tmp_path / "never.key"
-    code = cli.main([*argv, *keys, "--new-key", str(new_key), *ceremony.mesh.target])
-    assert code == 1
-    err = capsys.readouterr().err
-    expected = {
-        "threshold": "recovery.mixed_shares",
-        "key_id": "recovery.mixed_shares",
-    }.get(field, "broker.recovery_share_invalid")
-    assert expected in err
+    keys = [x for n in ("ada", "bo", "cy") for x in ("--officer-key", ceremony.key(n))]
+    cases = [
+        ("ciphertext", ("cy",), "broker.recovery_share_invalid"),
+        ("enc", ("cy",), "broker.recovery_share_invalid"),
+        ("x", ("cy",), "broker.recovery_share_invalid"),
+        ("key_id", ("ada", "bo", "cy"), "broker.recovery_share_invalid"),
+        ("threshold", ("ada", "bo", "cy"), "broker.recovery_share_invalid"),
+        ("threshold", ("cy",), "recovery.mixed_shares"),
+        ("key_id", ("cy",), "recovery.mixed_shares"),
+    ]
+    for number, (field, tampered, reason) in enumerate(cases):
+        paths = []
+        for name in ("ada", "bo", "cy"):
+            document = json.loads(Path(ceremony.share(name)).read_text())
+            if name in tampered:
+                _tamper(document, field)
+            path = tmp_path / f"{number}-{name}.share"
+            path.write_text(json.dumps(document))
+            paths.append(str(path))
+        argv = ["recovery", "recover", *paths, *keys, "--new-key", str(new_key)]
+        assert cli.main([*argv, *ceremony.mesh.target]) == 1, (field, tampered)
+        assert reason in capsys.readouterr().err, (field, tampered)
     assert ceremony.keyring() == before and not new_key.exists()
 
 
@@ -255,16 +300,11 @@ def test_shares_of_another_key_are_refused(
     assert ceremony.keyring() == before and not new_key.exists()
 
 
-def test_init_refusals(
-    mesh: Mesh,  # noqa: F811
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_init_refusals(mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keys = tmp_path / "officers"
     for name in OFFICERS[:3]:
         assert cli.main(["recovery", "officer-key", name, "--out", str(keys)]) == 0
     init = ["recovery", "init", "--officers", str(keys), *mesh.target]
-    KeyFileSource.in_data_dir(mesh.data_dir, create=True).sealing_key()
 
     # An empty bucket: init reads the keyring, it never creates one.
     assert cli.main([*init, "--shares", "3", "--threshold", "2"]) == 2
@@ -289,15 +329,12 @@ def test_init_refusals(
 
 
 def test_an_unreachable_nats_is_exit_2(
-    mesh: Mesh,  # noqa: F811
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     keys = tmp_path / "officers"
     for name in OFFICERS[:2]:
         assert cli.main(["recovery", "officer-key", name, "--out", str(keys)]) == 0
-    KeyFileSource.in_data_dir(mesh.data_dir, create=True).sealing_key()
-    nowhere = ["--nats", f"nats://127.0.0.1:{free_port()}", "--timeout", "1"]
+    nowhere = ["--nats", f"nats://127.0.0.1:{free_port()}", "--timeout", "0.5"]
     init = ["recovery", "init", "--shares", "2", "--threshold", "2", "--officers", str(keys)]
     assert cli.main([*init, *nowhere, *mesh.target]) == 2
     assert "bus." in capsys.readouterr().err

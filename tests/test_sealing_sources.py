@@ -262,8 +262,9 @@ def test_sealing_settings_follow_the_precedence(
     monkeypatch.setenv("ATTESTMESH_SEALING_SECRET_DIR", "/env")
     monkeypatch.setenv("ATTESTMESH_SEALING_SOURCE", "env")
     assert config_mod.load(path).sealing_secret_dir == "/env"
+    init = ["recovery", "init", "--shares", "2", "--threshold", "2", "--officers", "o"]
     args = cli._parser().parse_args(
-        ["secret", "list", "--config", str(path), "--sealing-source", "k8s-secret"]
+        [*init, "--config", str(path), "--sealing-source", "k8s-secret"]
     )
     config = admincli.admin_config(args)
     assert (config.sealing_source, config.sealing_secret_dir) == ("k8s-secret", "/env")
