@@ -1,5 +1,5 @@
 """The sealing-key options shared by the broker service and the operator commands that open
-sealed state (``secret``, ``audit``, ``node reset``, ``recovery``).
+sealed state themselves (``audit``, ``node reset``, ``recovery``).
 
 They are configuration overrides like ``--nats``: command line > ``ATTESTMESH_SEALING_*`` >
 config file > defaults (a key file in the data directory). The key itself is never an
