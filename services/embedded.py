@@ -7,7 +7,8 @@ The simulated nodes sign with the project's test PKI, which only this deployment
 set here. The service processes are supervised (:mod:`services.supervisor`): one that dies is
 restarted, never a reason for ``up`` to exit; ``--replicas`` runs several of each. Ctrl-C (or
 the end of ``--rounds``) stops everything and prints the summary (:mod:`services.roundwatch`);
-children also get SIGTERM if this process dies, so nothing is left behind.
+every child, the nats-server(s) included, also gets SIGTERM from the kernel if this process
+dies in any other way (:mod:`services.mesh.childproc`), so nothing is left behind.
 
 The embedded server admits only the identities of :mod:`services.mesh.identities`: each
 service process, each simulated node (its own connection, its own key) and the operator

@@ -11,14 +11,14 @@ seconds starts its next failure series from the base delay again.
 The supervisor is polled (:meth:`Supervisor.poll`, or :meth:`Supervisor.run` in an event
 loop) rather than woken by SIGCHLD, so it never competes with asyncio's own child watcher.
 Each child's pid is written to ``pids_file`` whenever it changes, for operators and for the
-fault tests that kill them.
+fault tests that kill them. Children are started by :func:`services.mesh.childproc.spawn`, so
+they end with the supervising process even when it is killed and cannot stop them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -29,18 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from services.mesh import childproc
 
 DEFAULT_BASE_DELAY_S = 0.5
 DEFAULT_MAX_DELAY_S = 30.0
 DEFAULT_STABLE_AFTER_S = 30.0
 POLL_INTERVAL_S = 0.2
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGTERM the child if its parent dies, so no process is left behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def exit_reason(returncode: int) -> str:
@@ -120,14 +114,13 @@ class Supervisor:
         spec = child.spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with spec.log_path.open("ab") as log:  # the child keeps its own copy
-            child.proc = subprocess.Popen(
+            # SIGTERM if ``up`` dies, from whichever thread this restart runs on.
+            child.proc = childproc.spawn(
                 spec.argv,
                 env=spec.env,
-                stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl
             )
         child.started_at = self.clock()
         child.restart_at = None

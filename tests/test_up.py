@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from services.testing.otlp import OtlpReceiver
 
@@ -117,3 +122,84 @@ def test_up_refuses_a_replica_count_out_of_range(tmp_path: Path) -> None:
         )
         assert completed.returncode == 2 and "--replicas" in completed.stderr
         assert not (tmp_path / ".attestmesh").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _until(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert proc.poll() is None, f"up exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} in 120 s"
+        time.sleep(0.05)
+
+
+def _pid_in(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_up_takes_every_child_with_it(tmp_path: Path) -> None:
+    """``up`` killed with SIGKILL cannot stop its children itself: each must end on its own,
+    the nats-server included, and so must children ``up`` restarted (which it starts from
+    other threads than the first ones)."""
+    data_dir = tmp_path / "mesh"
+    pids_file, server_pid_file = data_dir / "pids.json", data_dir / "nats" / "nats-server.pid"
+    errors = tmp_path / "up.stderr"
+    command = ["up", "--nodes", "1", "--interval", "1", "--data-dir", str(data_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ATTESTMESH_"))}
+    with errors.open("w") as stderr_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *command],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            env=env,
+        )
+    children: dict[str, int] = {}
+    try:
+
+        def services() -> dict[str, int]:
+            try:
+                found: dict[str, int] = json.loads(pids_file.read_text())
+            except (OSError, ValueError):
+                return {}
+            return found if len(found) == 5 else {}
+
+        _until(lambda: bool(services()) and _alive(_pid_in(server_pid_file)), "children", proc)
+        first_server, first_policy = _pid_in(server_pid_file), services()["policy"]
+        os.kill(first_server, signal.SIGKILL)
+        _until(
+            lambda: _alive(_pid_in(server_pid_file)) and _pid_in(server_pid_file) != first_server,
+            "server restart",
+            proc,
+        )
+        os.kill(first_policy, signal.SIGKILL)
+        _until(lambda: services().get("policy", first_policy) != first_policy, "restart", proc)
+        children = {**services(), "nats-server": _pid_in(server_pid_file)}
+        assert all(_alive(pid) for pid in children.values()), children
+        assert "nats-server exited; restarting" in errors.read_text()
+
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in children.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = {name: pid for name, pid in children.items() if _alive(pid)}
+        assert left == {}, f"still running 5 s after up was killed: {left}"
+        assert _processes_mentioning(str(data_dir)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children.values():  # whatever a failure left behind, and nothing else
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

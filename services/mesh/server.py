@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.mesh import childproc
 from services.mesh.errors import BusError, ConfigError
 
 _LISTENING = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
@@ -123,9 +124,10 @@ class NatsServer:
             args += ["--config", str(self.config_file)]
         if self.cluster is not None and not self.cluster.in_config:
             args += self.cluster.args(self.host)
-        self._proc = subprocess.Popen(
+        # Its own session (a terminal's Ctrl-C is for the owner to pass on), but it ends
+        # with its owner: nothing else would stop it if the owner were killed.
+        self._proc = childproc.spawn(
             args,
-            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
