@@ -389,7 +389,7 @@ async def drive(
     seeds = seeds or {}
     summary = Summary(nodes=nodes)
     results: asyncio.Queue[RoundResult] = asyncio.Queue()
-    watch = StageWatch()
+    watch = StageWatch(trusted=config.policy_trust())
     supervising = asyncio.Event()
     supervisor = asyncio.create_task(mesh.supervise(supervising))
     tasks: list[asyncio.Task[None]] = []
@@ -424,6 +424,7 @@ async def drive(
                 await asyncio.sleep(STOP_GRACE_S / 2)  # a late decision may still be on its way
             summary.lost = len(watch.unanswered(summary.results))
             summary.duplicated = watch.duplicated(summary.results)
+            summary.revoked = watch.revoked(summary.results)
             summary.late_decisions = watch.late(summary.results)
     finally:
         await _finish(tasks)

@@ -8,6 +8,12 @@ no decision means the policy service did not (``collector.no_decision``), and a 
 node gave up on before it came is ``collector.decision_late``. The same record counts, at
 the end, evidence that never got any decision (lost) and evidence that got more than one
 distinct decision (duplicated).
+
+One second decision is not a duplicate: a re-appraisal's deny, which withdraws an allow when
+the policy, the reference values or the collateral changed (it names the same evidence, under
+its own id). It is counted apart (revoked), but only if the policy service's signed token says
+it is one; a watch without the policy key, or a token that does not verify, counts it as a
+duplicate, so a forged "re-appraisal" cannot hide a real duplicate.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from services.collector.decisions import POLICY_SIGNER
 from services.collector.service import RoundResult
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import ParseError
+from services.mesh.errors import ParseError, VerificationError
+from services.mesh.keys import TrustedKeys
 
 TIMEOUT = "collector.decision_timeout"
 NO_VERDICT = "collector.no_verdict"
@@ -36,10 +44,17 @@ MAX_TRACKED = 100_000
 class StageWatch:
     """Verdicts and decisions seen on the bus, by evidence id."""
 
-    def __init__(self, max_tracked: int = MAX_TRACKED) -> None:
+    def __init__(
+        self, *, trusted: TrustedKeys | None = None, max_tracked: int = MAX_TRACKED
+    ) -> None:
+        """``trusted`` holds the policy service's key, to tell its re-appraisal denies from
+        second decisions; without it every second decision counts as duplicated."""
+        self.trusted = trusted
         self.max_tracked = max_tracked
         self.verdicts: OrderedDict[str, None] = OrderedDict()
         self.decisions: OrderedDict[str, set[str]] = OrderedDict()
+        self.revocations: OrderedDict[str, set[str]] = OrderedDict()
+        """Evidence id -> ids of the re-appraisal denies that withdrew its decision."""
         self.ignored = 0
 
     async def start(self, bus: Bus) -> None:
@@ -66,9 +81,29 @@ class StageWatch:
         except ParseError:
             self.ignored += 1
             return
-        seen = self.decisions.get(decision.evidence_id, set())
+        table = self.revocations if self._is_revocation(decision) else self.decisions
+        seen = table.get(decision.evidence_id, set())
         seen.add(decision.id)
-        self._remember(self.decisions, decision.evidence_id, seen)
+        self._remember(table, decision.evidence_id, seen)
+
+    def _is_revocation(self, decision: events.Decision) -> bool:
+        """A deny the policy service signed as a re-appraisal of this very evidence. Only
+        denies are checked (the rare case), so a busy run pays for no extra signatures."""
+        if self.trusted is None or decision.allow or decision.refused:
+            return False
+        try:
+            # Read whenever it arrives: a count does not care whether the deny has expired.
+            claims = self.trusted.verify(
+                decision.token, accept=lambda name: name == POLICY_SIGNER, now=decision.expires_at
+            )
+        except VerificationError:
+            return False
+        return (
+            claims.get("reappraisal") is True
+            and claims.get("allow") is False
+            and claims.get("jti") == decision.id
+            and claims.get("evidence_id") == decision.evidence_id
+        )
 
     def attribute(self, result: RoundResult) -> RoundResult:
         """A timed-out round, with the stage that did not answer as its reason."""
@@ -96,6 +131,11 @@ class StageWatch:
         ids = {r.evidence_id for r in results if r.evidence_id}
         return sum(1 for e in ids if len(self.decisions.get(e, ())) > 1)
 
+    def revoked(self, results: list[RoundResult]) -> int:
+        """Evidence whose decision a re-appraisal later withdrew."""
+        ids = {r.evidence_id for r in results if r.evidence_id}
+        return sum(1 for e in ids if e in self.revocations)
+
     def late(self, results: list[RoundResult]) -> int:
         return sum(1 for r in results if r.status == "none" and r.evidence_id in self.decisions)
 
@@ -115,6 +155,9 @@ class Summary:
     """Service process deaths, by reason (``signal.sigkill``, ``exit.1``)."""
     lost: int = 0
     duplicated: int = 0
+    revoked: int = 0
+    """Evidence whose allow a re-appraisal withdrew (a policy or collateral change): a second
+    decision, but not a duplicate."""
     late_decisions: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -138,6 +181,7 @@ class Summary:
             "late_decisions": self.late_decisions,
             "lost": self.lost,
             "duplicated": self.duplicated,
+            "revoked": self.revoked,
         }
 
 

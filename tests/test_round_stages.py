@@ -1,6 +1,7 @@
 """A round whose decision never comes says which stage went silent, and a round never raises
 because a service or the node's own connection went away (the real services, in process, on
-a real nats-server; ``up`` adds the stage from what its operator connection sees)."""
+a real nats-server; ``up`` adds the stage from what its operator connection sees). A
+revocation is counted as one, not as a second (duplicated) decision."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from services.collector.service import CollectorNode
 from services.collector.simulator.node import simulated_source
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
+from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
+from services.policy import release_policy
 from services.roundwatch import DECISION_LATE, NO_DECISION, NO_VERDICT, TIMEOUT, StageWatch
 from services.testing.mesh import TestMesh
 
@@ -116,6 +119,39 @@ async def test_the_node_connection_closing_mid_round_is_a_failed_round_not_a_cra
     result = await round_  # used to raise ConnectionClosedError from the unsubscribe
     assert (result.status, result.released, result.reason) == ("none", False, TIMEOUT)
     assert result.evidence_id
+
+
+DENY_ALL = (
+    "package attestmesh.release\nimport rego.v1\n"
+    'decision := {"allow": false, "reasons": ["all releases suspended"]}\n'
+)
+
+
+async def test_a_node_revoked_by_a_policy_change_is_revoked_not_duplicated(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    """A tightened policy withdraws the node's allow with a second, re-appraisal decision on
+    the same evidence; the node then re-attests and is denied. That is one revocation and no
+    duplicate, but only for a watch that can check the policy's signature on it."""
+    await mesh.start()
+    watch = StageWatch(trusted=mesh.collector_trust())
+    blind = StageWatch()  # no policy key: cannot tell, so counts the worse case
+    await watch.start(bus)
+    await blind.start(bus)
+    node = mesh.node(bus, "node-r")
+    allowed = await node.attest_once()
+    assert allowed.released
+
+    policies = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
+    await release_policy.store(policies, DENY_ALL, operator=mesh.operator_key)
+    await _until(lambda: allowed.evidence_id in watch.revocations)
+    await _until(lambda: len(blind.decisions.get(allowed.evidence_id, ())) == 2)
+    denied = await node.attest_once()
+    assert denied.status != "none" and not denied.allowed, denied
+    results = [allowed, denied]
+    assert watch.revoked(results) == 1 and watch.duplicated(results) == 0
+    assert watch.unanswered(results) == [] and watch.decisions[allowed.evidence_id]
+    assert blind.revoked(results) == 0 and blind.duplicated(results) == 1
 
 
 async def test_a_stage_nobody_answers_is_named_and_a_refusal_is_not_masked() -> None:

@@ -44,7 +44,7 @@ def test_up_runs_rounds_exports_traces_and_leaves_nothing_behind(tmp_path: Path)
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
     assert summary["failed"] == 0 and summary["failures_by_reason"] == {}
     assert summary["restarts"] == {} and summary["service_exits"] == {}
-    assert summary["lost"] == 0 and summary["duplicated"] == 0
+    assert summary["lost"] == 0 and summary["duplicated"] == 0 and summary["revoked"] == 0
     assert not (data_dir / "pids.json").exists()  # removed with the processes it named
     assert _processes_mentioning(str(data_dir)) == []
     assert (data_dir / "broker-sealing.key").stat().st_mode & 0o777 == 0o600
