@@ -83,10 +83,12 @@ def test_kill_9_of_each_service_in_turn_loses_and_duplicates_nothing(
             # The surviving replica kept serving: at most the rounds the victim held in
             # flight were late, and they completed within the node's decision timeout.
             assert len(phase.failed) <= NODES, phase
-    # Only the tightened policy revoked anyone: every node's standing allow (and an allow a
-    # replica still gave under the old policy, withdrawn when it caught up), and those second
-    # decisions were not counted as duplicates (above).
+    # Only the tightened policy revoked anyone, and those second decisions were not counted
+    # as duplicates (above). Not necessarily every node: one whose fresh evidence was denied
+    # before the re-evaluation reached it no longer had an allow to withdraw; and a node may
+    # be revoked twice (an allow a replica still gave under the old policy, withdrawn when
+    # that replica caught up).
     if replicas > 1:
-        assert NODES <= summary["revoked"] <= summary["secrets_released"], summary
+        assert 1 <= summary["revoked"] <= summary["secrets_released"], summary
     else:
         assert summary["revoked"] == 0
