@@ -32,6 +32,12 @@ from services.embedded import node_names
 from services.mesh import authconf
 from services.mesh.server import NatsServer
 
+LOST_REPLY = "broker.already_released"
+"""The broker's answer when a node asks again for a release it already answered: the reply
+was lost (the server frozen, the broker killed after answering), the node's retry is refused
+(each decision is answered once) and it attests again. That release is in the audit log,
+wrapped to a key only the failed round held: delivered to nobody."""
+
 RECOVERY_TIMEOUT_S = 90.0
 """Far beyond the 10 s ack wait ``up`` sets, after which whatever a killed process held is
 redone; a fault not recovered from by then is a failure, not a slow machine."""
@@ -81,9 +87,13 @@ class Round:
 
     @property
     def failed(self) -> bool:
-        """No decision, or an allow without its secret: a stage did not answer (a policy's
-        deny is a completed round)."""
+        """No decision, or an allow without its secret (a policy's deny is a completed round)."""
         return self.status == "none" or self.reason.startswith("collector.")
+
+    @property
+    def explained(self) -> bool:
+        """Failed for a reason a fault may cause: a stage that did not answer, or a lost reply."""
+        return self.reason.startswith("collector.") or self.reason == LOST_REPLY
 
 
 def parse_round(line: str) -> Round | None:
@@ -108,6 +118,11 @@ class Phase:
     @property
     def failed(self) -> list[Round]:
         return [r for r in self.rounds if r.failed]
+
+    @property
+    def unexplained(self) -> list[Round]:
+        """Failed rounds no fault accounts for (a crash, a refusal): there must be none."""
+        return [r for r in self.failed if not r.explained]
 
     def row(self) -> str:
         """This fault's line of the README table."""
