@@ -38,6 +38,10 @@ was lost (the server frozen, the broker killed after answering), the node's retr
 (each decision is answered once) and it attests again. That release is in the audit log,
 wrapped to a key only the failed round held: delivered to nobody."""
 
+FAIL_CLOSED = frozenset({"policy.unavailable", "policy.refvalues_unavailable"})
+"""Denies the policy service makes while it cannot read its buckets: during a server's loss
+they are the fault's doing (counted and shown, not hidden), any other deny is not."""
+
 RECOVERY_TIMEOUT_S = 90.0
 """Far beyond the 10 s ack wait ``up`` sets, after which whatever a killed process held is
 redone; a fault not recovered from by then is a failure, not a slow machine."""
@@ -91,6 +95,11 @@ class Round:
         return self.status == "none" or self.reason.startswith("collector.")
 
     @property
+    def denied(self) -> bool:
+        """A decision that allowed nothing (a policy's deny, or one it made failing closed)."""
+        return self.status != "none" and not self.released and not self.failed
+
+    @property
     def explained(self) -> bool:
         """Failed for a reason a fault may cause: a stage that did not answer, or a lost reply."""
         return self.reason.startswith("collector.") or self.reason == LOST_REPLY
@@ -124,15 +133,25 @@ class Phase:
         """Failed rounds no fault accounts for (a crash, a refusal): there must be none."""
         return [r for r in self.failed if not r.explained]
 
+    @property
+    def denied(self) -> list[Round]:
+        return [r for r in self.rounds if r.denied]
+
+    @property
+    def denied_unexpectedly(self) -> list[Round]:
+        """Denies a fault does not account for (the policy's own are a tightening's doing)."""
+        return [r for r in self.denied if r.reason not in FAIL_CLOSED]
+
     def row(self) -> str:
         """This fault's line of the README table."""
         latencies = sorted(r.latency_ms for r in self.rounds if r.released)
         p50 = statistics.median(latencies) if latencies else 0.0
         top = latencies[-1] if latencies else 0.0
+        denied = Counter(r.reason for r in self.denied)
         return (
-            f"| {self.name} | {len(self.rounds)} | {len(self.failed)} "
+            f"| {self.name} | {len(self.rounds)} | {len(self.failed)} | {len(self.denied)} "
             f"| {sum(r.released for r in self.rounds)} | {p50:,.0f} / {top:,.0f} ms "
-            f"| {self.recovered_s:.1f} s |"
+            f"| {self.recovered_s:.1f} s | {dict(denied) or ''}"
         )
 
 
@@ -142,6 +161,7 @@ class UpRun:
     def __init__(self, tmp_path: Path, nodes: int, *options: str, interval: str = "0.3") -> None:
         self.data_dir = tmp_path / "mesh"
         self.errors = tmp_path / "up.stderr"
+        self.output = tmp_path / "up.stdout"
         self.nodes = [name for name, _ in node_names(nodes)]
         self.command = [*options, "--nodes", str(nodes), "--interval", interval]
         self.lines: list[str] = []
@@ -174,6 +194,7 @@ class UpRun:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # a failed test: its children end with it (childproc)
             self.proc.wait()
+        self.output.write_text("".join(self.lines))  # every round, for a failure's reader
 
     def stderr(self) -> str:
         return self.errors.read_text()

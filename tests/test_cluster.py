@@ -182,7 +182,7 @@ def test_up_on_a_cluster_survives_a_kill_9_of_one_server(tmp_path: Path, replica
     lost_replies = summary["failures_by_reason"].get(LOST_REPLY, 0)
     assert counted <= audited <= summary["secrets_released"] + lost_replies
     for phase in phases:
-        assert phase.unexplained == [], phase
+        assert phase.unexplained == [] and phase.denied_unexpectedly == [], phase
 
 
 async def test_enroll_admits_a_node_to_every_member_of_an_up_cluster(
