@@ -3,11 +3,29 @@
 A plain ``query`` re-plans the policy on every call and grows with the reference data (about
 10 ms at 100 values, 600 ms at 5,000); the compiled bundle answers in well under a millisecond
 at either size, so the engine rebuilds only when the policy or the reference values change.
+
+Two kinds of policy run here, both answering ``decision := {"allow": ..., "reasons": [...]}``:
+the *appraisal* policy (KV key ``release``, package ``attestmesh.release``), which the policy
+service evaluates once per verdict over the family's claims and reference values, and the
+*resource* policy (KV key ``resources``, package ``attestmesh.resource``), which the broker
+evaluates once per secret request over the node, the resource and the signed summary of the
+node's appraisal. A module must declare its kind's package: a resource policy stored as the
+appraisal policy would otherwise compile and then answer "undefined" to every question.
+
+The input is handed over as a regopy ``Input`` built from the Python value where that is
+exact, else as JSON text. Building it is about twice as fast as the interpreter's JSON reader
+(measured here: 0.15 against 0.35 ms per evaluation of a small document, 0.75 against 1.2 ms
+with an SEV-SNP report's claims), but regopy 1.5 passes strings to the interpreter unescaped
+and integers as signed 64 bits: a ``"`` or ``\\`` breaks the value, non-ASCII text compares
+unequal to itself and 2**64 - 1 reads as -1. So only documents whose strings are printable
+ASCII without those two characters and whose numbers fit take that path (:func:`plain`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -16,13 +34,95 @@ import regopy
 
 from services.mesh.errors import PolicyError
 
-ENTRYPOINT = "attestmesh/release/decision"
-QUERY = "x = data.attestmesh.release.decision"
+
+@dataclass(frozen=True)
+class PolicyKind:
+    """Where one kind of policy lives and what it must be called."""
+
+    name: str
+    key: str
+    """Its key in the ``policies`` bucket."""
+    package: str
+    reason: str
+    """Prefix of its refusal reasons (``policy.compile_failed``)."""
+    label: str
+    """How operators' commands name it."""
+    filename: str
+    """The packaged default, in ``services/policy/policies``."""
+
+    @property
+    def entrypoint(self) -> str:
+        return self.package.replace(".", "/") + "/decision"
+
+    @property
+    def query(self) -> str:
+        return f"x = data.{self.package}.decision"
+
+
+RELEASE = PolicyKind(
+    name="release",
+    key="release",
+    package="attestmesh.release",
+    reason="policy",
+    label="release policy",
+    filename="release.rego",
+)
+RESOURCE = PolicyKind(
+    name="resource",
+    key="resources",
+    package="attestmesh.resource",
+    reason="resource_policy",
+    label="resource policy",
+    filename="resources.rego",
+)
+KINDS = (RELEASE, RESOURCE)
+
+ENTRYPOINT = RELEASE.entrypoint
+QUERY = RELEASE.query
+_PLAIN_TEXT = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
+"""Printable ASCII but ``"`` and ``\\``: what regopy's ``Input`` carries intact."""
+_INT64 = range(-(2**63), 2**63)
+PACKAGE_LINE = re.compile(
+    r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*$", re.M
+)
+
+
+def packaged(kind: PolicyKind) -> str:
+    """The packaged default of ``kind``."""
+    return (resources.files("services.policy") / "policies" / kind.filename).read_text()
 
 
 def default_policy() -> str:
-    """The packaged release policy."""
-    return (resources.files("services.policy") / "policies" / "release.rego").read_text()
+    """The packaged release (appraisal) policy."""
+    return packaged(RELEASE)
+
+
+def default_resource_policy() -> str:
+    """The packaged resource policy: a node reads ``default/*`` and its own ``<node>/*``."""
+    return packaged(RESOURCE)
+
+
+def package_of(source: str) -> str | None:
+    """The package a module declares (its first ``package`` line), if any."""
+    found = PACKAGE_LINE.search(source)
+    return found.group(1) if found else None
+
+
+def plain(value: Any) -> bool:
+    """Whether regopy's ``Input`` reproduces ``value`` exactly (see the module docstring)."""
+    if value is None or value is True or value is False:
+        return True
+    if isinstance(value, str):
+        return _PLAIN_TEXT.fullmatch(value) is not None
+    if isinstance(value, int):
+        return value in _INT64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(k) and plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(plain(v) for v in value)
+    return False
 
 
 @dataclass(frozen=True)
@@ -32,32 +132,50 @@ class Outcome:
 
 
 class PolicyEngine:
-    """One compiled policy plus its data (reference values and settings)."""
+    """One compiled policy of ``kind`` plus its data (reference values and settings)."""
 
-    def __init__(self, policy: str, data: dict[str, Any], *, policy_id: str = "default") -> None:
+    def __init__(
+        self,
+        policy: str,
+        data: dict[str, Any],
+        *,
+        policy_id: str = "default",
+        kind: PolicyKind = RELEASE,
+    ) -> None:
         self.policy_id = policy_id
+        self.kind = kind
+        declared = package_of(policy)
+        if declared is not None and declared != kind.package:
+            raise PolicyError(
+                f"{kind.reason}.compile_failed",
+                f"{kind.filename}: package {declared}; a {kind.label} is package {kind.package}",
+            )
         builder = regopy.Interpreter()
         try:
-            builder.add_module("release.rego", policy)
+            builder.add_module(kind.filename, policy)
             builder.add_data_json(json.dumps(data))
-            self._bundle = builder.build(QUERY, [ENTRYPOINT])
+            self._bundle = builder.build(kind.query, [kind.entrypoint])
         except regopy.RegoError as exc:
-            raise PolicyError("policy.compile_failed", str(exc)[:500]) from None
+            raise PolicyError(f"{kind.reason}.compile_failed", str(exc)[:500]) from None
         self._runner = regopy.Interpreter()
 
     def evaluate(self, document: dict[str, Any]) -> Outcome:
         """Evaluate the policy on ``document``; anything but a well-formed answer denies."""
+        reason = self.kind.reason
         try:
-            self._runner.set_input_term(json.dumps(document))
-            output = self._runner.query_bundle_entrypoint(self._bundle, ENTRYPOINT)
-        except (regopy.RegoError, ValueError) as exc:
-            raise PolicyError("policy.evaluation_failed", str(exc)[:500]) from None
+            if plain(document):
+                self._runner.set_input(regopy.Input(document))
+            else:
+                self._runner.set_input_term(json.dumps(document))
+            output = self._runner.query_bundle_entrypoint(self._bundle, self.kind.entrypoint)
+        except (regopy.RegoError, ValueError, TypeError) as exc:
+            raise PolicyError(f"{reason}.evaluation_failed", str(exc)[:500]) from None
         try:
             result = json.loads(str(output))["expressions"][0]
             allow = result["allow"] is True
             reasons = [str(r) for r in result["reasons"]]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise PolicyError("policy.bad_output", str(output)[:200]) from None
+            raise PolicyError(f"{reason}.bad_output", str(output)[:200]) from None
         if allow and reasons:
             allow = False
         return Outcome(allow=allow, reasons=reasons)
