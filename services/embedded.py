@@ -48,8 +48,7 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy import documents, refvalues, release_policy
 from services.policy.documents import OPERATOR
-from services.policy.engine import default_policy
-from services.policy.release_policy import POLICY_KEY
+from services.policy.engine import KINDS, packaged
 from services.roundwatch import StageWatch, Summary
 from services.supervisor import ChildSpec, Failure, Supervisor
 
@@ -283,27 +282,29 @@ async def seed_secret(config: Config, resource: str) -> None:
 
 
 async def seed_policy(config: Config) -> None:
-    """Store the packaged release policy signed by the operator key, unless a policy that
-    key (or a rotated one) signed is already there. An entry that verifies under no
-    operator key, e.g. an unsigned policy left by an older version, is replaced."""
+    """Store the packaged release policy and resource policy signed by the operator key,
+    each unless a document that key (or a rotated one) signed is already there. An entry
+    that verifies under no operator key, e.g. an unsigned policy left by an older version,
+    is replaced."""
     operator = SigningKey.load(OPERATOR, config.keys_path / f"{OPERATOR}.key")
     trusted = TrustedKeys.load(config.trusted_keys_path)
     async with Bus.session(config, identities.ADMIN) as bus:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-        current = await kv.get(POLICY_KEY)
-        if current is not None:
-            try:
-                documents.open_signed(
-                    current[0],
-                    trusted,
-                    bucket=subjects.BUCKET_POLICIES,
-                    key=POLICY_KEY,
-                    kind="policy",
-                )
-                return
-            except PolicyError:
-                pass
-        await release_policy.store(kv, default_policy(), operator=operator)
+        for kind in KINDS:
+            current = await kv.get(kind.key)
+            if current is not None:
+                try:
+                    documents.open_signed(
+                        current[0],
+                        trusted,
+                        bucket=subjects.BUCKET_POLICIES,
+                        key=kind.key,
+                        kind=kind.reason,
+                    )
+                    continue
+                except PolicyError:
+                    pass
+            await release_policy.store(kv, packaged(kind), operator=operator, kind=kind)
 
 
 async def seed_refvalues(config: Config) -> None:

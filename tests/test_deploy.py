@@ -396,6 +396,7 @@ def test_installed_keys_are_accepted_by_the_services(
             "identity/signing.key": private["broker"]["signingKey"].encode(),
             "trusted/policy.pem": trusted["policy"].encode(),
             "trusted/broker.pem": trusted["broker"].encode(),
+            "trusted/operator.pem": trusted["operator"].encode(),  # the resource policy
         },
     )
     dst.mkdir()
@@ -407,7 +408,7 @@ def test_installed_keys_are_accepted_by_the_services(
     KeyFileSource.in_data_dir(data_dir).sealing_key()
     assert key_file.read_bytes() == sealing
     broker_keys = local(config["keys_dir"], dst)
-    assert TrustedKeys.load(broker_keys / "trusted").names() == ["broker", "policy"]
+    assert TrustedKeys.load(broker_keys / "trusted").names() == ["broker", "operator", "policy"]
     # Its audit-checkpoint key, installed rather than invented, matches the published half.
     checkpoint_key = SigningKey.load_or_create("broker", broker_keys)
     assert checkpoint_key.public_pem().decode() == trusted["broker"]

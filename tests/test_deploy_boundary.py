@@ -386,8 +386,11 @@ async def test_identities_cannot_step_outside_their_subjects(
             ("sub", "attest.secret.*"),
             ("sub", "attest.nonce.*"),  # only in its own queue group
             ("pub", "$JS.API.STREAM.UPDATE.KV_policies"),
+            ("pub", "$KV.policies.resources"),
         ],
         "broker": [
+            ("pub", "$KV.policies.resources"),  # reads the resource policy, never writes it
+            ("pub", "$KV.policies.release"),
             ("pub", "attest.decision.node-a"),
             ("pub", "$KV.nonces.x"),
             ("pub", "$JS.API.CONSUMER.MSG.NEXT.VERDICTS.policy"),

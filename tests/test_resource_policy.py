@@ -195,7 +195,7 @@ def test_the_summary_reads_back_and_refuses_what_is_malformed() -> None:
     signed = {"family": "snp", "status": "affirming", **token_claims({"a": "b"}, "cafe")}
     assert read(signed) == AppraisalSummary("snp", "affirming", "cafe", {"a": "b"}, ())
     assert read({}) == AppraisalSummary()  # a decision signed before summaries existed
-    for bad in (
+    malformed: list[dict[str, Any]] = [
         {"family": 1},
         {"status": "great"},
         {"hwid": b"x"},
@@ -203,7 +203,8 @@ def test_the_summary_reads_back_and_refuses_what_is_malformed() -> None:
         {"claims": {str(i): i for i in range(129)}},
         {"claims_omitted": "a"},
         {"claims_omitted": [1]},
-    ):
+    ]
+    for bad in malformed:
         with pytest.raises(ValueError):
             read(bad)
 

@@ -1,9 +1,10 @@
 """The broker: records release decisions and answers secret requests from attested nodes.
 
 A secret leaves the broker only (1) for a node holding an unexpired *allow* decision signed
-by the policy service, (2) for a resource that node may read (``default/*`` or its own
-``<node>/*``), and (3) HPKE-wrapped to the very public key its evidence bound, and (4) once
-per decision and resource (:mod:`services.broker.answers`). Releases, and refusals to the
+by the policy service, (2) for a resource the operator's resource policy lets that node read
+(:mod:`.resources`; by default ``default/*`` and its own ``<node>/*``), and (3) HPKE-wrapped
+to the very public key its evidence bound, and (4) once per decision
+and resource (:mod:`services.broker.answers`). Releases, and refusals to the
 holder of the node's current decision (once per decision and reason), are written to the
 sealed audit log; refusals to anyone else, and repeats, are only counted and sealed as a
 periodic summary, so requests cannot be turned into unbounded audit growth. A maintenance
@@ -20,7 +21,7 @@ import hashlib
 import hmac
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,7 @@ from services.broker.audit import (
     Outcome,
 )
 from services.broker.operator import OperatorDesk
+from services.broker.resources import ResourcePolicy, ResourcePolicyWatch
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
 from services.mesh import events, metrics, subjects, telemetry
@@ -52,6 +54,8 @@ from services.mesh.errors import (
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
+from services.policy import summary
+from services.policy.summary import AppraisalSummary
 from services.verifier.ear import unb64url
 
 log = telemetry.logger("broker")
@@ -84,12 +88,9 @@ class HeldDecision:
     refused: bool = False
     reasons: tuple[str, ...] = ()
     """The policy's reasons for the decision, bounded (for the audit log)."""
-
-
-def may_read(node: str, resource: str) -> bool:
-    """The resource policy: shared ``default/*`` secrets and the node's own namespace."""
-    namespace = resource.split("/", 1)[0]
-    return namespace in ("default", node)
+    appraisal: AppraisalSummary = field(default_factory=AppraisalSummary)
+    """What the resource policy learns of the appraisal (signed, bounded; see
+    :mod:`services.policy.summary`)."""
 
 
 class BrokerService:
@@ -121,6 +122,8 @@ class BrokerService:
         self.answers: Answers | None = None
         self.refusals = RefusalCounter()
         self._maintain_now = asyncio.Event()
+        self.resources = ResourcePolicy(trusted)
+        self._resource_watch = ResourcePolicyWatch(bus, self.resources)
 
     async def start(self, *, seed: dict[str, bytes] | None = None) -> None:
         self.state = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_BROKER))
@@ -138,6 +141,7 @@ class BrokerService:
             if name not in existing:
                 await self.store.put(name, value)
                 log.info("secret.seeded", resource=name)
+        await self._resource_watch.start()
         await self.bus.serve(subjects.SECRET_ALL, self.on_secret_request, queue="broker")
         desk = OperatorDesk(
             self.store, self.audit, data_key, self.trusted, signer=self.signer, clock=self.clock
@@ -146,6 +150,7 @@ class BrokerService:
 
     async def run(self, stop: Any, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
         maintenance = asyncio.create_task(self._maintenance(stop))
+        resource_watch = asyncio.create_task(self._resource_watch.run(stop))
         try:
             await self.bus.consume(
                 stream=subjects.STREAM_DECISIONS,
@@ -157,9 +162,10 @@ class BrokerService:
                 ack_wait=ack_wait,
             )
         finally:
-            maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await maintenance
+            for task in (maintenance, resource_watch):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             with contextlib.suppress(SealingError):
                 await self.flush_refusals()
 
@@ -222,6 +228,7 @@ class BrokerService:
                 reappraisal=claims.get("reappraisal") is True,
                 refused=claims.get("refused") is True,
                 reasons=_bounded_reasons(claims.get("reasons")),
+                appraisal=summary.read(claims),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
@@ -420,8 +427,7 @@ class BrokerService:
             audit_id=str(record),
         )
 
-    @staticmethod
-    def _check(request: events.SecretRequest, held: HeldDecision) -> str | None:
+    def _check(self, request: events.SecretRequest, held: HeldDecision) -> str | None:
         """Why the decision's holder may not have this resource, or ``None``."""
         if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
             return "broker.revoked"
@@ -429,9 +435,7 @@ class BrokerService:
             return "broker.not_allowed"
         if not hmac.compare_digest(held.public_key, request.public_key):
             return "broker.key_mismatch"
-        if not may_read(request.node, request.resource):
-            return "broker.resource_forbidden"
-        return None
+        return self.resources.check(request.node, request.resource, held.appraisal)
 
     async def _audit(
         self,

@@ -20,8 +20,10 @@ Building blocks:
 * a KV bucket B: read (stream info, message get), write (``$KV.B.>``) and watch (an ordered
   consumer with flow control); the broker may also purge its own bucket (audit retention
   leaves no delete marker per pruned record), and only the policy service and the broker
-  write ``node-pins``; nobody but the admin creates streams, and nobody may update one, so
-  no identity can clear pins or the audit log by shortening a bucket's retention;
+  write ``node-pins``; the policy service and the broker read and watch ``policies`` (the
+  appraisal and the resource policy), which only the admin writes; nobody but the admin
+  creates streams, and nobody may update one, so no identity can clear pins or the audit
+  log by shortening a bucket's retention;
 * replies: every identity receives replies only below its own inbox prefix
   (:func:`subjects.inbox`, :func:`subjects.node_inbox`); responders (policy, broker) answer
   through ``allow_responses``, which admits one reply per request received.
@@ -187,6 +189,8 @@ def broker(*, declare_streams: bool = True) -> Permissions:
                 *kv_watch(bucket),
                 *kv_read(subjects.BUCKET_PINS),
                 *kv_write(subjects.BUCKET_PINS),
+                *kv_read(subjects.BUCKET_POLICIES),
+                *kv_watch(subjects.BUCKET_POLICIES),
                 f"$JS.API.STREAM.PURGE.KV_{bucket}",
                 "attest.revoked.*",
                 subjects.dlq(subjects.STREAM_DECISIONS),

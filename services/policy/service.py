@@ -37,6 +37,7 @@ from services.mesh.errors import (
 )
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
+from services.policy import summary
 from services.policy.engine import Outcome, PolicyEngine
 from services.policy.loader import UNAVAILABLE, Loader
 from services.policy.nonces import NonceStore
@@ -402,7 +403,10 @@ class PolicyService:
         source: str = "",
     ) -> datetime:
         """``source`` tells apart decisions about one verdict made under different rules (a
-        re-evaluation after a policy change), which de-duplication must not merge."""
+        re-evaluation after a policy change), which de-duplication must not merge.
+
+        An allow also carries the appraisal's bounded summary (:mod:`.summary`): the broker's
+        resource policy decides on it, and must have it signed, never from the node."""
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", f"{verdict.id}:{source}" if source else verdict.id)
@@ -421,6 +425,7 @@ class PolicyService:
                 "evidence_id": verdict.evidence_id,
                 "policy_id": self.engine.policy_id if self.engine else "none",
                 "reappraisal": reappraisal,
+                **(summary.token_claims(result.claims, result.hwid) if allow else {}),
             }
         )
         decision = events.Decision(

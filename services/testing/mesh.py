@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy import refvalues, release_policy
 from services.policy.documents import OPERATOR
-from services.policy.engine import default_policy
-from services.policy.release_policy import POLICY_KEY
+from services.policy.engine import RESOURCE, default_policy, default_resource_policy
+from services.policy.release_policy import POLICY_KEY, RESOURCE_KEY
 from services.policy.service import PolicyService
 from services.verifier import registry
 from services.verifier.collateral import CollateralCache
@@ -123,24 +123,40 @@ class TestMesh:
 
         await self._launch("verifier-snp", build)
 
+    @contextlib.asynccontextmanager
+    async def _operator(self, bus: Bus) -> AsyncIterator[Bus]:
+        """``bus``, or on a server that requires identities the admin's own connection, as
+        an operator would write."""
+        if ADMIN not in self.seeds:
+            yield bus
+            return
+        admin = await Bus.connect(self.server.url, ADMIN, nkey_seed_file=self.seeds[ADMIN])
+        try:
+            yield admin
+        finally:
+            await admin.close()
+
     async def seed_policy(self, bus: Bus) -> None:
         """The packaged policy and snp's explicit (empty) reference values, operator-signed,
         unless already stored (the operator's step before a policy service can decide
-        anything; the policy denies a family with no reference values). On a server that
-        requires identities it is written as the admin, as an operator would."""
-        admin = None
-        if ADMIN in self.seeds:
-            admin = await Bus.connect(self.server.url, ADMIN, nkey_seed_file=self.seeds[ADMIN])
-        try:
-            kv = NatsKeyValue(await (admin or bus).key_value(subjects.BUCKET_POLICIES))
+        anything; the policy denies a family with no reference values)."""
+        async with self._operator(bus) as writer:
+            kv = NatsKeyValue(await writer.key_value(subjects.BUCKET_POLICIES))
             if await kv.get(POLICY_KEY) is None:
                 await release_policy.store(kv, default_policy(), operator=self.operator_key)
-            refs = NatsKeyValue(await (admin or bus).key_value(subjects.BUCKET_REFVALUES))
+            refs = NatsKeyValue(await writer.key_value(subjects.BUCKET_REFVALUES))
             if await refs.get("snp") is None:  # release on status alone, explicitly
                 await refvalues.store(refs, "snp", {}, operator=self.operator_key)
-        finally:
-            if admin is not None:
-                await admin.close()
+
+    async def seed_resource_policy(self, bus: Bus) -> None:
+        """The packaged resource policy, operator-signed, unless one is stored (without it
+        the broker releases nothing)."""
+        async with self._operator(bus) as writer:
+            kv = NatsKeyValue(await writer.key_value(subjects.BUCKET_POLICIES))
+            if await kv.get(RESOURCE_KEY) is None:
+                await release_policy.store(
+                    kv, default_resource_policy(), operator=self.operator_key, kind=RESOURCE
+                )
 
     async def start_policy(self, *, seed: bool = True) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
@@ -160,8 +176,10 @@ class TestMesh:
 
         await self._launch("policy", build)
 
-    async def start_broker(self) -> None:
+    async def start_broker(self, *, seed: bool = True) -> None:
         async def build(bus: Bus) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+            if seed:
+                await self.seed_resource_policy(bus)
             service = BrokerService(
                 bus,
                 self.trusted,

@@ -111,6 +111,8 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWatch" "broker-state" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
+  (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
+  (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
   (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.dlq.DECISIONS") -}}
 {{- $sub = concat $sub (list "attest.secret.* broker" "attest.operator.* broker") -}}
 {{- $responder = true -}}

@@ -1,0 +1,225 @@
+"""The broker's resource policy: which attested node may have which secret.
+
+The policy service decides whether a node is trustworthy at all (the appraisal policy);
+this second operator-signed Rego document (key ``resources`` in the ``policies`` bucket,
+package ``attestmesh.resource``; input in :mod:`services.policy.resource_policy`) decides,
+for each secret request under an allow decision, whether that node may read that resource.
+The packaged default allows ``default/*`` and the node's own ``<node>/*``.
+
+Loaded, watched and refused like the appraisal policy (:class:`~services.policy.ledger.Ledger`):
+only an operator-signed document newer than the one in force that compiles replaces it;
+anything else (unsigned, foreign, tampered, rolled back, deleted, not compiling) is logged and
+the last good document stays. The broker keeps answering whatever KV holds, but with no good
+document, or while the bucket cannot be read, every release is refused with
+:data:`UNAVAILABLE`: fail closed. It compiles once per document and evaluates per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import nats.errors
+
+from services.mesh import subjects, telemetry
+from services.mesh.bus import Bus
+from services.mesh.errors import BusError, PolicyError
+from services.mesh.keys import TrustedKeys
+from services.mesh.natskv import NatsKeyValue
+from services.policy.documents import Document
+from services.policy.engine import RESOURCE, PolicyEngine
+from services.policy.ledger import Ledger
+from services.policy.release_policy import RESOURCE_KEY, validate_resource
+from services.policy.resource_policy import reads_claims, request_input
+from services.policy.summary import AppraisalSummary
+
+log = telemetry.logger("broker")
+
+UNAVAILABLE = "broker.resource_policy_unavailable"
+FORBIDDEN = "broker.resource_forbidden"
+FAILED = "broker.resource_policy_failed"
+RETRY_BLOCKED_S = 2.0
+HISTORY_TIMEOUT_S = 5.0
+WATCH_POLL_S = 0.5
+
+_READ_ERRORS = (BusError, nats.errors.Error, TimeoutError)
+
+
+class ResourcePolicy:
+    """The compiled resource policy in force, or why there is none."""
+
+    def __init__(self, trusted: TrustedKeys) -> None:
+        self.ledger = Ledger(
+            subjects.BUCKET_POLICIES, RESOURCE.reason, trusted, validate=validate_resource
+        )
+        self.engine: PolicyEngine | None = None
+        self.with_claims = True
+        """Whether the policy in force can read the claims (else they stay out of its input)."""
+        self.blocked: str | None = UNAVAILABLE
+        """Set: every release is refused with this reason."""
+        self._digest = ""
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the stored document is not in force (for status and tests), if it is not."""
+        return self.ledger.refusals.get(RESOURCE_KEY)
+
+    def prime(self, history: list[bytes]) -> None:
+        """Learn the newest signed document from the key's retained history at start, so a
+        writer who put back an older one cannot wait for a restart to have it adopted."""
+        self.ledger.prime(RESOURCE_KEY, history)
+
+    def offer(self, raw: bytes | None) -> None:
+        """The key's current KV value (``None``: absent); adopt it if it may replace the
+        document in force and compiles, else keep the one in force."""
+        offered = self.ledger.offer(RESOURCE_KEY, raw)
+        candidates = [offered] if offered is not None else []
+        previous = self.ledger.in_force(RESOURCE_KEY)
+        if previous is not None and previous is not offered:
+            candidates.append(previous)  # primed from history, never compiled yet
+        for candidate in candidates:
+            if self._adopt(candidate):
+                return
+        if self.engine is None:
+            self._block(UNAVAILABLE, "no operator-signed resource policy compiles")
+        else:
+            self.blocked = None
+
+    def block(self, detail: str) -> None:
+        """The bucket cannot be read: refuse releases until a read succeeds (an operator's
+        tightened policy could be what is unreadable)."""
+        self._block(UNAVAILABLE, detail)
+
+    def _adopt(self, document: Document) -> bool:
+        if self.engine is not None and document.digest == self._digest:
+            self.blocked = None
+            return True
+        policy_id = f"{RESOURCE_KEY}@v{document.version}"
+        try:
+            source = validate_resource(document.payload)
+            engine = PolicyEngine(source, {}, policy_id=policy_id, kind=RESOURCE)
+        except PolicyError as exc:
+            self.ledger.refusals[RESOURCE_KEY] = exc.reason
+            log.error(
+                "resource_policy.refused",
+                reason=exc.reason,
+                version=document.version,
+                detail=exc.detail[:300],
+            )
+            return False
+        self.ledger.commit(document)
+        self.engine, self._digest, self.blocked = engine, document.digest, None
+        self.with_claims = reads_claims(source)
+        log.info(
+            "resource_policy.loaded",
+            policy_id=policy_id,
+            signer=document.signer,
+            with_claims=self.with_claims,
+        )
+        return True
+
+    def _block(self, reason: str, detail: str) -> None:
+        if self.blocked != reason:
+            log.error("resource_policy.blocked", reason=reason, detail=detail)
+        self.blocked = reason
+
+    def check(self, node: str, resource: str, appraisal: AppraisalSummary) -> str | None:
+        """Why ``node`` may not have ``resource``, or ``None``; an evaluation error refuses."""
+        engine = self.engine
+        if self.blocked is not None or engine is None:
+            return self.blocked or UNAVAILABLE
+        document = request_input(node, resource, appraisal, with_claims=self.with_claims)
+        try:
+            outcome = engine.evaluate(document)
+        except PolicyError as exc:
+            log.error("resource_policy.evaluation_failed", reason=exc.reason)
+            return FAILED
+        if outcome.allow:
+            return None
+        log.info("resource_policy.denied", node=node, resource=resource, reasons=outcome.reasons)
+        return FORBIDDEN
+
+
+class ResourcePolicyWatch:
+    """Keeps a :class:`ResourcePolicy` current from the ``policies`` bucket."""
+
+    def __init__(self, bus: Bus, policy: ResourcePolicy) -> None:
+        self.bus = bus
+        self.policy = policy
+
+    async def start(self) -> None:
+        """Prime from history, then load; a failure leaves releases refused, never raises
+        (the watch retries)."""
+        try:
+            self.policy.prime(await self._history())
+        except _READ_ERRORS as exc:
+            self.policy.block(f"reading the resource policy's history failed: {_describe(exc)}")
+            return
+        await self.reload()
+
+    async def reload(self) -> None:
+        try:
+            kv = NatsKeyValue(await self.bus.key_value(subjects.BUCKET_POLICIES))
+            entry = await kv.get(RESOURCE_KEY)
+        except _READ_ERRORS as exc:
+            self.policy.block(f"reading the resource policy failed: {_describe(exc)}")
+            return
+        self.policy.offer(entry[0] if entry else None)
+
+    async def _history(self) -> list[bytes]:
+        kv = await self.bus.key_value(subjects.BUCKET_POLICIES)
+        watcher = await kv.watch(RESOURCE_KEY, include_history=True)
+        found: list[bytes] = []
+        try:
+            while True:
+                entry = await watcher.updates(timeout=HISTORY_TIMEOUT_S)
+                if entry is None:
+                    return found
+                if entry.operation is None and entry.value:
+                    found.append(entry.value)
+        finally:
+            with contextlib.suppress(*_READ_ERRORS):
+                await watcher.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reload on every change of the key, and every few seconds while releases are
+        refused for want of a good document. A watcher that fails is made again; until it
+        is, releases are refused, since a change made meanwhile would go unseen."""
+        while not stop.is_set():
+            try:
+                await self._watch(stop)
+            except Exception as exc:  # noqa: BLE001 - whatever broke the watch, fail closed
+                self.policy.block(f"watching the resource policy failed: {_describe(exc)}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_BLOCKED_S)
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        kv = await self.bus.key_value(subjects.BUCKET_POLICIES)
+        watcher: Any = await kv.watch(RESOURCE_KEY, include_history=False)
+        loop = asyncio.get_running_loop()
+        last_try = loop.time()
+        initial_done = False
+        try:
+            while not stop.is_set():
+                changed = False
+                if self.policy.blocked is not None and loop.time() - last_try > RETRY_BLOCKED_S:
+                    changed, last_try = True, loop.time()
+                try:
+                    entry = await watcher.updates(timeout=WATCH_POLL_S)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    pass
+                else:
+                    if entry is None:
+                        initial_done = changed = True  # catches writes made before watching
+                    elif initial_done:
+                        changed = True
+                if changed:
+                    await self.reload()
+        finally:
+            with contextlib.suppress(*_READ_ERRORS):
+                await watcher.stop()
+
+
+def _describe(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, BusError) else type(exc).__name__
