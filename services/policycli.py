@@ -1,5 +1,7 @@
-"""``attestmesh policy check|show|set|history|rollback``: the release policy, by an operator.
+"""``attestmesh policy check|show|set|history|rollback``: the policies, by an operator.
 
+Each action addresses the release (appraisal) policy, or with ``--resource`` the broker's
+resource policy (:mod:`services.broker.resources`); both are signed and kept the same way.
 ``check`` is offline: compile, then run the Rego tests beside the file. ``set`` runs the same
 check and refuses what fails before anything is signed. ``rollback REVISION`` does not put
 the old KV entry back (the policy service refuses an older signed version as a rollback
@@ -25,15 +27,18 @@ from services.mesh.keys import TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.policy import documents, regotest, release_policy
 from services.policy.documents import Document
-from services.policy.release_policy import POLICY_KEY
+from services.policy.engine import RELEASE, RESOURCE, PolicyKind
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 
 
+RESOURCE_HELP = "the broker's resource policy (package attestmesh.resource), not the release policy"
+
+
 def add_parser(sub: Any) -> None:
     policy = sub.add_parser(
-        "policy", help="run the policy service, or (with an action) manage the release policy"
+        "policy", help="run the policy service, or (with an action) manage the policies"
     )
     policy.add_argument("--config", type=Path, help="service mode: the service's config")
     actions = policy.add_subparsers(dest="policy_action")
@@ -41,7 +46,7 @@ def add_parser(sub: Any) -> None:
     check.add_argument("file", type=Path)
     show = actions.add_parser("show", help="print the policy in force (source on stdout)")
     admincli.add_target(show)
-    put = actions.add_parser("set", help="check FILE, sign it and make it the release policy")
+    put = actions.add_parser("set", help="check FILE, sign it and make it the policy in force")
     put.add_argument("file", type=Path)
     put.add_argument("--operator-key", type=Path, help=admincli.OPERATOR_KEY_HELP)
     admincli.add_target(put)
@@ -51,19 +56,22 @@ def add_parser(sub: Any) -> None:
     back.add_argument("revision", type=int)
     back.add_argument("--operator-key", type=Path, help=admincli.OPERATOR_KEY_HELP)
     admincli.add_target(back)
+    for action in (check, show, put, history, back):
+        action.add_argument("--resource", action="store_true", help=RESOURCE_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     action = args.policy_action
+    kind = RESOURCE if args.resource else RELEASE
     if action == "check":
-        return _check(args.file)
+        return _check(args.file, kind)
     if action == "set":
-        return _set(args)
+        return _set(args, kind)
     if action == "show":
-        return _show(args)
+        return _show(args, kind)
     if action == "history":
-        return _history(args)
-    return _rollback(args)
+        return _history(args, kind)
+    return _rollback(args, kind)
 
 
 def _report(result: regotest.CheckResult) -> None:
@@ -75,45 +83,46 @@ def _report(result: regotest.CheckResult) -> None:
     print(f"policy compiles; {passed}/{len(result.tests)} tests passed")
 
 
-def _checked(path: Path) -> regotest.CheckResult | None:
+def _checked(path: Path, kind: PolicyKind) -> regotest.CheckResult | None:
     """The check's result, printed; ``None`` (and the compiler's message) if it fails."""
     try:
-        result = regotest.check(path)
+        result = regotest.check(path, kind)
     except PolicyError as exc:
         print(f"attestmesh: {exc.reason}: {exc.detail}", file=sys.stderr)
         return None
     _report(result)
     if not result.ok:
-        print("attestmesh: policy.tests_failed: the policy's tests do not pass", file=sys.stderr)
+        why = f"{kind.reason}.tests_failed: the policy's tests do not pass"
+        print(f"attestmesh: {why}", file=sys.stderr)
         return None
     return result
 
 
-def _check(path: Path) -> int:
-    return EXIT_OK if _checked(path) is not None else EXIT_FAILED
+def _check(path: Path, kind: PolicyKind) -> int:
+    return EXIT_OK if _checked(path, kind) is not None else EXIT_FAILED
 
 
-def _set(args: argparse.Namespace) -> int:
+def _set(args: argparse.Namespace, kind: PolicyKind) -> int:
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
     operator = admincli.operator_key(args, config)
-    result = _checked(args.file)
+    result = _checked(args.file, kind)
     if result is None:
         print("attestmesh: policy not stored", file=sys.stderr)
         return EXIT_FAILED
 
     async def work(bus: Bus) -> int:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-        return await release_policy.store(kv, result.source, operator=operator)
+        return await release_policy.store(kv, result.source, operator=operator, kind=kind)
 
     version = admincli.run(config, timeout, work)
-    print(f"release policy stored (version {version}, signed {operator.kid})")
+    print(f"{kind.label} stored (version {version}, signed {operator.kid})")
     return EXIT_OK
 
 
-def _open(raw: bytes, trusted: TrustedKeys) -> Document:
+def _open(raw: bytes, trusted: TrustedKeys, kind: PolicyKind) -> Document:
     return documents.open_signed(
-        raw, trusted, bucket=subjects.BUCKET_POLICIES, key=POLICY_KEY, kind="policy"
+        raw, trusted, bucket=subjects.BUCKET_POLICIES, key=kind.key, kind=kind.reason
     )
 
 
@@ -125,50 +134,54 @@ def _describe(document: Document) -> str:
     )
 
 
-def _show(args: argparse.Namespace) -> int:
+def _show(args: argparse.Namespace, kind: PolicyKind) -> int:
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
     trusted = TrustedKeys.load(config.trusted_keys_path)
 
     async def work(bus: Bus) -> tuple[bytes, int] | None:
-        return await NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES)).get(POLICY_KEY)
+        return await NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES)).get(kind.key)
 
     found = admincli.run(config, timeout, work)
     if found is None:
-        print("attestmesh: policy.none: no release policy is stored", file=sys.stderr)
+        print(f"attestmesh: {kind.reason}.none: no {kind.label} is stored", file=sys.stderr)
         return EXIT_FAILED
     try:
-        document = _open(found[0], trusted)
+        document = _open(found[0], trusted, kind)
     except PolicyError as exc:
         # What does not verify is not shown: it is not what the policy service runs.
         print(f"attestmesh: {exc.reason}: revision {found[1]}: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
     print(f"# revision {found[1]}: {_describe(document)}", file=sys.stderr)
-    sys.stdout.write(release_policy.validate(document.payload))
+    sys.stdout.write(release_policy.validate(document.payload, kind))
     return EXIT_OK
 
 
-async def _revisions(bus: Bus) -> list[Any]:
+async def _revisions(bus: Bus, kind: PolicyKind) -> list[Any]:
     """Every retained KV entry of the policy, oldest first (deletions included)."""
     import nats.errors
     import nats.js.errors
 
     kv = await bus.key_value(subjects.BUCKET_POLICIES)
     try:
-        return list(await kv.history(POLICY_KEY))
+        return list(await kv.history(kind.key))
     except nats.js.errors.NoKeysError:
         return []
     except (nats.errors.Error, TimeoutError) as exc:
         raise BusError("kv.read_failed", f"policy history: {type(exc).__name__}") from None
 
 
-def _history(args: argparse.Namespace) -> int:
+def _history(args: argparse.Namespace, kind: PolicyKind) -> int:
     config = admincli.admin_config(args)
     timeout = admincli.timeout_of(args)
     trusted = TrustedKeys.load(config.trusted_keys_path)
-    entries = admincli.run(config, timeout, _revisions)
+
+    async def revisions(bus: Bus) -> list[Any]:
+        return await _revisions(bus, kind)
+
+    entries = admincli.run(config, timeout, revisions)
     if not entries:
-        print("no release policy has been stored")
+        print(f"no {kind.label} has been stored")
         return EXIT_OK
     for index, entry in enumerate(entries):
         current = " (current)" if index == len(entries) - 1 else ""
@@ -177,14 +190,14 @@ def _history(args: argparse.Namespace) -> int:
             print(f"revision {entry.revision}{current}: deleted at {created}")
             continue
         try:
-            line = _describe(_open(entry.value, trusted))
+            line = _describe(_open(entry.value, trusted, kind))
         except PolicyError as exc:
             line = f"REFUSED {exc.reason}"
         print(f"revision {entry.revision}{current}: written {created}, {line}")
     return EXIT_OK
 
 
-def _rollback(args: argparse.Namespace) -> int:
+def _rollback(args: argparse.Namespace, kind: PolicyKind) -> int:
     import nats.errors
     import nats.js.errors
 
@@ -198,34 +211,34 @@ def _rollback(args: argparse.Namespace) -> int:
     async def fetch(bus: Bus) -> bytes | None:
         kv = await bus.key_value(subjects.BUCKET_POLICIES)
         try:
-            entry = await kv.get(POLICY_KEY, revision=args.revision)
+            entry = await kv.get(kind.key, revision=args.revision)
         except nats.js.errors.KeyNotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusError("kv.read_failed", f"revision: {type(exc).__name__}") from None
-        if entry.key != POLICY_KEY or not entry.value:
+        if entry.key != kind.key or not entry.value:
             return None
         value: bytes = entry.value
         return value
 
     raw = admincli.run(config, timeout, fetch)
     if raw is None:
-        print(f"attestmesh: policy.no_revision: revision {args.revision}", file=sys.stderr)
+        print(f"attestmesh: {kind.reason}.no_revision: revision {args.revision}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        document = _open(raw, trusted)
-        source = regotest.compile_policy(document.payload)
+        document = _open(raw, trusted, kind)
+        source = regotest.compile_policy(document.payload, kind=kind)
     except PolicyError as exc:
         print(f"attestmesh: {exc.reason}: revision {args.revision}: {exc.detail}", file=sys.stderr)
         return EXIT_FAILED
 
     async def store(bus: Bus) -> int:
         kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES))
-        return await release_policy.store(kv, source, operator=operator)
+        return await release_policy.store(kv, source, operator=operator, kind=kind)
 
     version = admincli.run(config, timeout, store)
     print(
-        f"release policy of revision {args.revision} (version {document.version}) signed again "
+        f"{kind.label} of revision {args.revision} (version {document.version}) signed again "
         f"as version {version} by {operator.kid}"
     )
     return EXIT_OK

@@ -22,7 +22,7 @@ from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
-from services.policy.engine import default_policy
+from services.policy.engine import default_policy, default_resource_policy
 from services.testing.natsauth import authenticated_server
 
 T = TypeVar("T")
@@ -153,6 +153,39 @@ def test_policy_set_refuses_what_fails_its_check(
         return await NatsKeyValue(await bus.key_value(subjects.BUCKET_POLICIES)).get("release")
 
     assert mesh.run(stored) is None
+
+
+def test_the_resource_policy_has_the_same_commands(
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--resource`` addresses the broker's policy, with the release policy untouched."""
+    first = tmp_path / "resources.rego"
+    first.write_text(default_resource_policy())
+    second = tmp_path / "v2" / "resources.rego"
+    second.parent.mkdir()
+    second.write_text(default_resource_policy() + "\n# second\n")
+    resource = ["--resource", *mesh.target]
+    assert cli.main(["policy", "set", str(first), *resource]) == 0
+    assert cli.main(["policy", "set", str(second), *resource]) == 0
+    assert capsys.readouterr().out.count("resource policy stored") == 2
+    assert cli.main(["policy", "show", *resource]) == 0
+    assert capsys.readouterr().out == second.read_text()
+    assert cli.main(["policy", "show", *mesh.target]) == 1  # no release policy was set
+    assert "policy.none: no release policy is stored" in capsys.readouterr().err
+
+    assert cli.main(["policy", "history", *resource]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("signed operator" in line for line in lines)
+    revision = int(lines[0].split()[1].rstrip(":"))
+    assert cli.main(["policy", "rollback", str(revision), *resource]) == 0
+    assert f"resource policy of revision {revision}" in capsys.readouterr().out
+    assert cli.main(["policy", "show", *resource]) == 0
+    assert capsys.readouterr().out == first.read_text()
+    # A release revision is not a resource policy, and the reverse.
+    assert cli.main(["policy", "rollback", str(revision), *mesh.target]) == 1
+    assert "policy.no_revision" in capsys.readouterr().err
+    assert cli.main(["policy", "set", str(first), *mesh.target]) == 1
+    assert "policy.compile_failed" in capsys.readouterr().err
 
 
 def test_refvalues_add_list_remove(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ from services.mesh import config as config_mod
 from services.mesh import subjects
 from services.mesh.errors import PolicyError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
-from services.policy import claimformats, refvalues, release_policy
+from services.policy import claimformats, engine, refvalues, release_policy
 from services.policy.engine import default_policy
 from services.policy.loader import Loader
 from services.policy.refvalues import Entry
@@ -97,6 +97,28 @@ def test_policy_check_of_a_missing_file_is_a_usage_error(
 ) -> None:
     assert cli.main(["policy", "check", str(tmp_path / "absent.rego")]) == 2
     assert "cli.unreadable" in capsys.readouterr().err
+
+
+def test_resource_policy_check_runs_its_own_tests_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The packaged policies and their tests share a directory: each check runs its own."""
+    packaged = Path(engine.__file__).parent / "policies"
+    for name in ("release.rego", "resources.rego", "resources_test.rego"):
+        (tmp_path / name).write_text((packaged / name).read_text())
+    (tmp_path / "release_test.rego").write_text(PASSING)
+    assert cli.main(["policy", "check", "--resource", str(tmp_path / "resources.rego")]) == 0
+    out = capsys.readouterr().out
+    assert "[PASS] resources_test.rego test_another_nodes" in out
+    assert "release_test.rego" not in out and "5/5 tests passed" in out
+    assert cli.main(["policy", "check", str(tmp_path / "release.rego")]) == 0
+    out = capsys.readouterr().out
+    assert "resources_test.rego" not in out and "2/2 tests passed" in out
+    # Each kind compiles only as itself.
+    assert cli.main(["policy", "check", "--resource", str(tmp_path / "release.rego")]) == 1
+    assert "resource_policy.compile_failed" in capsys.readouterr().err
+    assert cli.main(["policy", "check", str(tmp_path / "resources.rego")]) == 1
+    assert "policy.compile_failed" in capsys.readouterr().err
 
 
 def test_claim_formats() -> None:

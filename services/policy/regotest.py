@@ -1,8 +1,11 @@
-"""``attestmesh policy check``: compile a release policy and run its Rego tests, offline.
+"""``attestmesh policy check``: compile a release or resource policy and run its Rego tests,
+offline.
 
 Tests are the ``test_*`` rules of the ``*_test.rego`` files beside the policy, as with
 ``opa test``: a test passes when its rule is true. regopy has no test runner, so each rule
-is queried as ``data.<package>.<rule>``.
+is queried as ``data.<package>.<rule>``. A test module whose package is the *other* kind's
+(``attestmesh.resource_test`` beside a release policy, say) is left out, so both policies
+and their tests can share a directory.
 
 Each test runs in a child process of its own. The interpreter is native code, and some
 valid Rego (the ``with`` keyword over rules that call other rules, in the regopy version
@@ -23,7 +26,7 @@ from typing import Any
 
 from services.mesh.errors import ConfigError, PolicyError
 from services.policy import release_policy
-from services.policy.engine import PolicyEngine
+from services.policy.engine import KINDS, RELEASE, PolicyEngine, PolicyKind
 
 MAX_TEST_FILES = 32
 MAX_TESTS = 200
@@ -68,16 +71,27 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def compile_policy(raw: bytes, name: str = "release.rego") -> str:
-    """The policy source if it is bounded UTF-8 that compiles; ``PolicyError`` carrying the
-    compiler's messages (``file:line:col: message``) otherwise."""
-    source = release_policy.validate(raw)
-    answer = _child({"modules": {name: source}, "query": None})
+def compile_policy(raw: bytes, name: str | None = None, kind: PolicyKind = RELEASE) -> str:
+    """The policy source if it is bounded UTF-8 that compiles as a ``kind`` policy;
+    ``PolicyError`` carrying the compiler's messages (``file:line:col: message``) otherwise."""
+    name = name or kind.filename
+    source = release_policy.validate(raw, kind)
+    answer = _child({"modules": {name: source}, "query": None, "kind": kind.name})
     if answer.get("outcome") != "pass":
-        # The engine names its module release.rego whatever the file is called.
-        detail = str(answer.get("detail", "")).replace("release.rego:", f"{name}:")
-        raise PolicyError("policy.compile_failed", detail[:1000])
+        # The engine names its module after the kind whatever the file is called.
+        detail = str(answer.get("detail", "")).replace(f"{kind.filename}:", f"{name}:")
+        raise PolicyError(f"{kind.reason}.compile_failed", detail[:1000])
     return source
+
+
+def _other_kinds(package: str, kind: PolicyKind) -> bool:
+    """Whether a test module of ``package`` tests a policy of another kind than ``kind``."""
+    return any(
+        package in (other.package, f"{other.package}_test")
+        or package.startswith(f"{other.package}.")
+        for other in KINDS
+        if other is not kind
+    )
 
 
 def find_test_files(policy: Path) -> list[Path]:
@@ -99,17 +113,20 @@ def find_test_rules(source: str) -> tuple[str, list[str]]:
     return package.group(1), list(dict.fromkeys(_TEST_RULE.findall(source)))
 
 
-def check(policy: Path) -> CheckResult:
-    """Compile ``policy``, then run every test beside it; ``PolicyError`` if it does not
-    compile. A test module that does not compile fails each of its tests (``error``)."""
-    source = compile_policy(_read(policy), policy.name)
+def check(policy: Path, kind: PolicyKind = RELEASE) -> CheckResult:
+    """Compile ``policy`` as a ``kind`` policy, then run every test beside it; ``PolicyError``
+    if it does not compile. A test module that does not compile fails each of its tests
+    (``error``)."""
+    source = compile_policy(_read(policy), policy.name, kind)
     plan: list[tuple[str, str, str, str]] = []
     for path in find_test_files(policy):
-        text = release_policy.validate(_read(path))
+        text = release_policy.validate(_read(path), kind)
         package, names = find_test_rules(text)
+        if _other_kinds(package, kind):
+            continue
         plan.extend((path.name, package, name, only_test(text, name)) for name in names)
     if len(plan) > MAX_TESTS:
-        raise PolicyError("policy.too_many_tests", f"more than {MAX_TESTS} tests")
+        raise PolicyError(f"{kind.reason}.too_many_tests", f"more than {MAX_TESTS} tests")
     results = [
         _run_one({policy.name: source, file: text}, file, package, name)
         for file, package, name, text in plan
@@ -174,8 +191,9 @@ def _evaluate(request: dict[str, Any]) -> dict[str, str]:
 
     if request["query"] is None:
         ((name, source),) = request["modules"].items()
+        kind = next((k for k in KINDS if k.name == request.get("kind")), RELEASE)
         try:
-            PolicyEngine(source, CHECK_DATA, policy_id=name)
+            PolicyEngine(source, CHECK_DATA, policy_id=name, kind=kind)
         except PolicyError as exc:
             return {"outcome": "error", "detail": exc.detail}
         return {"outcome": "pass"}
