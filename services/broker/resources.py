@@ -27,6 +27,7 @@ from services.mesh.bus import Bus
 from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import TrustedKeys
 from services.mesh.natskv import NatsKeyValue
+from services.policy import documents
 from services.policy.documents import Document
 from services.policy.engine import RESOURCE, PolicyEngine
 from services.policy.ledger import Ledger
@@ -59,6 +60,9 @@ class ResourcePolicy:
         self.blocked: str | None = UNAVAILABLE
         """Set: every release is refused with this reason."""
         self._digest = ""
+        self._earlier: list[Document] = []
+        """At start, the key's earlier signed versions, newest first: the last good one is
+        among them when the newest does not compile."""
 
     @property
     def refusal(self) -> str | None:
@@ -67,8 +71,22 @@ class ResourcePolicy:
 
     def prime(self, history: list[bytes]) -> None:
         """Learn the newest signed document from the key's retained history at start, so a
-        writer who put back an older one cannot wait for a restart to have it adopted."""
+        writer who put back an older one cannot wait for a restart to have it adopted; keep
+        the earlier signed ones in case the newest does not compile."""
         self.ledger.prime(RESOURCE_KEY, history)
+        signed: list[Document] = []
+        for raw in history:
+            with contextlib.suppress(PolicyError):
+                document = documents.open_signed(
+                    raw,
+                    self.ledger.trusted,
+                    bucket=subjects.BUCKET_POLICIES,
+                    key=RESOURCE_KEY,
+                    kind=RESOURCE.reason,
+                )
+                validate_resource(document.payload)
+                signed.append(document)
+        self._earlier = sorted(signed, key=lambda d: d.version, reverse=True)
 
     def offer(self, raw: bytes | None) -> None:
         """The key's current KV value (``None``: absent); adopt it if it may replace the
@@ -78,8 +96,14 @@ class ResourcePolicy:
         previous = self.ledger.in_force(RESOURCE_KEY)
         if previous is not None and previous is not offered:
             candidates.append(previous)  # primed from history, never compiled yet
+        if self.engine is None:  # nothing compiled yet: the newest earlier one that does
+            candidates += [d for d in self._earlier if all(d is not c for c in candidates)]
         for candidate in candidates:
+            refusal = self.ledger.refusals.get(RESOURCE_KEY)
             if self._adopt(candidate):
+                if candidate is not offered and refusal is not None:
+                    self.ledger.refusals[RESOURCE_KEY] = refusal  # the stored one still is not
+                self._earlier = []
                 return
         if self.engine is None:
             self._block(UNAVAILABLE, "no operator-signed resource policy compiles")

@@ -224,6 +224,7 @@ class TestMesh:
         tamper: Callable[[events.SnpEvidence], events.SnpEvidence] | None = None,
         received: dict[str, bytes] | None = None,
         decision_timeout: float = 20.0,
+        resource: str = DEFAULT_RESOURCE,
     ) -> CollectorNode:
         source = simulated_source("snp", self.pki, seed=hash(name) & 0xFFFF)
         if tamper is not None:
@@ -245,6 +246,7 @@ class TestMesh:
             decision_timeout=decision_timeout,
             on_secret=keep,
             on_revoked=forget,
+            resource=resource,
         )
 
     def collector_trust(self) -> TrustedKeys:
