@@ -21,11 +21,14 @@ from services.policy.engine import (
 from services.policy.resource_policy import reads_claims, request_input, split
 from services.policy.summary import (
     MAX_CLAIMS_BYTES,
+    MAX_SUMMARY_BYTES,
     MAX_TEXT,
     AppraisalSummary,
     bound_claims,
-    read,
-    token_claims,
+    decode,
+    digest,
+    encode,
+    matches,
 )
 
 SNP = AppraisalSummary("snp", "affirming", "ab" * 32, {"measurement": "aa" * 48}, ())
@@ -191,22 +194,34 @@ def test_claims_are_bounded_whole_never_truncated() -> None:
     assert omitted == sorted(omitted) and min(omitted) > max(kept)  # taken in name order
 
 
-def test_the_summary_reads_back_and_refuses_what_is_malformed() -> None:
-    signed = {"family": "snp", "status": "affirming", **token_claims({"a": "b"}, "cafe")}
-    assert read(signed) == AppraisalSummary("snp", "affirming", "cafe", {"a": "b"}, ())
-    assert read({}) == AppraisalSummary()  # a decision signed before summaries existed
-    malformed: list[dict[str, Any]] = [
-        {"family": 1},
-        {"status": "great"},
-        {"hwid": b"x"},
-        {"claims": []},
-        {"claims": {str(i): i for i in range(129)}},
-        {"claims_omitted": "a"},
-        {"claims_omitted": [1]},
-    ]
-    for bad in malformed:
-        with pytest.raises(ValueError):
-            read(bad)
+def test_the_summary_reads_back_bound_to_its_digest() -> None:
+    raw = encode({"a": "b", "tcb": {"x": {"y": 1}}}, "cafe")
+    signed = digest(raw)
+    assert matches(raw, signed) and not matches(raw + b" ", signed)
+    assert not matches(raw.replace(b'"b"', b'"c"'), signed)
+    found = decode(raw, family="snp", status="affirming")
+    assert found == AppraisalSummary("snp", "affirming", "cafe", {"a": "b"}, ("tcb",))
+    huge = {f"c{i:03}": "ab" * 256 for i in range(100)}
+    assert len(encode(huge, "f" * 1000)) <= MAX_SUMMARY_BYTES
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"[]",
+        b'{"hwid": 1}',
+        b'{"claims": []}',
+        b'{"claims_omitted": "a"}',
+        b'{"claims_omitted": [1]}',
+        b'{"extra": 1}',
+        json.dumps({"claims": {str(i): i for i in range(129)}}).encode(),
+        b" " * (MAX_SUMMARY_BYTES + 1),
+    ],
+)
+def test_malformed_summary_bytes_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode(raw, family="snp", status="affirming")
 
 
 def _equal_to(value: Any) -> PolicyEngine:

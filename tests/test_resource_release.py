@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from services.collector.simulator.node import SimulatedSnp
@@ -165,8 +166,9 @@ def _altered(token: str, change: Callable[[dict[str, object]], None]) -> str:
 async def test_a_decision_whose_summary_was_altered_releases_nothing(
     mesh: TestMesh, bus: Bus
 ) -> None:
-    """A writer of ``broker-state`` rewrites the stored decision's claims to the measurement
-    a resource is kept for: the policy's signature no longer holds."""
+    """A writer of ``broker-state`` rewrites the stored decision's summary to the measurement
+    a resource is kept for: it no longer matches the digest the policy signed, and a token
+    rewritten to the new digest no longer carries the policy's signature."""
     assert mesh.broker is not None and mesh.broker.store is not None
     await mesh.broker.store.put(PROD, b"kept for another image")
     node = mesh.node(bus, "node-m", resource=PROD)
@@ -180,33 +182,37 @@ async def test_a_decision_whose_summary_was_altered_releases_nothing(
     state = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))
     stored = await state.get("decision.node-m")
     assert stored is not None
-    token = stored[0].decode()
-    held = mesh.broker._read_token(token, "node-m")
-    assert held.appraisal.claims["measurement"] != wanted
+    token, separator, appraisal = stored[0].partition(b"\n")
+    held = await mesh.broker.current_decision("node-m")
     assert held.appraisal.family == "snp" and held.appraisal.status == "affirming"
+    measurement = held.appraisal.claims["measurement"]
+    assert measurement != wanted and measurement.encode() in appraisal
+    forged = appraisal.replace(measurement.encode(), wanted.encode())
 
-    def claim_the_wanted_measurement(claims: dict[str, object]) -> None:
-        summary = claims["claims"]
-        assert isinstance(summary, dict)
-        summary["measurement"] = wanted
+    def signing_the_forgery(claims: dict[str, object]) -> None:
+        claims["appraisal_sha256"] = hashlib.sha256(forged).hexdigest()
 
-    forged = _altered(token, claim_the_wanted_measurement)
-    await state.update("decision.node-m", forged.encode(), stored[1])
-    with pytest.raises(ReleaseError) as err:
-        await mesh.broker.current_decision("node-m")
-    assert err.value.reason == "broker.decision_invalid" and err.value.detail == "token.invalid"
-    answer = await bus.request(
-        subjects.secret("node-m"),
-        events.SecretRequest(
-            node="node-m",
-            resource=PROD,
-            public_key=node.last_public_key,
-            decision_id=node.last_decision_id,
-            evidence_id=node.last_evidence_id,
-        ),
-        events.SecretResponse,
+    request = events.SecretRequest(
+        node="node-m",
+        resource=PROD,
+        public_key=node.last_public_key,
+        decision_id=node.last_decision_id,
+        evidence_id=node.last_evidence_id,
     )
-    assert not answer.ok and answer.reason == "broker.decision_invalid"
+    revision = stored[1]
+    for record, why in (
+        (token + separator + forged, "broker.appraisal_mismatch"),
+        (
+            _altered(token.decode(), signing_the_forgery).encode() + separator + forged,
+            "token.invalid",
+        ),
+    ):
+        revision = await state.update("decision.node-m", record, revision)
+        with pytest.raises(ReleaseError) as err:
+            await mesh.broker.current_decision("node-m")
+        assert err.value.reason == "broker.decision_invalid" and err.value.detail == why
+        answer = await bus.request(subjects.secret("node-m"), request, events.SecretResponse)
+        assert not answer.ok and answer.reason == "broker.decision_invalid"
 
 
 async def test_without_a_good_resource_policy_the_broker_runs_and_refuses(
@@ -322,3 +328,42 @@ def test_documents_name_their_kind() -> None:
             raw, trusted, bucket=subjects.BUCKET_POLICIES, key=RESOURCE_KEY, kind=RESOURCE.reason
         )
     assert err.value.reason == "resource_policy.wrong_key"
+
+
+async def _decision_of(bus: Bus, node: str, decision_id: str) -> events.Decision:
+    sub = await bus.js.subscribe(subjects.decision(node), ordered_consumer=True)
+    try:
+        while True:
+            decision = events.decode((await sub.next_msg(timeout=5.0)).data, events.Decision)
+            if decision.id == decision_id:
+                return decision
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_an_allow_carries_its_summary_and_a_swapped_one_is_dead_lettered(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    node = mesh.node(bus, "node-p")
+    assert (await node.attest_once()).released
+    genuine = await _decision_of(bus, "node-p", node.last_decision_id)
+    claims = mesh.trusted.verify(genuine.token, accept=lambda n: n == "policy")
+    assert claims["appraisal_sha256"] == hashlib.sha256(genuine.appraisal).hexdigest()
+    carried = json.loads(genuine.appraisal)
+    assert carried["claims"]["measurement"] == _source(node, None).measurement.hex()
+    assert carried["hwid"] and carried["claims_omitted"] == ["tcb"]
+
+    swapped = msgspec.structs.replace(
+        genuine,
+        id=events.new_id(),
+        appraisal=genuine.appraisal.replace(b'"debug":false', b'"debug":true '),
+    )
+    assert swapped.appraisal != genuine.appraisal
+    letters = await bus.js.subscribe(subjects.dlq(subjects.STREAM_DECISIONS), ordered_consumer=True)
+    try:
+        await bus.publish(subjects.decision("node-p"), swapped)
+        letter = events.decode((await letters.next_msg(timeout=10.0)).data, events.DeadLetter)
+    finally:
+        await letters.unsubscribe()
+    assert letter.reason == "broker.appraisal_mismatch"
+    assert (await mesh.broker.current_decision("node-p")).decision_id == genuine.id  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +62,8 @@ log = telemetry.logger("broker")
 tracer = telemetry.tracer("broker")
 
 DECISION_PREFIX = "decision."
+STORED_SEPARATOR = b"\n"
+"""Between a stored decision's token (never a newline in it) and its appraisal bytes."""
 POLICY_SIGNER = "policy"
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
@@ -89,8 +91,10 @@ class HeldDecision:
     reasons: tuple[str, ...] = ()
     """The policy's reasons for the decision, bounded (for the audit log)."""
     appraisal: AppraisalSummary = field(default_factory=AppraisalSummary)
-    """What the resource policy learns of the appraisal (signed, bounded; see
-    :mod:`services.policy.summary`)."""
+    """What the resource policy learns of the appraisal (bounded; see
+    :mod:`services.policy.summary`): family and status from the token, the rest from the
+    bytes beside it once they match ``appraisal_sha256``."""
+    appraisal_sha256: str = ""
 
 
 class BrokerService:
@@ -228,10 +232,37 @@ class BrokerService:
                 reappraisal=claims.get("reappraisal") is True,
                 refused=claims.get("refused") is True,
                 reasons=_bounded_reasons(claims.get("reasons")),
-                appraisal=summary.read(claims),
+                appraisal=AppraisalSummary(
+                    _bounded(claims.get("family", "")), _bounded(claims.get("status", ""))
+                ),
+                appraisal_sha256=_bounded(claims.get("appraisal_sha256", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
+
+    def _read_stored(self, raw: bytes, node: str) -> HeldDecision:
+        """A decision as kept in ``broker-state``: the token, then the appraisal bytes."""
+        token, _, appraisal = raw.partition(STORED_SEPARATOR)
+        return self._attach(self._read_token(token.decode(errors="replace"), node), appraisal)
+
+    @staticmethod
+    def _attach(held: HeldDecision, raw: bytes) -> HeldDecision:
+        """``held`` with the appraisal summary ``raw``, if its token signed their digest.
+
+        A deny carries none, and neither does a decision signed before summaries existed:
+        the resource policy then sees family and status only, and denies whatever needs a
+        claim."""
+        if not held.appraisal_sha256:
+            return held
+        if not summary.matches(raw, held.appraisal_sha256):
+            raise VerificationError("broker.appraisal_mismatch", "not the summary it signed")
+        try:
+            found = summary.decode(
+                raw, family=held.appraisal.family, status=held.appraisal.status
+            )
+        except ValueError as exc:
+            raise VerificationError("broker.decision_malformed", str(exc)) from None
+        return replace(held, appraisal=found)
 
     async def handle_decision(self, msg: Msg) -> None:
         assert self.state is not None
@@ -241,7 +272,9 @@ class BrokerService:
             decision = events.decode(msg.data, events.Decision)
             span.set_attribute("attestmesh.node", decision.node)
             try:
-                held = self._read_token(decision.token, decision.node)
+                held = self._attach(
+                    self._read_token(decision.token, decision.node), decision.appraisal
+                )
             except VerificationError as exc:
                 if exc.reason == "token.expired":
                     return
@@ -262,7 +295,7 @@ class BrokerService:
                 previous = None
                 if current is not None:
                     with contextlib.suppress(VerificationError):
-                        previous = self._read_token(current[0].decode(), decision.node)
+                        previous = self._read_stored(current[0], decision.node)
                 if previous is not None and previous.issued_at > held.issued_at:
                     return
                 if held.reappraisal and (
@@ -270,11 +303,12 @@ class BrokerService:
                 ):
                     log.info("decision.stale_reappraisal", node=decision.node)
                     return  # about evidence the node has since replaced: nothing to revoke
+                record = decision.token.encode() + STORED_SEPARATOR + decision.appraisal
                 try:
                     if current is None:
-                        await self.state.create(key, decision.token.encode())
+                        await self.state.create(key, record)
                     else:
-                        await self.state.update(key, decision.token.encode(), current[1])
+                        await self.state.update(key, record, current[1])
                     break
                 except WriteConflictError:
                     continue
@@ -320,7 +354,7 @@ class BrokerService:
         if found is None:
             raise ReleaseError("broker.no_decision", "no decision recorded for this node")
         try:
-            return self._read_token(found[0].decode(), node)
+            return self._read_stored(found[0], node)
         except VerificationError as exc:
             if exc.reason == "token.expired":
                 raise ReleaseError("broker.decision_expired", "re-attest for a fresh one") from None
@@ -466,6 +500,13 @@ def _bounded_reasons(signed: object) -> tuple[str, ...]:
         return ()
     texts = (r[:MAX_FIELD] for r in signed if isinstance(r, str) and r and r.isprintable())
     return tuple(itertools.islice(texts, MAX_REASONS))
+
+
+def _bounded(value: object, limit: int = 128) -> str:
+    """A short string claim of a verified token (``ValueError`` if it is not one)."""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ValueError("a decision claim is not a short string")
+    return value
 
 
 def _refusal_kind(reason: str) -> str:

@@ -24,6 +24,7 @@ from services.mesh.errors import ParseError
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DETAIL = 1024
+MAX_APPRAISAL_BYTES = 16 * 1024
 
 NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ResourceName = Annotated[
@@ -200,6 +201,11 @@ class Decision(Message, frozen=True, kw_only=True):
     its round failed; the broker records and revokes nothing (the signed token says so too)."""
     reason: Annotated[str, msgspec.Meta(max_length=MAX_DETAIL)] = ""
     """For a refusal, why (``evidence.unauthenticated``, ``node.identity_mismatch``)."""
+    appraisal: Annotated[bytes, msgspec.Meta(max_length=MAX_APPRAISAL_BYTES)] = b""
+    """With an allow, the bounded summary of the appraisal behind it (family and status are
+    in the token; this holds hardware id and claims) for the broker's resource policy. Not
+    signed itself: the token signs its SHA-256 (``appraisal_sha256``), so a consumer uses it
+    only after checking that digest (``services/policy/summary.py``)."""
 
 
 class Revocation(Message, frozen=True, kw_only=True):

@@ -405,8 +405,10 @@ class PolicyService:
         """``source`` tells apart decisions about one verdict made under different rules (a
         re-evaluation after a policy change), which de-duplication must not merge.
 
-        An allow also carries the appraisal's bounded summary (:mod:`.summary`): the broker's
-        resource policy decides on it, and must have it signed, never from the node."""
+        An allow also carries the appraisal's bounded summary (:mod:`.summary`) beside its
+        token, which signs the summary's digest: the broker's resource policy decides on it,
+        and must have it from the policy service, never from the node."""
+        appraisal = summary.encode(result.claims, result.hwid) if allow else b""
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", f"{verdict.id}:{source}" if source else verdict.id)
@@ -425,7 +427,7 @@ class PolicyService:
                 "evidence_id": verdict.evidence_id,
                 "policy_id": self.engine.policy_id if self.engine else "none",
                 "reappraisal": reappraisal,
-                **(summary.token_claims(result.claims, result.hwid) if allow else {}),
+                **({"appraisal_sha256": summary.digest(appraisal)} if allow else {}),
             }
         )
         decision = events.Decision(
@@ -436,6 +438,7 @@ class PolicyService:
             allow=allow,
             expires_at=expires,
             token=token,
+            appraisal=appraisal,
         )
         await self.bus.publish(subjects.decision(verdict.node), decision)
         metrics.decisions.add(1, {"allow": str(allow).lower()})

@@ -2,12 +2,18 @@
 
 The broker's resource policy may release a secret only to a node whose evidence showed a
 particular measurement, TCB or hardware. The broker never sees the verifier's EAR, and must
-not take any of it from the node, so the policy service copies a bounded summary of the EAR
-into the decision token it signs: ``family``, ``status`` (already there), ``hwid``, ``claims``
-and ``claims_omitted``. Whatever the broker reads from it is as authentic as the decision.
+not take any of it from the node, so the policy service hands it a bounded summary of the
+EAR with each allow decision: ``family`` and ``status`` (members of every decision token),
+and ``hwid``, ``claims`` and ``claims_omitted`` in the decision's ``appraisal`` bytes, whose
+SHA-256 the token signs as ``appraisal_sha256``. The bytes travel and are stored beside the
+token rather than inside it: every secret request re-verifies the token, and the JWT
+library's cost grows with the token's length (measured here: 0.4 ms for a decision token
+without a summary, 2.8 ms with an SEV-SNP summary inside; the digest check of the detached
+bytes costs microseconds). Whatever the broker reads from them is as authentic as the
+decision.
 
 Bounded so that a family with large claims (event logs, certificate details) cannot make
-every decision token, and every secret request that re-verifies it, expensive:
+every decision, and every secret request, expensive:
 
 * a claim is kept if its value is a scalar (a string of at most :data:`MAX_TEXT`
   characters, a number, a boolean, null) or a flat list or object of at most
@@ -22,10 +28,16 @@ every decision token, and every secret request that re-verifies it, expensive:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+
+from services.mesh import events
 
 MAX_TEXT = 512
 MAX_ITEMS = 32
@@ -34,8 +46,7 @@ MAX_CLAIMS = 128
 MAX_CLAIMS_BYTES = 8 * 1024
 MAX_OMITTED = 64
 MAX_HWID = 256
-MAX_FAMILY = 32
-STATUSES = frozenset({"affirming", "warning", "contraindicated", "none"})
+MAX_SUMMARY_BYTES = events.MAX_APPRAISAL_BYTES
 
 
 @dataclass(frozen=True)
@@ -94,37 +105,48 @@ def bound_claims(claims: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return kept, omitted[:MAX_OMITTED]
 
 
-def token_claims(claims: dict[str, Any], hwid: str) -> dict[str, Any]:
-    """The summary's members of a decision token (``family`` and ``status`` are already
-    members of every decision)."""
+class _Detached(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The summary's bytes beside a decision token."""
+
+    hwid: Annotated[str, msgspec.Meta(max_length=MAX_HWID)] = ""
+    claims: Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_CLAIMS)] = {}
+    claims_omitted: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=MAX_NAME)]],
+        msgspec.Meta(max_length=MAX_OMITTED),
+    ] = []
+
+
+_decoder = msgspec.json.Decoder(_Detached)
+
+
+def encode(claims: dict[str, Any], hwid: str) -> bytes:
+    """The ``appraisal`` bytes of an allow decision (at most :data:`MAX_SUMMARY_BYTES`)."""
     kept, omitted = bound_claims(claims)
-    return {"hwid": hwid[:MAX_HWID], "claims": kept, "claims_omitted": omitted}
+    raw = msgspec.json.encode(_Detached(hwid=hwid[:MAX_HWID], claims=kept, claims_omitted=omitted))
+    assert len(raw) <= MAX_SUMMARY_BYTES, "bounded by MAX_CLAIMS_BYTES and the other maxima"
+    return raw
 
 
-def read(token: dict[str, Any]) -> AppraisalSummary:
-    """The summary in a verified decision token's claims.
+def digest(raw: bytes) -> str:
+    """What the decision token signs of the ``appraisal`` bytes."""
+    return hashlib.sha256(raw).hexdigest()
 
-    The token is the policy service's signed word, but its shape is still checked (types and
-    counts, cheaply: this runs on every secret request). A decision signed before summaries
-    existed reads as one without claims, which a policy requiring a claim denies. Raises
-    ``ValueError`` on anything malformed."""
-    family = token.get("family", "")
-    status = token.get("status", "")
-    hwid = token.get("hwid", "")
-    claims = token.get("claims", {})
-    omitted = token.get("claims_omitted", [])
-    if not (isinstance(family, str) and len(family) <= MAX_FAMILY):
-        raise ValueError("family")
-    if not (status == "" or status in STATUSES):
-        raise ValueError("status")
-    if not (isinstance(hwid, str) and len(hwid) <= MAX_HWID):
-        raise ValueError("hwid")
-    if not (isinstance(claims, dict) and len(claims) <= MAX_CLAIMS):
-        raise ValueError("claims")
-    if not (
-        isinstance(omitted, list)
-        and len(omitted) <= MAX_OMITTED
-        and all(isinstance(n, str) for n in omitted)
-    ):
-        raise ValueError("claims_omitted")
-    return AppraisalSummary(family, status, hwid, claims, tuple(omitted))
+
+def matches(raw: bytes, signed: str) -> bool:
+    """Whether ``raw`` are the bytes whose digest the token signed (constant time)."""
+    return hmac.compare_digest(digest(raw), signed)
+
+
+def decode(raw: bytes, *, family: str, status: str) -> AppraisalSummary:
+    """The summary of a decision whose signed digest ``raw`` matched; ``family`` and
+    ``status`` come from the token. ``ValueError`` if the bytes are malformed (they were
+    signed, so only a broken policy service could make them so)."""
+    if len(raw) > MAX_SUMMARY_BYTES:
+        raise ValueError("appraisal too large")
+    try:
+        detached = _decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValueError(str(exc)[:200]) from None
+    return AppraisalSummary(
+        family, status, detached.hwid, detached.claims, tuple(detached.claims_omitted)
+    )
