@@ -18,7 +18,7 @@ from services.policy.engine import (
     default_resource_policy,
     plain,
 )
-from services.policy.resource_policy import reads_claims, request_input, split
+from services.policy.resource_policy import ALL_CLAIMS, claims_read, request_input, split
 from services.policy.summary import (
     MAX_CLAIMS_BYTES,
     MAX_SUMMARY_BYTES,
@@ -40,8 +40,13 @@ def default() -> PolicyEngine:
     return PolicyEngine(default_resource_policy(), {}, kind=RESOURCE)
 
 
-def _ask(engine: PolicyEngine, node: str, resource: str, *, claims: bool = False) -> bool:
-    return engine.evaluate(request_input(node, resource, SNP, with_claims=claims)).allow
+NONE: frozenset[str] = frozenset()
+
+
+def _ask(
+    engine: PolicyEngine, node: str, resource: str, *, claims: frozenset[str] | None = NONE
+) -> bool:
+    return engine.evaluate(request_input(node, resource, SNP, claims=claims)).allow
 
 
 @pytest.mark.parametrize(
@@ -70,10 +75,10 @@ def _ask(engine: PolicyEngine, node: str, resource: str, *, claims: bool = False
 def test_the_packaged_default_is_todays_rule(
     default: PolicyEngine, node: str, resource: str, allowed: bool
 ) -> None:
-    outcome = default.evaluate(request_input(node, resource, SNP, with_claims=False))
+    outcome = default.evaluate(request_input(node, resource, SNP, claims=NONE))
     assert outcome.allow is allowed
     assert outcome.reasons == ([] if allowed else [NOT_OWN])
-    assert _ask(default, node, resource, claims=True) is allowed  # claims change nothing
+    assert _ask(default, node, resource, claims=ALL_CLAIMS) is allowed  # claims change nothing
 
 
 @pytest.mark.parametrize(
@@ -125,44 +130,56 @@ decision := {"allow": allow, "reasons": []}
 
 def test_a_custom_policy_reads_the_signed_claims() -> None:
     engine = PolicyEngine(MEASURED % ("aa" * 48), {}, kind=RESOURCE)
-    assert _ask(engine, "node-1", "prod/key/db", claims=True)
+    assert claims_read(MEASURED) == frozenset({"measurement"})
+    assert _ask(engine, "node-1", "prod/key/db", claims=ALL_CLAIMS)
+    assert _ask(engine, "node-1", "prod/key/db", claims=frozenset({"measurement", "absent"}))
     other = AppraisalSummary("snp", "affirming", "", {"measurement": "bb" * 48})
-    doc = request_input("node-1", "prod/key/db", other, with_claims=True)
+    doc = request_input("node-1", "prod/key/db", other, claims=ALL_CLAIMS)
     assert not engine.evaluate(doc).allow
-    # Without the claims in the input the same request is denied, never allowed.
-    assert not _ask(engine, "node-1", "prod/key/db", claims=False)
+    # Without the claim in the input the same request is denied, never allowed.
+    assert not _ask(engine, "node-1", "prod/key/db", claims=NONE)
 
 
 @pytest.mark.parametrize(
     ("source", "reads"),
     [
-        ('allow if input.node == "x"', False),
-        ('allow if input.resource.repository == "x"', False),
-        ("allow if input.resource == {}", False),
-        ('allow if input.appraisal.family == "snp"', False),
-        ('allow if input.appraisal.status == "affirming"', False),
-        ('allow if input.appraisal.hwid != ""', False),
-        ('allow if input.appraisal.claims.measurement == "x"', True),
-        ("allow if input.appraisal.claims_omitted == []", True),
-        ("allow if count(input.appraisal) > 3", True),
-        ('allow if input.appraisal["claims"]', True),
-        ('allow if input["appraisal"].family', True),
-        ("allow if { walk(input, [p, v]); v == 1 }", True),
-        ("import input.appraisal as a\nallow if a.claims", True),
-        ("import input\nallow if input.node", True),
-        ('allow if input.appraisal.family_extra == "x"', True),
-        ('allow if input.nodes == "x"', True),
-        ("# the input decides\nallow if input.node", True),  # even in a comment: err safe
-        ('allow if data.input.x == 1\nallow if input.node == "a"', True),
-        ("allow if my_input.appraisal == 1", False),  # another variable
+        ('allow if input.node == "x"', NONE),
+        ('allow if input.resource.repository == "x"', NONE),
+        ("allow if input.resource == {}", NONE),
+        ('allow if input.appraisal.family == "snp"', NONE),
+        ('allow if input.appraisal.status == "affirming"', NONE),
+        ('allow if input.appraisal.hwid != ""', NONE),
+        ("allow if input.appraisal.claims_omitted == []", NONE),
+        ('allow if input.appraisal.claims.measurement == "x"', {"measurement"}),
+        ('allow if input.appraisal.claims.pcrs["0"] == "x"', {"pcrs"}),
+        ("allow if { input.appraisal.claims.a; input.appraisal.claims.b_2 }", {"a", "b_2"}),
+        ('# input.appraisal.claims.debug\nallow if input.node == "x"', {"debug"}),  # err safe
+        ("allow if input.appraisal.claims == {}", ALL_CLAIMS),
+        ('allow if input.appraisal.claims["measurement"]', ALL_CLAIMS),
+        ("allow if { some k; input.appraisal.claims[k] }", ALL_CLAIMS),
+        ("allow if input.appraisal.claims.measurement_x.y", {"measurement_x"}),
+        ("allow if count(input.appraisal) > 3", ALL_CLAIMS),
+        ('allow if input.appraisal["claims"]', ALL_CLAIMS),
+        ('allow if input["appraisal"].family', ALL_CLAIMS),
+        ("allow if { walk(input, [p, v]); v == 1 }", ALL_CLAIMS),
+        ("import input.appraisal as a\nallow if a.claims", ALL_CLAIMS),
+        ("import input.appraisal.claims as c\nallow if c.debug", ALL_CLAIMS),
+        ("import input\nallow if input.node", ALL_CLAIMS),
+        ('allow if input.appraisal.family_extra == "x"', ALL_CLAIMS),
+        ('allow if input.nodes == "x"', ALL_CLAIMS),
+        ("# the input decides\nallow if input.node", ALL_CLAIMS),  # even in a comment
+        ('allow if data.input.x == 1\nallow if input.node == "a"', ALL_CLAIMS),
+        ("allow if my_input.appraisal == 1", NONE),  # another variable
     ],
 )
-def test_only_a_policy_that_cannot_read_the_claims_goes_without(source: str, reads: bool) -> None:
-    assert reads_claims(source) is reads
+def test_a_policy_gets_the_claims_it_names_and_no_fewer(
+    source: str, reads: frozenset[str] | set[str] | None
+) -> None:
+    assert claims_read(source) == reads
 
 
 def test_the_packaged_default_gets_the_small_input() -> None:
-    assert not reads_claims(default_resource_policy())
+    assert claims_read(default_resource_policy()) == NONE
 
 
 def test_claims_are_bounded_whole_never_truncated() -> None:

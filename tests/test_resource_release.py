@@ -100,7 +100,7 @@ async def test_a_secret_kept_for_one_measurement_reaches_only_that_guest(
 
     policy_id = await _store(mesh, bus, KEPT_FOR_ONE_MEASUREMENT % wanted)
     await _until(lambda: _in_force(mesh) == policy_id, "the broker to load the new policy")
-    assert mesh.broker.resources.with_claims
+    assert mesh.broker.resources.claims == frozenset({"measurement"})
     released = await good.attest_once()
     assert released.released, released
     assert received == {"node-good": secret}
@@ -246,7 +246,7 @@ async def test_without_a_good_resource_policy_the_broker_runs_and_refuses(
 
         policy_id = await _store(running, bus, default_resource_policy())
         await _until(lambda: _in_force(running) == policy_id, "the default to be loaded")
-        assert broker.resources.blocked is None and not broker.resources.with_claims
+        assert broker.resources.blocked is None and broker.resources.claims == frozenset()
         assert (await node.attest_once()).released
     finally:
         await running.stop()

@@ -32,7 +32,7 @@ from services.policy.documents import Document
 from services.policy.engine import RESOURCE, PolicyEngine
 from services.policy.ledger import Ledger
 from services.policy.release_policy import RESOURCE_KEY, validate_resource
-from services.policy.resource_policy import reads_claims, request_input
+from services.policy.resource_policy import ALL_CLAIMS, claims_read, request_input
 from services.policy.summary import AppraisalSummary
 
 log = telemetry.logger("broker")
@@ -55,8 +55,8 @@ class ResourcePolicy:
             subjects.BUCKET_POLICIES, RESOURCE.reason, trusted, validate=validate_resource
         )
         self.engine: PolicyEngine | None = None
-        self.with_claims = True
-        """Whether the policy in force can read the claims (else they stay out of its input)."""
+        self.claims: frozenset[str] | None = ALL_CLAIMS
+        """The claims the policy in force can read (the others stay out of its input)."""
         self.blocked: str | None = UNAVAILABLE
         """Set: every release is refused with this reason."""
         self._digest = ""
@@ -134,12 +134,12 @@ class ResourcePolicy:
             return False
         self.ledger.commit(document)
         self.engine, self._digest, self.blocked = engine, document.digest, None
-        self.with_claims = reads_claims(source)
+        self.claims = claims_read(source)
         log.info(
             "resource_policy.loaded",
             policy_id=policy_id,
             signer=document.signer,
-            with_claims=self.with_claims,
+            claims="all" if self.claims is ALL_CLAIMS else sorted(self.claims),
         )
         return True
 
@@ -153,7 +153,7 @@ class ResourcePolicy:
         engine = self.engine
         if self.blocked is not None or engine is None:
             return self.blocked or UNAVAILABLE
-        document = request_input(node, resource, appraisal, with_claims=self.with_claims)
+        document = request_input(node, resource, appraisal, claims=self.claims)
         try:
             outcome = engine.evaluate(document)
         except PolicyError as exc:

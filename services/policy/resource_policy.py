@@ -15,8 +15,9 @@ The broker evaluates the operator's resource policy (package ``attestmesh.resour
     input.appraisal.claims_omitted  the names of the claims left out of them
 
 A name that is not two or three non-empty parts has every part empty, which matches no
-repository. The claims are the bulk of the input and cost most of an evaluation, so a
-policy that cannot read them does not get them (:func:`reads_claims`).
+repository. The claims are the bulk of the input and cost most of an evaluation (measured:
+0.2 ms for a small input, 0.75 to 1 ms with an SEV-SNP report's 31 claims), so a policy gets
+only the claims it names (:func:`claims_read`).
 """
 
 from __future__ import annotations
@@ -26,20 +27,34 @@ from typing import Any
 
 from services.policy.summary import AppraisalSummary
 
+ALL_CLAIMS = None
+"""What :func:`claims_read` answers for a policy that may read any claim."""
 _INPUT = re.compile(r"\binput\b")
-_CLAIM_FREE = re.compile(r"\.(?:node|resource)\b|\.appraisal\.(?:family|status|hwid)\b")
-"""What may follow ``input`` in a policy that cannot read the claims."""
+_NO_CLAIM = re.compile(
+    r"\.(?:node|resource)\b|\.appraisal\.(?:family|status|hwid|claims_omitted)\b"
+)
+_ONE_CLAIM = re.compile(r"\.appraisal\.claims\.([A-Za-z_][A-Za-z0-9_]*)\b")
 
 
-def reads_claims(source: str) -> bool:
-    """Whether the policy ``source`` could read ``input.appraisal.claims``.
+def claims_read(source: str) -> frozenset[str] | None:
+    """The claims the policy ``source`` can read, or :data:`ALL_CLAIMS`.
 
-    Rego reaches the input only through the word ``input``; a policy that only ever writes
-    ``input.node``, ``input.resource...`` or ``input.appraisal.family|status|hwid`` cannot
-    read the claims. Any other use (``input.appraisal`` whole, ``input[x]``, ``walk(input,
-    ...)``, ``import input.appraisal``, even the word in a comment or a string) counts as reading
-    them: the check may only err towards passing the claims."""
-    return any(_CLAIM_FREE.match(source, found.end()) is None for found in _INPUT.finditer(source))
+    Rego reaches the input only through the word ``input``. A policy that only ever writes
+    ``input.node``, ``input.resource...``, ``input.appraisal.family|status|hwid|
+    claims_omitted`` and ``input.appraisal.claims.<name>...`` can read no other claim than
+    those names. Any other use (``input.appraisal`` or its claims whole, ``claims[x]``,
+    ``input[x]``, ``walk(input, ...)``, ``import input.appraisal``, even the word in a
+    comment or a string) may read any claim: the analysis only ever errs towards passing
+    more of them."""
+    names: set[str] = set()
+    for found in _INPUT.finditer(source):
+        if _NO_CLAIM.match(source, found.end()):
+            continue
+        claim = _ONE_CLAIM.match(source, found.end())
+        if claim is None:
+            return ALL_CLAIMS
+        names.add(claim.group(1))
+    return frozenset(names)
 
 
 def split(resource: str) -> dict[str, str]:
@@ -55,11 +70,15 @@ def split(resource: str) -> dict[str, str]:
 
 
 def request_input(
-    node: str, resource: str, appraisal: AppraisalSummary, *, with_claims: bool
+    node: str,
+    resource: str,
+    appraisal: AppraisalSummary,
+    *,
+    claims: frozenset[str] | None = ALL_CLAIMS,
 ) -> dict[str, Any]:
-    """The whole input of one evaluation."""
+    """The whole input of one evaluation, with the ``claims`` the policy reads."""
     return {
         "node": node,
         "resource": split(resource),
-        "appraisal": appraisal.as_input(with_claims=with_claims),
+        "appraisal": appraisal.as_input(claims),
     }

@@ -59,13 +59,18 @@ class AppraisalSummary:
     claims: dict[str, Any] = field(default_factory=dict)
     omitted: tuple[str, ...] = ()
 
-    def as_input(self, *, with_claims: bool) -> dict[str, Any]:
-        """``input.appraisal``; the claims only for a policy that can read them."""
-        out: dict[str, Any] = {"family": self.family, "status": self.status, "hwid": self.hwid}
-        if with_claims:
-            out["claims"] = self.claims
-            out["claims_omitted"] = list(self.omitted)
-        return out
+    def as_input(self, claims: frozenset[str] | None) -> dict[str, Any]:
+        """``input.appraisal`` with ``claims`` of the claims (``None``: all of them)."""
+        kept = self.claims
+        if claims is not None:
+            kept = {name: self.claims[name] for name in claims if name in self.claims}
+        return {
+            "family": self.family,
+            "status": self.status,
+            "hwid": self.hwid,
+            "claims": kept,
+            "claims_omitted": list(self.omitted),
+        }
 
 
 def _scalar(value: Any) -> bool:
