@@ -4,13 +4,18 @@ builds, the bounded appraisal summary, and the regopy input path it relies on.""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.broker.resources import ResourcePolicy
+from services.mesh import subjects
 from services.mesh.errors import PolicyError
+from services.mesh.keys import SigningKey, TrustedKeys
+from services.policy import documents
 from services.policy.engine import (
     RESOURCE,
     PolicyEngine,
@@ -273,3 +278,69 @@ def test_values_regopy_input_would_mangle_go_as_json(value: Any) -> None:
 def test_any_value_compares_equal_to_itself(value: Any) -> None:
     """Whichever path a document takes, the policy sees exactly the value sent."""
     assert _equal_to(value).evaluate({"v": value}).allow
+
+
+def _signed(operator: SigningKey, source: str, version: int) -> bytes:
+    return documents.seal(
+        operator,
+        bucket=subjects.BUCKET_POLICIES,
+        key=RESOURCE.key,
+        payload=source.encode(),
+        version=version,
+        issued_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+
+def test_the_broker_keeps_the_last_good_policy_from_history() -> None:
+    """A restarted broker whose newest signed document does not compile takes the newest
+    earlier one that does; the stored one stays refused, and an older one put back later is
+    still a rollback."""
+    operator = SigningKey.generate("operator")
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
+    shared_only = default_resource_policy().replace("may_read(node, repository) if", "x(node) if")
+    history = [
+        _signed(operator, default_resource_policy(), 1),
+        _signed(operator, shared_only, 2),
+        b"junk",
+        _signed(operator, "package attestmesh.resource\nallow if {", 3),
+    ]
+    policy.prime(history)
+    policy.offer(history[-1])
+    assert policy.engine is not None and policy.engine.policy_id == "resources@v2"
+    assert policy.refusal == "resource_policy.compile_failed" and policy.blocked is None
+    assert policy.check("node-1", "default/key/a", SNP) is None
+    assert policy.check("node-1", "node-1/key/a", SNP) == "broker.resource_forbidden"
+    policy.offer(history[0])
+    assert policy.refusal == "resource_policy.rollback"
+    assert policy.engine.policy_id == "resources@v2"
+
+
+def test_the_broker_refuses_every_release_without_a_good_policy() -> None:
+    operator = SigningKey.generate("operator")
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
+    assert policy.check("node-1", "default/key/a", SNP) == "broker.resource_policy_unavailable"
+    for raw, reason in (
+        (None, None),
+        (default_resource_policy().encode(), "resource_policy.unsigned"),
+        (
+            _signed(SigningKey.generate("operator"), default_resource_policy(), 1),
+            "resource_policy.unknown_signer",
+        ),
+        (_signed(operator, default_policy(), 2), "resource_policy.compile_failed"),
+    ):
+        policy.offer(raw)
+        assert policy.refusal == reason
+        assert policy.check("node-1", "default/key/a", SNP) == "broker.resource_policy_unavailable"
+    policy.offer(_signed(operator, default_resource_policy(), 3))
+    assert policy.check("node-1", "default/key/a", SNP) is None
+    policy.block("the bucket cannot be read")
+    assert policy.check("node-1", "default/key/a", SNP) == "broker.resource_policy_unavailable"
+    policy.offer(_signed(operator, default_resource_policy(), 3))
+    assert policy.check("node-1", "default/key/a", SNP) is None
+
+
+def test_an_evaluation_error_refuses() -> None:
+    operator = SigningKey.generate("operator")
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
+    policy.offer(_signed(operator, 'package attestmesh.resource\ndecision := {"allow": 1}\n', 1))
+    assert policy.check("node-1", "default/key/a", SNP) == "broker.resource_policy_failed"
