@@ -118,6 +118,25 @@ def test_the_ledger_keeps_the_last_good_version_against_rollback_and_deletion() 
     assert third is not None and third.version == 3  # a signed, newer change
 
 
+def test_a_version_between_the_one_in_force_and_a_newer_unusable_one_is_a_rollback() -> None:
+    """The operator signed v3, which the service could not use (say it does not compile), so
+    v1 stays in force; a writer putting back the signed v2 must not get it in behind v3."""
+    ledger = _ledger()
+    first = ledger.offer("snp", _seal(version=1))
+    assert first is not None
+    ledger.commit(first)
+    newest = ledger.offer("snp", _seal(b'{"measurement": ["cc"]}', version=3))
+    assert newest is not None and newest.version == 3  # offered, never committed
+    assert ledger.offer("snp", _seal(b'{"measurement": ["bb"]}', version=2)) is first
+    assert ledger.refusals["snp"] == "refvalues.rollback"
+    assert ledger.offer("snp", _seal(b'{"measurement": ["dd"]}', version=3)) is first
+    assert ledger.refusals["snp"] == "refvalues.rollback"  # another body under v3
+    again = ledger.offer("snp", _seal(b'{"measurement": ["cc"]}', version=3))
+    assert again is not None and again.version == 3  # v3 itself is still offered
+    fourth = ledger.offer("snp", _seal(b'{"measurement": ["ee"]}', version=4))
+    assert fourth is not None and fourth.version == 4
+
+
 def test_nothing_is_in_force_until_a_good_document_arrives() -> None:
     ledger = _ledger()
     assert ledger.offer("tdx", None) is None

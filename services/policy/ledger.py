@@ -6,6 +6,11 @@ one in force may replace it. Everything else is refused with a logged reason and
 in force stays: an unsigned or foreign-signed entry, a tampered one, an older signed version
 put back (rollback), a different document under the same version, or the key's deletion (a
 deletion is unsigned, and dropping reference values would loosen the policy).
+
+"Newer" is measured against the highest version ever verified for the key, not only the one
+in force: when the operator's newest signed document cannot be used (it does not compile),
+the one before stays in force, and a signed version from between the two, put back by a
+writer, must not slip in behind it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Ledger:
         self.trusted = trusted
         self.validate = validate
         self._good: dict[str, Document] = {}
+        self._highest: dict[str, tuple[int, str]] = {}
+        """Per key, the version and digest of the newest document that ever verified."""
         self.refusals: dict[str, str] = {}
         """Per key, the reason its current KV value is not in force (for status and tests)."""
 
@@ -66,14 +73,21 @@ class Ledger:
             reason = exc.reason if exc.reason.startswith(self.kind) else f"{self.kind}.invalid"
             self._refuse(key, reason, exc.detail, current)
             return current
-        if current is not None:
-            if document.digest == current.digest:
-                self.refusals.pop(key, None)
-                return current
-            if document.version <= current.version:
-                detail = f"version {document.version} does not follow {current.version}"
-                self._refuse(key, f"{self.kind}.rollback", detail, current)
-                return current
+        if current is not None and document.digest == current.digest:
+            self.refusals.pop(key, None)
+            return current
+        floor = max(
+            (current.version, current.digest) if current is not None else (0, ""),
+            self._highest.get(key, (0, "")),
+        )
+        if floor[1] and (
+            document.version < floor[0]
+            or (document.version == floor[0] and document.digest != floor[1])
+        ):
+            detail = f"version {document.version} does not follow {floor[0]}"
+            self._refuse(key, f"{self.kind}.rollback", detail, current)
+            return current
+        self._highest[key] = (document.version, document.digest)
         return document
 
     def prime(self, key: str, history: list[bytes]) -> None:
@@ -93,6 +107,7 @@ class Ledger:
                 best = document
         if best is not None:
             self._good[key] = best
+            self._highest[key] = max(self._highest.get(key, (0, "")), (best.version, best.digest))
 
     def commit(self, document: Document) -> None:
         current = self._good.get(document.key)
