@@ -273,6 +273,27 @@ async def test_a_failed_refvalues_read_blocks_decisions(mesh: TestMesh, bus: Bus
     await _attest_until(node, lambda r: r.released)
 
 
+async def test_a_brief_read_failure_defers_a_verdict_instead_of_denying_it(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    """A server failing over must not deny (and so revoke) an honest node: while the buckets
+    cannot be read, a fresh verdict goes back for redelivery, and is decided once they can."""
+    assert mesh.policy is not None and mesh.policy.loader is not None
+    node = mesh.node(bus, "node-f")
+    assert (await node.attest_once()).released
+    await bus.js.delete_stream("KV_" + subjects.BUCKET_REFVALUES)
+    policies = await _kv(bus, subjects.BUCKET_POLICIES)
+    await release_policy.store(policies, default_policy(), operator=mesh.operator_key)
+    loader = mesh.policy.loader
+    await _until(lambda: loader.read_failed, "a failed read")
+    round_ = asyncio.create_task(node.attest_once())
+    await asyncio.sleep(0.5)
+    assert not round_.done()  # neither allowed nor denied while nothing can be read
+    await bus.setup(nonce_ttl=60.0)
+    result = await round_
+    assert result.released, result
+
+
 async def test_reference_values_overwritten_before_a_start_deny_their_family(
     nats_server: NatsServer, tmp_path: Path, bus: Bus
 ) -> None:

@@ -9,7 +9,9 @@ documents ever take effect. Failure never loosens anything:
   not compile leaves the last good version in force;
 * with no good policy at all, every decision is a deny with ``policy.unavailable``;
 * a failed read of either bucket blocks decisions (``policy.unavailable`` /
-  ``policy.refvalues_unavailable``) until a read succeeds, and so do a family's stored
+  ``policy.refvalues_unavailable``) until a read succeeds (:attr:`Loader.read_failed` lets the
+  service defer a fresh verdict for a while first rather than deny, and so revoke, a node
+  over a server's failover), and so do a family's stored
   reference values refused with no good version in force: evaluating with missing
   reference values would let any measurement through.
 """
@@ -72,6 +74,8 @@ class Loader:
             subjects.BUCKET_REFVALUES, "refvalues", trusted, validate=refvalues.validate
         )
         self.engine: PolicyEngine | None = None
+        self.read_failed = False
+        """The last reload could not read the buckets: what blocks decisions may pass."""
         self.blocked: str | None = UNAVAILABLE
         """Set: every decision is a deny with this reason (nothing good is known, or the
         buckets cannot be read right now)."""
@@ -90,6 +94,7 @@ class Loader:
         return [REFVALUES_UNAVAILABLE, refusal] if refusal else []
 
     async def reload(self) -> None:
+        self.read_failed = True
         try:
             entry = await self.policies.get(POLICY_KEY)
         except _READ_ERRORS as exc:
@@ -106,6 +111,7 @@ class Loader:
             except _READ_ERRORS as exc:
                 self._block(UNAVAILABLE, f"reading KV history failed: {_describe(exc)}")
                 return
+        self.read_failed = False
         policy = self.policy_ledger.offer(POLICY_KEY, entry[0] if entry else None)
         refs: dict[str, Document] = {}
         unusable: dict[str, str] = {}

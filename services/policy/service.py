@@ -86,6 +86,8 @@ class PolicyService:
         self.loader: Loader | None = None
         self.nonces: NonceStore | None = None
         self.standing: Standing | None = None
+        self.max_deliver = 5
+        """The verdict consumer's delivery limit (set by :meth:`run`)."""
 
     async def start(self) -> None:
         """Start serving even with no usable policy: decisions are then denied with a reason
@@ -210,6 +212,7 @@ class PolicyService:
     async def run(
         self, stop: asyncio.Event, *, max_deliver: int = 5, ack_wait: float = 30.0
     ) -> None:
+        self.max_deliver = max_deliver
         await asyncio.gather(
             self.bus.consume(
                 stream=subjects.STREAM_VERDICTS,
@@ -264,6 +267,7 @@ class PolicyService:
             if result.reappraisal:
                 await self.revoke_on_reappraisal(verdict, result)
                 return
+            await self.defer_while_unreadable(msg)
             pinned = await self.check_identity(verdict, result)
             try:
                 await self.nonces.consume(result.subject.nonce, verdict.node, verdict.id)
@@ -295,6 +299,18 @@ class PolicyService:
                 )
             else:
                 await self.standing.denied(verdict.node)
+
+    async def defer_while_unreadable(self, msg: Msg) -> None:
+        """While the buckets cannot be read (a server failing over), hand a fresh verdict
+        back for redelivery instead of denying it: a deny would revoke an honest node over
+        the mesh's own hiccup. Its last delivery is decided (denied, blocked) as before, and
+        this runs before the nonce is spent, so a redelivery can still use it."""
+        assert self.loader is not None
+        if not self.loader.read_failed:
+            return
+        await self.reload()
+        if self.loader.read_failed and msg.metadata.num_delivered < self.max_deliver:
+            raise PolicyError(self.loader.blocked or UNAVAILABLE, "deferred: state unreadable")
 
     @staticmethod
     def _document(verdict: events.Verdict, result: ear.Result) -> dict[str, Any]:
