@@ -20,8 +20,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.broker.sealing import KeyFileSource
 from services.mesh import otelenv
+from services.mesh.config import Config
 from services.mesh.errors import ConfigError
+from services.mesh.keys import SigningKey
 from services.mesh.server import NatsServer
+from services.testing.brokerthread import running_broker
 from services.testing.otlp import GrpcOtlpReceiver, OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,10 +225,14 @@ def test_admin_commands_print_plain_lines(tmp_path: Path, nats_server: NatsServe
         )
 
     KeyFileSource.in_data_dir(tmp_path, create=True).sealing_key()  # as `up` does
-    put = cli("secret", "put", "default/k/v", str(secret))
-    assert put.returncode == 0, put.stderr
-    assert put.stdout == "default/k/v stored (version 1)\n"
-    listed = cli("secret", "list")
+    keys = tmp_path / "keys"
+    for name in ("operator", "broker"):
+        SigningKey.load_or_create(name, keys).publish_to(keys / "trusted")
+    with running_broker(Config(nats_url=nats_server.url, data_dir=str(tmp_path))):
+        put = cli("secret", "put", "default/k/v", str(secret))
+        assert put.returncode == 0, put.stderr
+        listed = cli("secret", "list")
+    assert put.stdout == "default/k/v stored (version 1, audit record 0)\n"
     assert listed.stdout.splitlines() == ["default/k/v"]
     for completed in (put, listed):
         assert "s3cret" not in completed.stdout + completed.stderr
