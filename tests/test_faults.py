@@ -73,10 +73,13 @@ def test_kill_9_of_each_service_in_turn_loses_and_duplicates_nothing(
     assert summary["restarts"] == dict.fromkeys(victims, 1)
     # Nothing accepted was lost or decided twice, and every secret a node received is one
     # sealed release record (the audit chain verified), never two for one decision; the only
-    # other records are releases whose reply was lost.
+    # other records are releases whose reply was lost. A round refused as already released
+    # may also have no record at all: the broker claimed the release, then could not append
+    # its record (the server was down) and so never answered it (fail closed).
     assert summary["lost"] == 0 and summary["duplicated"] == 0, summary
     lost_replies = summary["failures_by_reason"].get(LOST_REPLY, 0)
-    assert sum(released.values()) == summary["secrets_released"] + lost_replies
+    records = sum(released.values())
+    assert summary["secrets_released"] <= records <= summary["secrets_released"] + lost_replies
     assert all(n == 1 for n in released.values())
     for phase in phases:
         # Whatever rounds failed name a stage or a lost reply, never a crash; a fault's
