@@ -11,21 +11,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from services.mesh import jws
 from services.mesh.errors import ConfigError, VerificationError
 
-ALGORITHM = "ES256"
+ALGORITHM = jws.ALGORITHM
 MAX_TOKEN_BYTES = 256 * 1024
+MAX_CACHED_TOKENS = 4096
+MAX_CACHED_CHARS = 16 * 1024 * 1024
+MAX_CACHED_TOKEN_CHARS = 64 * 1024
 
 
 def _kid(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -110,12 +115,7 @@ class SigningKey:
         (trusted_dir / f"{self.name}.pem").write_bytes(self.public_pem())
 
     def sign(self, claims: Mapping[str, Any]) -> str:
-        return jwt.encode(
-            {**claims, "iss": self.name},
-            self._private,
-            algorithm=ALGORITHM,
-            headers={"kid": self.kid},
-        )
+        return jws.sign({**claims, "iss": self.name}, self._private, self.kid)
 
     def sign_bytes(self, data: bytes) -> bytes:
         """ECDSA P-256/SHA-256 (DER) over exactly ``data``: for documents that are stored
@@ -129,11 +129,57 @@ class _Trusted:
     key: ec.EllipticCurvePublicKey
 
 
+class _VerifiedTokens:
+    """Tokens whose signature has been checked, and the key that signed them: a bounded LRU.
+
+    Why: a token is immutable, and the broker reads the same decision token when it records
+    it, when it compares the next decision with it, and on every secret request under it;
+    an ES256 check each time was most of the cost of those reads. Only the *signature* is
+    remembered, keyed by the whole token text (an exact match, not a digest, so nothing but
+    the very same bytes can hit): the signer's role, the issuer and the expiry are checked
+    again on every use, and the claims are parsed afresh each time. A token that fails is
+    never remembered. Bounded in entries and in characters; tokens larger than
+    :data:`MAX_CACHED_TOKEN_CHARS` are checked every time.
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[str, _Trusted] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def chars(self) -> int:
+        return self._chars
+
+    def get(self, token: str) -> _Trusted | None:
+        with self._lock:
+            found = self._entries.get(token)
+            if found is not None:
+                self._entries.move_to_end(token)
+            return found
+
+    def put(self, token: str, signer: _Trusted) -> None:
+        if len(token) > MAX_CACHED_TOKEN_CHARS:
+            return
+        with self._lock:
+            if token in self._entries:
+                return
+            self._entries[token] = signer
+            self._chars += len(token)
+            while len(self._entries) > MAX_CACHED_TOKENS or self._chars > MAX_CACHED_CHARS:
+                evicted, _ = self._entries.popitem(last=False)
+                self._chars -= len(evicted)
+
+
 class TrustedKeys:
     """The public keys a consumer accepts, by key id; tokens from anyone else are rejected."""
 
     def __init__(self, keys: Mapping[str, ec.EllipticCurvePublicKey]) -> None:
         self._by_kid = {_kid(key): _Trusted(name, key) for name, key in keys.items()}
+        self._verified = _VerifiedTokens()
 
     @classmethod
     def from_pem(cls, name: str, pem: bytes) -> TrustedKeys:
@@ -192,31 +238,44 @@ class TrustedKeys:
 
         ``accept`` decides which signer names may issue this kind of token (a verdict only
         from ``verifier-*``, a decision only from ``policy``). Expiry is checked against the
-        injected ``now`` rather than PyJWT's own clock.
+        injected ``now``, on every call: a token whose signature was checked before (see
+        :class:`_VerifiedTokens`) skips only that check.
         """
         if len(token) > MAX_TOKEN_BYTES:
             raise VerificationError("token.too_large", f"{len(token)} bytes")
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError as exc:
-            raise VerificationError("token.malformed", str(exc)) from None
-        trusted = self._by_kid.get(kid) if isinstance(kid, str) else None
+        trusted = self._verified.get(token)
         if trusted is None:
-            raise VerificationError("token.unknown_signer", f"no trusted key with kid {kid!r}")
-        if not accept(trusted.name):
-            raise VerificationError("token.wrong_signer", f"{trusted.name} may not sign this")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                trusted.key,
-                algorithms=[ALGORITHM],
-                options={"verify_exp": False, "verify_iat": False, "require": ["exp", "iat"]},
-            )
-        except jwt.PyJWTError as exc:
-            raise VerificationError("token.invalid", str(exc)) from None
+            parts = jws.split(token)
+            trusted = self._by_kid.get(parts.kid) if parts.kid is not None else None
+            if trusted is None:
+                kid = parts.header.get("kid")
+                raise VerificationError("token.unknown_signer", f"no trusted key with kid {kid!r}")
+            if not accept(trusted.name):
+                raise VerificationError("token.wrong_signer", f"{trusted.name} may not sign this")
+            jws.check(parts, trusted.key)
+            payload_segment = parts.payload_segment
+        else:
+            if not accept(trusted.name):
+                raise VerificationError("token.wrong_signer", f"{trusted.name} may not sign this")
+            payload_segment = token.split(".", 2)[1]
+        claims = jws.payload(payload_segment)
         if claims.get("iss") != trusted.name:
             raise VerificationError("token.wrong_issuer", "iss does not match the signing key")
+        if "exp" not in claims or not _is_time(claims.get("iat")):
+            raise VerificationError("token.invalid", "exp and a numeric iat are required")
+        if "aud" in claims:
+            raise VerificationError("token.invalid", "no mesh token names an audience")
+        self._verified.put(token, trusted)
         moment = (now or datetime.now(UTC)).timestamp()
-        if not isinstance(claims["exp"], int | float) or claims["exp"] < moment:
+        nbf = claims.get("nbf")
+        if nbf is not None and (not _is_time(nbf) or nbf > moment):
+            raise VerificationError("token.invalid", "the token is not yet valid")
+        exp = claims["exp"]
+        if not _is_time(exp) or exp < moment:
             raise VerificationError("token.expired", "the token has expired")
         return claims
+
+
+def _is_time(value: object) -> bool:
+    """A JWT NumericDate: a number, not a boolean (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
