@@ -11,7 +11,9 @@ from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import Rejected
 from services.mesh.natskv import NatsKeyValue
+from services.policy import nonces
 from services.policy.nonces import NonceStore
+from services.testing.memkv import MemoryKeyValue
 
 
 async def _store(bus: Bus, **kwargs: object) -> NonceStore:
@@ -51,3 +53,59 @@ async def test_unknown_foreign_and_expired_nonces_are_rejected(bus: Bus) -> None
     now[0] += timedelta(seconds=61)
     with pytest.raises(Rejected, match="policy.nonce_expired"):
         await store.consume(challenge.nonce, "n1", "v")
+
+
+class _CountingKv(MemoryKeyValue):
+    """Counts reads, so a test can tell the issuing store's short path from the full one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        self.reads += 1
+        return await super().get(key)
+
+
+async def test_the_issuing_store_consumes_with_its_compare_and_set_alone() -> None:
+    kv = _CountingKv()
+    store = NonceStore(kv, ttl=60.0)
+    challenge = await store.issue("n1")
+    await store.consume(challenge.nonce, "n1", "verdict-1")
+    assert (kv.reads, kv.writes) == (0, 2)
+    await store.consume(challenge.nonce, "n1", "verdict-1")  # redelivery: read, accepted
+    with pytest.raises(Rejected, match="policy.nonce_replayed"):
+        await store.consume(challenge.nonce, "n1", "verdict-2")
+    assert kv.writes == 2
+
+
+async def test_a_nonce_used_elsewhere_since_it_was_issued_is_judged_on_what_is_stored() -> None:
+    kv = MemoryKeyValue()
+    issuer, other_replica = NonceStore(kv, ttl=60.0), NonceStore(kv, ttl=60.0)
+    challenge = await issuer.issue("n1")
+    await other_replica.consume(challenge.nonce, "n1", "verdict-b")
+    with pytest.raises(Rejected, match="policy.nonce_replayed"):
+        await issuer.consume(challenge.nonce, "n1", "verdict-a")
+    fresh = await issuer.issue("n1")
+    with pytest.raises(Rejected, match="policy.nonce_wrong_node"):
+        await issuer.consume(fresh.nonce, "n2", "verdict-c")
+
+
+async def test_a_remembered_nonce_still_expires() -> None:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    store = NonceStore(MemoryKeyValue(), ttl=60.0, clock=lambda: now[0])
+    challenge = await store.issue("n1")
+    now[0] += timedelta(seconds=61)
+    with pytest.raises(Rejected, match="policy.nonce_expired"):
+        await store.consume(challenge.nonce, "n1", "v")
+
+
+async def test_what_the_store_remembers_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nonces, "MAX_REMEMBERED", 3)
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    store = NonceStore(MemoryKeyValue(), ttl=60.0, clock=lambda: now[0])
+    issued = [await store.issue("n1") for _ in range(5)]
+    assert list(store._issued) == [c.nonce.hex() for c in issued[2:]]
+    now[0] += timedelta(seconds=61)
+    await store.issue("n1")  # the expired ones are forgotten as new ones are issued
+    assert len(store._issued) == 1

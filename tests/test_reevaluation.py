@@ -8,15 +8,19 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
+import pytest
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
+from services.mesh.keys import TrustedKeys
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
-from services.policy import refvalues, release_policy
-from services.policy.reevaluation import REASON
+from services.policy import reevaluation, refvalues, release_policy
+from services.policy.reevaluation import REASON, Standing
+from services.testing.memkv import MemoryKeyValue
 from services.testing.mesh import TestMesh, ask_again
 
 DENY_ALL = (
@@ -130,3 +134,60 @@ async def test_a_node_is_revoked_while_its_decision_lasts_even_if_its_verdict_ex
         await sub.unsubscribe()
     finally:
         await running.stop()
+
+
+class _CountingKv(MemoryKeyValue):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        self.reads += 1
+        return await super().get(key)
+
+
+def _verdict(node: str, evidence_id: str) -> events.Verdict:
+    return events.Verdict(
+        node=node, family="snp", evidence_id=evidence_id, status="affirming", ear="a.b.c"
+    )
+
+
+async def _allow(standing: Standing, verdict: events.Verdict) -> None:
+    now = events.utcnow()
+    await standing.allowed(verdict, accepted_at=now, decision_expires_at=now)
+
+
+def _held(kv: MemoryKeyValue, node: str) -> str:
+    found = kv._data.get(node)
+    assert found is not None
+    return events.decode(msgspec.msgpack.decode(found[0])["verdict"], events.Verdict).evidence_id
+
+
+async def test_a_replica_rewrites_its_own_entry_without_reading_it_back() -> None:
+    kv = _CountingKv()
+    standing = Standing(kv, TrustedKeys({}), events.utcnow)
+    await _allow(standing, _verdict("n1", "e1"))
+    reads = kv.reads
+    await _allow(standing, _verdict("n1", "e2"))
+    await _allow(standing, _verdict("n1", "e3"))
+    assert kv.reads == reads and _held(kv, "n1") == "e3"
+
+
+async def test_an_entry_changed_elsewhere_is_read_back_then_written() -> None:
+    kv = _CountingKv()
+    mine, other = (Standing(kv, TrustedKeys({}), events.utcnow) for _ in range(2))
+    await _allow(mine, _verdict("n1", "e1"))
+    await _allow(other, _verdict("n1", "e2"))  # another replica decided on newer evidence
+    await _allow(mine, _verdict("n1", "e3"))
+    assert _held(kv, "n1") == "e3"
+    await other.denied("n1")
+    await _allow(mine, _verdict("n1", "e4"))  # deleted meanwhile: created again
+    assert _held(kv, "n1") == "e4"
+
+
+async def test_the_remembered_revisions_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reevaluation, "MAX_REMEMBERED", 2)
+    standing = Standing(MemoryKeyValue(), TrustedKeys({}), events.utcnow)
+    for i in range(4):
+        await _allow(standing, _verdict(f"n{i}", "e"))
+    assert list(standing._written) == ["n2", "n3"]

@@ -12,6 +12,7 @@ collateral, this can only withdraw trust: it publishes deny decisions, never all
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -25,6 +26,7 @@ from services.verifier import ear
 
 log = telemetry.logger("policy")
 
+MAX_REMEMBERED = 65_536
 REASON = "policy.tightened"
 """The reason a re-evaluation's deny carries before the policy's own reasons."""
 
@@ -49,12 +51,19 @@ class Standing:
         self._kv = kv
         self._trusted = trusted
         self._clock = clock
+        self._written: OrderedDict[str, int] = OrderedDict()
+        """The revision of this replica's last write per node (bounded): the next write
+        for the node is tried against it before the entry is read back."""
 
     async def allowed(
         self, verdict: events.Verdict, *, accepted_at: datetime, decision_expires_at: datetime
     ) -> None:
-        """Remember the verdict an allow decision was made on (the node's latest)."""
-        found = await self._kv.get(verdict.node)
+        """Remember the verdict an allow decision was made on (the node's latest).
+
+        A node re-attests again and again, mostly through the same replica, so the write is
+        first tried against the revision this replica wrote last; only if the entry changed
+        since (another replica, a re-evaluation) is it read back first."""
+        node = verdict.node
         payload = msgspec.msgpack.encode(
             _Entry(
                 verdict=events.encode(verdict),
@@ -62,13 +71,25 @@ class Standing:
                 decision_expires_at=decision_expires_at,
             )
         )
+        last = self._written.pop(node, None)
+        if last is not None:
+            with contextlib.suppress(WriteConflictError):
+                self._wrote(node, await self._kv.update(node, payload, last))
+                return
+        found = await self._kv.get(node)
         if found is None:
-            await self._kv.create(verdict.node, payload)
+            self._wrote(node, await self._kv.create(node, payload))
         else:
-            await self._kv.update(verdict.node, payload, found[1])
+            self._wrote(node, await self._kv.update(node, payload, found[1]))
+
+    def _wrote(self, node: str, revision: int) -> None:
+        self._written[node] = revision
+        while len(self._written) > MAX_REMEMBERED:
+            self._written.popitem(last=False)
 
     async def denied(self, node: str) -> None:
         """The node's latest decision is a deny: nothing of it is left to withdraw."""
+        self._written.pop(node, None)
         if await self._kv.get(node) is not None:
             await self._kv.delete(node)
 
@@ -105,4 +126,3 @@ class Standing:
         if denied:
             log.warning("reevaluation.revoked", nodes=denied)
         return denied
-
