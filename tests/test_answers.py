@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from services.broker import answers as answers_module
 from services.broker.answers import MAX_REASONS, OTHER_REASON, Answers, RefusalCounter
 from services.broker.sealing import AeadKey
 from services.mesh.errors import SealingError
@@ -69,6 +70,61 @@ async def test_claims_are_sealed(kv: MemoryKeyValue) -> None:
     kv.overwrite("answered.node-1", blob[:-1] + bytes([blob[-1] ^ 1]))
     with pytest.raises(SealingError, match="seal_tampered"):
         await Answers(kv, KEY).claim("node-1", "dec-secretive", 100, "r:default/node-key")
+
+
+class _CountingKv(MemoryKeyValue):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        self.reads += 1
+        return await super().get(key)
+
+
+async def test_a_broker_claims_against_what_it_wrote_without_reading_it_back() -> None:
+    kv = _CountingKv()
+    answers = Answers(kv, KEY)
+    assert await answers.claim("node-1", "dec-1", 100, "r:default/node-key")
+    reads = kv.reads
+    assert await answers.claim("node-1", "dec-2", 200, "r:default/node-key")
+    assert await answers.claim("node-1", "dec-2", 200, "v:revoked")
+    assert kv.reads == reads
+    assert not await answers.claim("node-1", "dec-2", 200, "v:revoked")  # read, then refused
+    assert not await Answers(kv, KEY).claim("node-1", "dec-2", 200, "r:default/node-key")
+
+
+async def test_a_record_changed_elsewhere_is_read_before_anything_is_claimed(
+    kv: MemoryKeyValue,
+) -> None:
+    mine, other = Answers(kv, KEY), Answers(kv, KEY)
+    assert await mine.claim("node-1", "dec-1", 100, "r:default/node-key")
+    assert await other.claim("node-1", "dec-1", 100, "r:node-1/extra")
+    assert not await mine.claim("node-1", "dec-1", 100, "r:node-1/extra")
+    assert await other.claim("node-1", "dec-2", 200, "r:default/node-key")
+    assert not await mine.claim("node-1", "dec-1", 100, "r:node-1/other")  # superseded
+    assert await mine.claim("node-1", "dec-2", 200, "r:node-1/other")
+
+
+async def test_a_tampered_record_is_noticed_by_the_broker_that_wrote_it(
+    kv: MemoryKeyValue,
+) -> None:
+    answers = Answers(kv, KEY)
+    assert await answers.claim("node-1", "dec-1", 100, "r:default/node-key")
+    blob = kv.raw("answered.node-1")
+    kv.overwrite("answered.node-1", blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(SealingError, match="seal_tampered"):
+        await answers.claim("node-1", "dec-2", 200, "r:default/node-key")
+
+
+async def test_what_a_broker_remembers_is_bounded(
+    kv: MemoryKeyValue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(answers_module, "MAX_REMEMBERED", 2)
+    answers = Answers(kv, KEY)
+    for i in range(4):
+        assert await answers.claim(f"node-{i}", "dec-1", 100, "r:default/node-key")
+    assert list(answers._written) == ["answered.node-2", "answered.node-3"]
 
 
 def test_refusal_counter_is_bounded() -> None:

@@ -19,7 +19,9 @@ node re-attests). A new decision for the node replaces the record, which keeps i
 small key per node. A deny decision's ``revoked`` audit record is claimed the same way
 (``v:revoked``), so a redelivered decision, or two replicas handling it, add one record; if
 appending it then fails, the claim is taken back (:meth:`Answers.unclaim`) so the
-redelivery that follows writes it.
+redelivery that follows writes it. A broker remembers the record it wrote last for each node
+and tries the next claim's compare-and-set against it before reading the record back: the
+write succeeds only if nothing changed since, and every refusal is decided on a fresh read.
 
 **Counting.** Requests from anyone not holding the node's current decision (no decision,
 expired, unknown id, malformed, wrong subject) and repeats are counted per reason in memory
@@ -30,6 +32,7 @@ flood of them cannot grow the audit log.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 
 import msgspec
 
@@ -41,6 +44,7 @@ ANSWERED_PREFIX = "answered."
 MAX_ITEMS = 4096
 MAX_CAS_RETRIES = 32
 MAX_REASONS = 32
+MAX_REMEMBERED = 65_536
 OTHER_REASON = "broker.other"
 _REASON = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+){0,7}")
 
@@ -61,6 +65,9 @@ class Answers:
     def __init__(self, kv: KeyValue, data_key: AeadKey) -> None:
         self._kv = kv
         self._key = data_key
+        self._written: OrderedDict[str, tuple[_Answered, int, int]] = OrderedDict()
+        """Per node, the record this broker last wrote, its sealed version and its KV
+        revision (bounded): the next claim is tried against it without reading it back."""
 
     def __repr__(self) -> str:
         return "Answers()"
@@ -79,6 +86,8 @@ class Answers:
         has been superseded, so it must not be answered again either.
         """
         key = answered_key(node)
+        if await self._claim_remembered(key, decision_id, issued_at, item):
+            return True
         for _ in range(MAX_CAS_RETRIES):
             found = await self._kv.get(key)
             version = 0
@@ -91,30 +100,67 @@ class Answers:
                     items = list(current.items)
                 elif current.issued_at > issued_at:
                     return False
-            if len(items) >= MAX_ITEMS:
-                raise SealingError("broker.answers_full", f"at most {MAX_ITEMS} per decision")
             record = _Answered(decision_id, issued_at, [*items, item])
-            blob = seal(
-                self._key,
-                msgspec.msgpack.encode(record),
-                purpose="answered",
-                name=key,
-                version=version + 1,
-            )
             try:
-                if found is None:
-                    await self._kv.create(key, blob)
-                else:
-                    await self._kv.update(key, blob, found[1])
+                await self._write(key, record, version + 1, found[1] if found else None)
             except WriteConflictError:
                 continue
             return True
         raise SealingError("broker.write_conflict", f"claim on {key} kept conflicting")
 
+    async def _claim_remembered(
+        self, key: str, decision_id: str, issued_at: int, item: str
+    ) -> bool:
+        """Claim against the record this broker wrote last, without reading it back.
+
+        Only a claim the remembered record allows is tried, and the compare-and-set
+        succeeds only if that record is still the stored one; every refusal, and any change
+        made elsewhere, is left to a fresh read (``False``: go and read)."""
+        remembered = self._written.pop(key, None)
+        if remembered is None:
+            return False
+        current, version, revision = remembered
+        if current.decision_id == decision_id:
+            if item in current.items:
+                return False
+            items = list(current.items)
+        elif current.issued_at > issued_at:
+            return False
+        else:
+            items = []
+        try:
+            await self._write(
+                key, _Answered(decision_id, issued_at, [*items, item]), version + 1, revision
+            )
+        except WriteConflictError:
+            return False
+        return True
+
+    async def _write(self, key: str, record: _Answered, version: int, revision: int | None) -> None:
+        """Seal and write ``record`` (create if ``revision`` is ``None``, else
+        compare-and-set), and remember it."""
+        if len(record.items) > MAX_ITEMS:
+            raise SealingError("broker.answers_full", f"at most {MAX_ITEMS} per decision")
+        blob = seal(
+            self._key,
+            msgspec.msgpack.encode(record),
+            purpose="answered",
+            name=key,
+            version=version,
+        )
+        if revision is None:
+            written = await self._kv.create(key, blob)
+        else:
+            written = await self._kv.update(key, blob, revision)
+        self._written[key] = (record, version, written)
+        while len(self._written) > MAX_REMEMBERED:
+            self._written.popitem(last=False)
+
     async def unclaim(self, node: str, decision_id: str, item: str) -> None:
         """Take back a claim whose work failed, so a retry may claim it again; a record that
         has moved on to another decision is left alone."""
         key = answered_key(node)
+        self._written.pop(key, None)
         for _ in range(MAX_CAS_RETRIES):
             found = await self._kv.get(key)
             if found is None:
@@ -123,16 +169,10 @@ class Answers:
             if current.decision_id != decision_id or item not in current.items:
                 return
             kept = [claimed for claimed in current.items if claimed != item]
-            record = _Answered(decision_id, current.issued_at, kept)
-            blob = seal(
-                self._key,
-                msgspec.msgpack.encode(record),
-                purpose="answered",
-                name=key,
-                version=version + 1,
-            )
             try:
-                await self._kv.update(key, blob, found[1])
+                await self._write(
+                    key, _Answered(decision_id, current.issued_at, kept), version + 1, found[1]
+                )
             except WriteConflictError:
                 continue
             return
