@@ -143,3 +143,19 @@ async def test_forged_denies_are_ignored_and_the_node_gets_its_secret(
         await sub.unsubscribe()
     assert result.allowed and result.released, result
     assert received["node-v"] == mesh.secret
+
+
+async def test_a_node_subscribes_once_and_only_a_waiting_round_reads(
+    mesh: TestMesh, bus: Bus
+) -> None:
+    node = mesh.node(bus, "node-s")
+    assert (await node.attest_once()).released
+    listening = node._decision_sub
+    assert listening is not None
+    await bus.nc.publish(subjects.decision("node-s"), b"not a decision")
+    await bus.nc.flush()
+    await asyncio.sleep(0.2)
+    assert not node.ignored  # no round was waiting: nothing read, nothing counted
+    assert (await node.attest_once()).released
+    assert node._decision_sub is listening
+    assert not node._listeners

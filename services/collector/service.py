@@ -17,7 +17,6 @@ that still fails stays denied and holds nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ import nats.errors
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from services.broker import release
 from services.collector import decisions as signed
@@ -106,6 +106,10 @@ class CollectorNode:
         self._allowed = False
         """The last round that got a decision was allowed, and nothing revoked it since."""
         self._wake = asyncio.Event()
+        self._listeners: set[Callable[[Msg], None]] = set()
+        """The rounds waiting for their decision (each reads every message that comes)."""
+        self._decision_sub: Subscription | None = None
+        self._subscribing = asyncio.Lock()
         self.last_public_key = b""
         self.last_decision_id = ""
         self.last_evidence_id = ""
@@ -171,7 +175,7 @@ class CollectorNode:
         )
         decisions: asyncio.Queue[signed.SignedDecision] = asyncio.Queue()
 
-        async def on_decision(msg: Msg) -> None:
+        def on_decision(msg: Msg) -> None:
             try:
                 decision = events.decode(msg.data, events.Decision)
                 decisions.put_nowait(
@@ -188,7 +192,8 @@ class CollectorNode:
                 self.ignored[exc.reason] += 1
                 log.warning("decision.ignored", node=self.node, reason=exc.reason)
 
-        sub = await self.bus.nc.subscribe(subjects.decision(self.node), cb=on_decision)
+        await self._listen_for_decisions()
+        self._listeners.add(on_decision)
         try:
             await _stage(
                 "collector.evidence_not_accepted",
@@ -200,8 +205,7 @@ class CollectorNode:
             except TimeoutError:
                 raise BusError("collector.decision_timeout", "no decision arrived") from None
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
+            self._listeners.discard(on_decision)
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
         if decision.refused:
             # The mesh refused this evidence; the node's previous decision stays in force.
@@ -232,6 +236,24 @@ class CollectorNode:
         if self.on_secret is not None:
             self.on_secret(self.resource, secret)
         return RoundResult(self.node, decision.status, True, True, _ms(started), "", event.id)
+
+    async def _listen_for_decisions(self) -> None:
+        """Subscribe to the node's decision subject once, for the node's lifetime.
+
+        Each round used to subscribe before publishing its evidence and unsubscribe once its
+        decision came: two protocol operations per round for the server (and a task started
+        and cancelled here) to deliver one message. Messages that arrive while no round
+        waits are dropped unread, as they were while nothing was subscribed; a waiting round
+        reads every message, as its own subscription did."""
+        async with self._subscribing:
+            if self._decision_sub is None:
+                self._decision_sub = await self.bus.nc.subscribe(
+                    subjects.decision(self.node), cb=self._on_decision
+                )
+
+    async def _on_decision(self, msg: Msg) -> None:
+        for listener in list(self._listeners):
+            listener(msg)
 
     def _revoked(self, reason: str) -> None:
         """The broker withdrew this node's decision: drop what it holds and attest again at
