@@ -128,7 +128,8 @@ async def test_a_reappraisal_deny_is_audited_once_across_redeliveries_and_replic
     )
     capsys.readouterr()
     assert await asyncio.to_thread(cli.main, ["audit", "verify", "--config", str(config)]) == 0
-    assert "audit chain intact: 4 records checked" in capsys.readouterr().out
+    # Besides these three, a summary of counted refusals if any were counted.
+    assert f"audit chain intact: {len(records)} records checked" in capsys.readouterr().out
     listing = ["audit", "list", "--config", str(config)]
     assert await asyncio.to_thread(cli.main, [*listing, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

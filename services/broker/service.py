@@ -28,7 +28,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from services.broker import release
+from services.broker import presented, release
 from services.broker.answers import Answers, RefusalCounter
 from services.broker.audit import (
     DEFAULT_MAX_RECORDS,
@@ -95,6 +95,8 @@ class HeldDecision:
     :mod:`services.policy.summary`): family and status from the token, the rest from the
     bytes beside it once they match ``appraisal_sha256``."""
     appraisal_sha256: str = ""
+    order: int = 0
+    """When the policy issued it, in microseconds (:func:`.presented.order_of`)."""
 
 
 class BrokerService:
@@ -236,6 +238,7 @@ class BrokerService:
                     _bounded(claims.get("family", "")), _bounded(claims.get("status", ""))
                 ),
                 appraisal_sha256=_bounded(claims.get("appraisal_sha256", "")),
+                order=presented.order_of(claims),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
@@ -257,9 +260,7 @@ class BrokerService:
         if not summary.matches(raw, held.appraisal_sha256):
             raise VerificationError("broker.appraisal_mismatch", "not the summary it signed")
         try:
-            found = summary.decode(
-                raw, family=held.appraisal.family, status=held.appraisal.status
-            )
+            found = summary.decode(raw, family=held.appraisal.family, status=held.appraisal.status)
         except ValueError as exc:
             raise VerificationError("broker.decision_malformed", str(exc)) from None
         return replace(held, appraisal=found)
@@ -296,7 +297,7 @@ class BrokerService:
                 if current is not None:
                     with contextlib.suppress(VerificationError):
                         previous = self._read_stored(current[0], decision.node)
-                if previous is not None and previous.issued_at > held.issued_at:
+                if previous is not None and previous.order > held.order:
                     return
                 if held.reappraisal and (
                     previous is None or previous.evidence_id != held.evidence_id
@@ -304,6 +305,8 @@ class BrokerService:
                     log.info("decision.stale_reappraisal", node=decision.node)
                     return  # about evidence the node has since replaced: nothing to revoke
                 record = decision.token.encode() + STORED_SEPARATOR + decision.appraisal
+                if current is not None and current[0] == record:
+                    break  # recorded already (presented with a secret request, or redelivered)
                 try:
                     if current is None:
                         await self.state.create(key, record)
@@ -397,16 +400,60 @@ class BrokerService:
             return response
 
     async def _holder(self, request: events.SecretRequest) -> HeldDecision:
-        """The node's current decision, if the request names it; else a counted refusal."""
+        """The node's current decision, if the request names it; else a counted refusal.
+
+        A request presenting its signed allow decision makes it the current one if it is
+        the newest (:mod:`.presented`); one whose decision has a successor is refused as
+        superseded, so the node stops asking."""
+        offered = self._presented(request) if request.decision_token else None
         try:
-            held = await self.current_decision(request.node)
+            if offered is None:
+                held = await self.current_decision(request.node)
+            else:
+                assert self.state is not None
+                record = request.decision_token.encode() + STORED_SEPARATOR
+                held = await presented.adopt(
+                    self.state,
+                    DECISION_PREFIX + request.node,
+                    record + request.decision_appraisal,
+                    offered,
+                    lambda raw: self._stored(raw, request.node),
+                )
         except ReleaseError as exc:
             raise _Counted(exc.reason, exc.detail) from None
         if held.reappraisal and hmac.compare_digest(held.evidence_id, request.evidence_id):
             return held
         if not hmac.compare_digest(held.decision_id, request.decision_id):
+            if offered is not None and held.order > offered.order:
+                raise _Counted("broker.decision_superseded", "the node has a newer decision")
             raise _Counted("broker.decision_pending", "that decision is not the current one")
         return held
+
+    def _presented(self, request: events.SecretRequest) -> HeldDecision | None:
+        """The allow decision a request presents, verified; ``None`` for a decision only
+        the consumer may record (a deny, a refusal, a re-appraisal)."""
+        try:
+            offered = self._attach(
+                self._read_token(request.decision_token, request.node),
+                request.decision_appraisal,
+            )
+        except VerificationError as exc:
+            expired = exc.reason == "token.expired"
+            reason = "broker.decision_expired" if expired else "broker.decision_invalid"
+            raise _Counted(reason, exc.reason) from None
+        if not hmac.compare_digest(offered.decision_id, request.decision_id):
+            raise _Counted("broker.routing_mismatch", "the token is another decision")
+        if not offered.allow or offered.refused or offered.reappraisal:
+            return None
+        return offered
+
+    def _stored(self, raw: bytes, node: str) -> HeldDecision | None:
+        """A stored decision, or ``None`` if it no longer verifies (as the consumer treats
+        it: an expired or unreadable entry is no decision)."""
+        try:
+            return self._read_stored(raw, node)
+        except VerificationError:
+            return None
 
     async def _refuse(
         self, request: events.SecretRequest, held: HeldDecision, reason: str, span: trace.Span

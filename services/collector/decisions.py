@@ -40,6 +40,10 @@ class SignedDecision:
     """The mesh refused the evidence itself (it did not prove it is this node): the node's
     previous decision stays in force."""
     reasons: tuple[str, ...] = ()
+    token: str = ""
+    """The signed decision itself, presented to the broker with the secret request."""
+    appraisal: bytes = b""
+    """The appraisal summary beside the token (its digest signed in it), presented with it."""
 
     @property
     def reason(self) -> str:
@@ -96,4 +100,6 @@ def read(
         expires_at=int(claims["exp"]),
         refused=refused,
         reasons=tuple(reasons[:16]),
+        token=decision.token,
+        appraisal=decision.appraisal,
     )

@@ -277,11 +277,13 @@ class CollectorNode:
     async def _fetch_secret(
         self, private: X25519PrivateKey, public: bytes, decision: signed.SignedDecision
     ) -> bytes:
-        """Ask the broker; it may not have recorded the decision yet, so retry briefly.
+        """Ask the broker, presenting the signed decision so it can record it at once; a
+        broker that does not (or a decision it will not take that way) may answer that it
+        has not recorded it yet, so retry briefly.
 
-        The first retries come after a few milliseconds (the broker usually records the
-        decision within that), backing off to ``PENDING_RETRY_MAX_S``: a fixed 50 ms wait
-        was most of a round's latency on an idle mesh."""
+        The first retries come after a few milliseconds, backing off to
+        ``PENDING_RETRY_MAX_S``: a fixed 50 ms wait was most of a round's latency on an idle
+        mesh."""
         deadline = time.monotonic() + self.decision_timeout
         delay = PENDING_RETRY_FIRST_S
         while True:
@@ -291,6 +293,8 @@ class CollectorNode:
                 public_key=public,
                 decision_id=decision.id,
                 evidence_id=decision.evidence_id,
+                decision_token=decision.token,
+                decision_appraisal=decision.appraisal,
             )
             response = await self.bus.request(
                 subjects.secret(self.node), request, events.SecretResponse

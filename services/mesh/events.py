@@ -218,14 +218,21 @@ class Revocation(Message, frozen=True, kw_only=True):
 
 class SecretRequest(Message, frozen=True, kw_only=True):
     """attest.secret.<node> request: release ``resource`` wrapped to ``public_key`` under the
-    decision ``decision_id`` (the broker answers ``broker.decision_pending`` until it has
-    recorded that decision)."""
+    decision ``decision_id``.
+
+    ``decision_token`` is that decision as the policy signed it, ``decision_appraisal`` the
+    appraisal summary beside it (the token signs its digest). Without them the broker
+    answers ``broker.decision_pending`` until its own consumer has recorded the decision;
+    with them the broker verifies both and records the decision itself if it is the node's
+    newest, so the node need not wait for the consumer (``services/broker/presented.py``)."""
 
     node: NodeId
     resource: ResourceName
     public_key: PublicKey
     decision_id: Annotated[str, msgspec.Meta(max_length=64)]
     evidence_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    decision_token: Jws = ""
+    decision_appraisal: Annotated[bytes, msgspec.Meta(max_length=MAX_APPRAISAL_BYTES)] = b""
 
 
 class SecretResponse(Message, frozen=True, kw_only=True):

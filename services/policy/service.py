@@ -423,7 +423,11 @@ class PolicyService:
 
         An allow also carries the appraisal's bounded summary (:mod:`.summary`) beside its
         token, which signs the summary's digest: the broker's resource policy decides on it,
-        and must have it from the policy service, never from the node."""
+        and must have it from the policy service, never from the node.
+
+        ``issued_us`` orders a node's decisions finer than ``iat``'s whole seconds: a node
+        re-attests several times a second under load, and the broker must tell which of two
+        decisions is the newer (an older allow must never replace a newer deny)."""
         appraisal = summary.encode(result.claims, result.hwid) if allow else b""
         now = self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
@@ -432,6 +436,7 @@ class PolicyService:
             {
                 "iat": int(now.timestamp()),
                 "exp": math.ceil(expires.timestamp()),
+                "issued_us": int(now.timestamp() * 1_000_000),
                 "jti": decision_id,
                 "node": verdict.node,
                 "family": result.family,
