@@ -11,6 +11,14 @@ offline mode nothing is fetched: missing collateral stays missing and the verdic
 ``attestmesh collateral import`` fills the same keys from a directory, so an air-gapped site
 (or one with a PCCS) serves every replica without any of them reaching the vendor. A poisoned
 entry can only make verification fail: everything is still checked against the pinned roots.
+
+What a replica read from the bucket (an entry, or its absence) it keeps for
+:data:`MEMO_SECONDS` (bounded in entries), instead of reading the bucket again for every piece
+of evidence: SNP evidence asks for the product's CRL each time, one KV round trip per
+attestation for an answer that changes a few times a day. The verifier's re-appraisal watch
+forgets everything the moment the bucket changes (:meth:`CollateralCache.forget`), before it
+re-checks anything, so a new CRL or TCB info is never judged against the old one there; a
+replica's fresh verifications see a change within :data:`MEMO_SECONDS` at the latest.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import contextlib
 import hashlib
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +40,9 @@ from services.mesh.kv import KeyValue, WriteConflictError
 from services.verifier.fetch import Fetcher, Response, http_fetch
 
 log = telemetry.logger("collateral")
+
+MEMO_SECONDS = 10.0
+MEMO_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -92,12 +104,25 @@ class CollateralCache:
         offline: bool,
         fetcher: Fetcher = http_fetch,
         clock: Callable[[], float] = time.time,
+        memo_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._kv = kv
         self._offline = offline
         self._fetcher = fetcher
         self._clock = clock
+        self._memo_clock = memo_clock
+        self._memo: OrderedDict[str, tuple[float, _Entry | None]] = OrderedDict()
         self.fetches = 0
+
+    def forget(self) -> None:
+        """Drop what was read from the bucket: it changed (see the module docstring)."""
+        self._memo.clear()
+
+    def _remember(self, key: str, entry: _Entry | None) -> None:
+        self._memo[key] = (self._memo_clock(), entry)
+        self._memo.move_to_end(key)
+        while len(self._memo) > MEMO_ENTRIES:
+            self._memo.popitem(last=False)
 
     async def resolve(self, requests: Sequence[CollateralRequest]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -128,19 +153,25 @@ class CollateralCache:
         if data is None:
             return cached.data if cached is not None else None
         if self._kv is not None:
-            await store(self._kv, request, data, at=self._clock())
+            at = self._clock()
+            await store(self._kv, request, data, at=at)
+            self._remember(cache_key(request), _Entry(data, at))
         return data
 
     async def _cached(self, request: CollateralRequest) -> _Entry | None:
         if self._kv is None:
             return None
-        found = await self._kv.get(cache_key(request))
-        if found is None:
-            return None
-        try:
-            return msgspec.msgpack.decode(found[0], type=_Entry)
-        except msgspec.DecodeError:
-            return None
+        key = cache_key(request)
+        memo = self._memo.get(key)
+        if memo is not None and self._memo_clock() - memo[0] < MEMO_SECONDS:
+            return memo[1]
+        found = await self._kv.get(key)
+        entry = None
+        if found is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                entry = msgspec.msgpack.decode(found[0], type=_Entry)
+        self._remember(key, entry)
+        return entry
 
     async def _fetch(self, request: CollateralRequest) -> Response | None:
         self.fetches += 1

@@ -95,6 +95,8 @@ class Reappraiser:
                 with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
                     while await watcher.updates(timeout=SETTLE_SECONDS) is not None:
                         pass
+                if self.worker.fetched is not None:
+                    self.worker.fetched.forget()  # judge by the bucket as it is now
                 worse = await self.reappraise_all()
                 log.info("collateral.changed", reappraised=len(self.latest), worse=worse)
         finally:
