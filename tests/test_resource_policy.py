@@ -18,6 +18,7 @@ from services.mesh.keys import SigningKey, TrustedKeys
 from services.policy import documents
 from services.policy.engine import (
     RESOURCE,
+    Outcome,
     PolicyEngine,
     default_policy,
     default_resource_policy,
@@ -261,7 +262,23 @@ def test_values_regopy_input_would_mangle_go_as_json(value: Any) -> None:
     """regopy's Input passes strings unescaped and integers as signed 64 bits."""
     assert not plain({"v": value})
     assert _equal_to(value).evaluate({"v": value}).allow
-    assert plain({"v": ["A-z_0.9:/ +=~", 2**63 - 1, -(2**63), 1.5, True, None]})
+    assert plain({"v": {"a": "A-z_0.9:/ +=~", "b": 2**63 - 1, "c": -(2**63), "d": 1.5}})
+    assert plain({"v": {"e": True, "f": None, "g": []}})
+
+
+def test_an_array_reaches_the_policy_exactly() -> None:
+    """regopy's Input builds arrays that ``json.marshal`` cannot render (undefined): a rule
+    on one would never fire, so a document holding one goes as JSON."""
+    document = {"v": {"advisories": ["INTEL-SA-00001"]}}
+    assert not plain(document)
+    engine = PolicyEngine(
+        "package attestmesh.resource\nimport rego.v1\n"
+        'deny contains "listed" if contains(json.marshal(input.v), "SA-00001")\n'
+        'decision := {"allow": count(deny) == 0, "reasons": [r | some r in deny]}\n',
+        {},
+        kind=RESOURCE,
+    )
+    assert engine.evaluate(document) == Outcome(allow=False, reasons=["listed"])
 
 
 @settings(max_examples=60, deadline=None)
