@@ -16,7 +16,7 @@ from typing import Any
 
 from services.broker import keysources
 from services.broker.service import BrokerService
-from services.mesh import metrics, subjects, telemetry
+from services.mesh import memtrace, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.health import Heartbeat
@@ -145,6 +145,7 @@ def run(
     service: str, config: Config, main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 ) -> int:
     """Run ``main`` until SIGINT/SIGTERM, then shut down cleanly; return an exit code."""
+    memtrace.install_from_env(service)
     telemetry.configure(
         service,
         level=config.log_level,
