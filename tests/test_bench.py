@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from services import cli
+
 PIPELINE_NUMBERS = ("attestations_per_s", "ceiling_per_s", "ratio", "processes", "attestations")
 
 
@@ -148,7 +150,7 @@ def test_fleet_reports_rates_latency_and_every_process_memory(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
 
-def test_bench_refuses_out_of_range_arguments(tmp_path: Path) -> None:
+def test_bench_refuses_out_of_range_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     for args in (
         ("--processes", "0"),
         ("--processes", "9"),
@@ -158,11 +160,10 @@ def test_bench_refuses_out_of_range_arguments(tmp_path: Path) -> None:
         ("--interval", "0"),
         ("--sweep", "0"),
     ):
-        done = _bench(tmp_path, *args)
-        assert done.returncode == 2, args
-        assert "bench: error: argument" in done.stderr
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["bench", *args])
+        assert exited.value.code == 2, args
+        assert "bench: error: argument" in capsys.readouterr().err
     for combination in (("--plot", "x.svg"), ("--fleet", "--sweep"), ("--tracemalloc",)):
-        done = _bench(tmp_path, *combination)
-        assert done.returncode == 2, combination
-        assert "bench: error:" in done.stderr
-    assert _processes_mentioning(str(tmp_path)) == []
+        assert cli.main(["bench", *combination]) == 2, combination
+        assert "attestmesh bench: error:" in capsys.readouterr().err
