@@ -28,7 +28,7 @@ import msgspec
 import nats.errors
 
 from bench import ceiling, fleetreport, leaks, memory, proc
-from bench.fleetload import LoadSpec, Round
+from bench.fleetload import LoadSpec, Round, read_rounds
 from bench.fleetreport import Sample, Window
 from bench.harness import FAMILY, NATS_SERVER, Running, running_mesh
 from services.embedded import wait_until_ready
@@ -311,7 +311,7 @@ async def _collect(loads: list[Load], timeout: float) -> list[Round]:
         raise RuntimeError(f"the load processes did not finish in {timeout:.0f} s") from None
     rounds: list[Round] = []
     for load in loads:
-        rounds += msgspec.json.decode(load.out.read_bytes(), type=list[Round])
+        rounds += read_rounds(load.out)
         assert load.process.stdin is not None
         load.process.stdin.close()
     return rounds

@@ -9,8 +9,9 @@ interval``: open loop, so a mesh that cannot keep up shows as rounds starting la
 a politely lower offered rate. A node runs one round at a time; a round due while the
 previous one is still running starts when it ends (its lateness counts in its latency).
 Rounds due before the window ends but not started by ``drain_s`` after it are recorded as
-``bench.not_started``: the backlog the mesh left. Every round is written to ``out`` (msgspec
-JSON) and ``done`` printed; the nodes stay connected until stdin closes.
+``bench.not_started``: the backlog the mesh left. Every round is appended to ``out`` (a line
+of JSON) as it ends, and ``done`` printed at the end; the nodes stay connected until stdin
+closes.
 
 Why separate processes: thousands of nodes cost real CPU (each report is signed, each
 secret unwrapped) that must not be charged to, or compete inside, the orchestrator that
@@ -25,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import msgspec
 
@@ -36,6 +38,7 @@ from services.mesh import authconf, identities, memtrace, telemetry
 from services.mesh import config as config_mod
 
 NOT_STARTED = "bench.not_started"
+_ENCODER = msgspec.json.Encoder()
 
 
 class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -64,23 +67,33 @@ class Round(msgspec.Struct, frozen=True, array_like=True):
     reason: str
 
 
-async def _node_rounds(node: CollectorNode, phase: float, spec: LoadSpec, t0: float) -> list[Round]:
-    rounds: list[Round] = []
+async def _node_rounds(
+    node: CollectorNode, phase: float, spec: LoadSpec, t0: float, out: IO[bytes]
+) -> int:
+    """Run one node's schedule, writing each round to ``out`` as it ends (so this process
+    holds no growing list of its own); return how many rounds were written."""
     abandon_at = spec.window_end + spec.drain_s
     k = 0
     while (due := phase + k * spec.interval) < spec.window_end:
         k += 1
         now = time.monotonic() - t0
         if now >= abandon_at:
-            rounds.append(Round(due, -1.0, -1.0, False, NOT_STARTED))
+            out.write(_ENCODER.encode(Round(due, -1.0, -1.0, False, NOT_STARTED)) + b"\n")
             continue
         if due > now:
             await asyncio.sleep(due - now)
         started = time.monotonic() - t0
         result = await node.attest_once()
         reason = "" if result.released else (result.reason or result.status)
-        rounds.append(Round(due, started, time.monotonic() - t0, result.released, reason))
-    return rounds
+        ended = time.monotonic() - t0
+        out.write(_ENCODER.encode(Round(due, started, ended, result.released, reason)) + b"\n")
+    return k
+
+
+def read_rounds(path: Path) -> list[Round]:
+    """The rounds a load process wrote (one JSON array per line)."""
+    decoder = msgspec.json.Decoder(Round)
+    return [decoder.decode(line) for line in path.read_bytes().splitlines() if line]
 
 
 async def run(spec: LoadSpec) -> None:
@@ -101,12 +114,14 @@ async def run(spec: LoadSpec) -> None:
         if word != "go":
             return  # the orchestrator went away (end of input) before the start
         t0 = float(value)
-        per_node = await asyncio.gather(
-            *(_node_rounds(c, p, spec, t0) for c, p in zip(collectors, spec.phases, strict=True))
-        )
-        rounds = [r for node_rounds in per_node for r in node_rounds]
-        Path(spec.out).write_bytes(msgspec.json.encode(rounds))
-        print(f"done {len(rounds)}", flush=True)
+        with Path(spec.out).open("wb") as out:
+            counts = await asyncio.gather(
+                *(
+                    _node_rounds(c, p, spec, t0, out)
+                    for c, p in zip(collectors, spec.phases, strict=True)
+                )
+            )
+        print(f"done {sum(counts)}", flush=True)
         # Stay connected until the orchestrator has taken its last sample: this process's
         # memory at the window's end is that of a fleet still connected.
         await loop.run_in_executor(None, sys.stdin.readline)

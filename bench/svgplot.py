@@ -34,14 +34,32 @@ def nice_ticks(high: float, count: int = 5) -> list[float]:
     return ticks
 
 
-class _Panel:
-    """One chart: axes, ticks and lines in data coordinates."""
+def log_ticks(low: float, high: float) -> list[float]:
+    """1, 2 and 5 times powers of ten, from the last at or below ``low`` to the first at or
+    above ``high`` (both positive)."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    candidates = [m * 10.0**k for k in range(first, last + 1) for m in (1, 2, 5)]
+    start = max(i for i, t in enumerate(candidates) if t <= low)
+    end = min(i for i, t in enumerate(candidates) if t >= high)
+    return candidates[start : max(end, start + 1) + 1]
 
-    def __init__(self, x0: float, title: str, xs: Sequence[float], ys: Sequence[float]) -> None:
+
+class _Panel:
+    """One chart: axes, ticks and lines in data coordinates (``log``: the y axis is
+    logarithmic, for latencies that span orders of magnitude between light and full load)."""
+
+    def __init__(
+        self, x0: float, title: str, xs: Sequence[float], ys: Sequence[float], *, log: bool = False
+    ) -> None:
         self.x0 = x0
+        self.log = log
         self.parts: list[str] = []
         self.xticks = nice_ticks(max(xs, default=1.0))
-        self.yticks = nice_ticks(max(ys, default=1.0))
+        positive = [y for y in ys if y > 0] or [1.0]
+        if log:
+            self.yticks = log_ticks(min(positive), max(positive))
+        else:
+            self.yticks = nice_ticks(max(ys, default=1.0))
         self.parts.append(
             f'<text x="{x0 + PANEL_W / 2:.1f}" y="{TOP - 14}" text-anchor="middle" '
             f'font-weight="bold">{escape(title)}</text>'
@@ -51,6 +69,10 @@ class _Panel:
         return self.x0 + PANEL_W * value / self.xticks[-1]
 
     def y(self, value: float) -> float:
+        if self.log:
+            low, high = math.log10(self.yticks[0]), math.log10(self.yticks[-1])
+            share = (math.log10(max(value, self.yticks[0])) - low) / (high - low)
+            return TOP + PANEL_H - PANEL_H * share
         return TOP + PANEL_H - PANEL_H * value / self.yticks[-1]
 
     def axes(self, xlabel: str, ylabel: str) -> None:
@@ -108,8 +130,8 @@ def render_sweep(pipeline: dict[str, Any]) -> str:
     p99 = [float(r["latency_ms"]["p99"]) for r in rows]
     achieved = [float(r["achieved_per_s"]) for r in rows]
 
-    latency = _Panel(LEFT, "latency against offered load", offered, p99)
-    latency.axes("offered attestations/s", "ms (from when the round was due)")
+    latency = _Panel(LEFT, "latency against offered load", offered, p50 + p99, log=True)
+    latency.axes("offered attestations/s", "ms from when the round was due (log)")
     latency.line("p50", list(zip(offered, p50, strict=True)))
     latency.line("p99", list(zip(offered, p99, strict=True)))
     latency.legend([("p50", "p50"), ("p99", "p99")])

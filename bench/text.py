@@ -82,6 +82,11 @@ def print_fleet(f: dict[str, Any]) -> None:
             f"    {name:<16} {m['start_kb'] / 1024:7.1f} -> {m['end_kb'] / 1024:7.1f}, "
             f"peak {m['peak_kb'] / 1024:7.1f}; {m['slope_kb_per_min'] / 1024:+.2f} MiB/min{flag}"
         )
+    if f["growing"] and not f["kept_up"]:
+        print(
+            "  (the mesh fell behind: memory that grew may be holding the backlog; judge a leak "
+            "on a run that kept up, or with --tracemalloc)"
+        )
     if f["exited"]:
         print(f"  processes that exited during the run: {f['exited']}")
     for name, rows in f.get("tracemalloc", {}).items():

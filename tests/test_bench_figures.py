@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from bench import fleetreport, memory
+from bench import fleetreport, memory, svgplot
 from bench.fleetload import NOT_STARTED, Round
 from bench.fleetreport import Window
 from services.mesh import memtrace
@@ -63,6 +63,12 @@ def test_the_timeline_shows_each_bins_rates() -> None:
     assert [row["t_s"] for row in rows] == [5.0, 10.0, 15.0, 20.0]
     assert all(row["offered_per_s"] == 10.0 for row in rows)
     assert all(9.0 <= row["achieved_per_s"] <= 11.0 for row in rows)
+
+
+def test_plot_axes_cover_the_data_with_round_ticks() -> None:
+    assert svgplot.nice_ticks(97.7) == [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]
+    assert svgplot.log_ticks(26.5, 3713.0) == [20, 50, 100, 200, 500, 1000, 2000, 5000]
+    assert svgplot.log_ticks(10.0, 10.0) == [10, 20]
 
 
 def _series(values: list[int]) -> memory.Series:

@@ -14,6 +14,7 @@ measured window) across every process at once, and nothing runs while no one ask
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import signal
@@ -48,6 +49,7 @@ def install_from_env(name: str) -> Path | None:
     def dump(_signum: int, _frame: FrameType | None) -> None:
         path = target / f"{name}-{os.getpid()}-{next(numbers)}.snap"
         partial = path.with_suffix(".partial")
+        gc.collect()  # cyclic garbage (a traceback's frames) is not a leak: leave it out
         tracemalloc.take_snapshot().dump(str(partial))
         partial.replace(path)  # a reader never sees half a snapshot
 
