@@ -10,7 +10,7 @@ from services.broker import answers as answers_module
 from services.broker.answers import MAX_REASONS, OTHER_REASON, Answers, RefusalCounter
 from services.broker.sealing import AeadKey
 from services.mesh.errors import SealingError
-from services.testing.memkv import MemoryKeyValue
+from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 
 KEY = AeadKey(b"\x07" * 32)
 
@@ -72,18 +72,8 @@ async def test_claims_are_sealed(kv: MemoryKeyValue) -> None:
         await Answers(kv, KEY).claim("node-1", "dec-secretive", 100, "r:default/node-key")
 
 
-class _CountingKv(MemoryKeyValue):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        self.reads += 1
-        return await super().get(key)
-
-
 async def test_a_broker_claims_against_what_it_wrote_without_reading_it_back() -> None:
-    kv = _CountingKv()
+    kv = CountingKeyValue()
     answers = Answers(kv, KEY)
     assert await answers.claim("node-1", "dec-1", 100, "r:default/node-key")
     reads = kv.reads

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.testing.memkv import MemoryKeyValue
+from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 from services.verifier import collateral
 from services.verifier.collateral import CollateralCache, CollateralRequest, store
 
@@ -13,22 +13,12 @@ CRL = CollateralRequest("crl.der", "https://kds.example/vcek/v1/Milan/crl", max_
 VCEK = CollateralRequest("vcek.der", "https://kds.example/vcek/v1/Milan/abc")
 
 
-class _CountingKv(MemoryKeyValue):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        self.reads += 1
-        return await super().get(key)
-
-
 def _cache(kv: MemoryKeyValue, now: list[float]) -> CollateralCache:
     return CollateralCache(kv, offline=True, clock=lambda: 1000.0, memo_clock=lambda: now[0])
 
 
 async def test_the_bucket_is_read_once_per_interval_for_entries_and_for_absence() -> None:
-    kv, now = _CountingKv(), [0.0]
+    kv, now = CountingKeyValue(), [0.0]
     await store(kv, VCEK, b"vcek", at=1000.0)
     kv.reads = 0
     cache = _cache(kv, now)

@@ -13,7 +13,7 @@ from services.mesh.errors import Rejected
 from services.mesh.natskv import NatsKeyValue
 from services.policy import nonces
 from services.policy.nonces import NonceStore
-from services.testing.memkv import MemoryKeyValue
+from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 
 
 async def _store(bus: Bus, **kwargs: object) -> NonceStore:
@@ -55,20 +55,8 @@ async def test_unknown_foreign_and_expired_nonces_are_rejected(bus: Bus) -> None
         await store.consume(challenge.nonce, "n1", "v")
 
 
-class _CountingKv(MemoryKeyValue):
-    """Counts reads, so a test can tell the issuing store's short path from the full one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        self.reads += 1
-        return await super().get(key)
-
-
 async def test_the_issuing_store_consumes_with_its_compare_and_set_alone() -> None:
-    kv = _CountingKv()
+    kv = CountingKeyValue()
     store = NonceStore(kv, ttl=60.0)
     challenge = await store.issue("n1")
     await store.consume(challenge.nonce, "n1", "verdict-1")

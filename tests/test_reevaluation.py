@@ -20,7 +20,7 @@ from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
 from services.policy import reevaluation, refvalues, release_policy
 from services.policy.reevaluation import REASON, Standing
-from services.testing.memkv import MemoryKeyValue
+from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 from services.testing.mesh import TestMesh, ask_again
 
 DENY_ALL = (
@@ -136,16 +136,6 @@ async def test_a_node_is_revoked_while_its_decision_lasts_even_if_its_verdict_ex
         await running.stop()
 
 
-class _CountingKv(MemoryKeyValue):
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads = 0
-
-    async def get(self, key: str) -> tuple[bytes, int] | None:
-        self.reads += 1
-        return await super().get(key)
-
-
 def _verdict(node: str, evidence_id: str) -> events.Verdict:
     return events.Verdict(
         node=node, family="snp", evidence_id=evidence_id, status="affirming", ear="a.b.c"
@@ -164,7 +154,7 @@ def _held(kv: MemoryKeyValue, node: str) -> str:
 
 
 async def test_a_replica_rewrites_its_own_entry_without_reading_it_back() -> None:
-    kv = _CountingKv()
+    kv = CountingKeyValue()
     standing = Standing(kv, TrustedKeys({}), events.utcnow)
     await _allow(standing, _verdict("n1", "e1"))
     reads = kv.reads
@@ -174,7 +164,7 @@ async def test_a_replica_rewrites_its_own_entry_without_reading_it_back() -> Non
 
 
 async def test_an_entry_changed_elsewhere_is_read_back_then_written() -> None:
-    kv = _CountingKv()
+    kv = CountingKeyValue()
     mine, other = (Standing(kv, TrustedKeys({}), events.utcnow) for _ in range(2))
     await _allow(mine, _verdict("n1", "e1"))
     await _allow(other, _verdict("n1", "e2"))  # another replica decided on newer evidence

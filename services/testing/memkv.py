@@ -119,3 +119,16 @@ class MemoryKeyValue:
     def restore(self, snapshot: dict[str, bytes]) -> None:
         """Replace the whole bucket with ``snapshot`` (a whole-state rollback)."""
         self._data = {key: (value, self._bump()) for key, value in snapshot.items()}
+
+
+class CountingKeyValue(MemoryKeyValue):
+    """Counts reads, so a test can tell a short path (acting on what it wrote) from a
+    read-back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, key: str) -> tuple[bytes, int] | None:
+        self.reads += 1
+        return await super().get(key)
