@@ -21,14 +21,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import jwt
 from nats.aio.msg import Msg
 
 from services.broker import intake, release
 from services.broker.audit import AuditLog, Outcome
 from services.broker.sealing import AeadKey
 from services.broker.store import SecretStore, validate_name
-from services.mesh import events, subjects, telemetry
+from services.mesh import events, jws, subjects, telemetry
 from services.mesh.errors import ParseError, ReleaseError, SealingError, VerificationError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.verifier.ear import b64url
@@ -113,8 +112,7 @@ class OperatorDesk:
         digest = intake.value_digest(request.enc, request.ciphertext)
         if not hmac.compare_digest(str(claims.get("digest", "")), digest):
             raise VerificationError("operator.token_mismatch", "digest differs")
-        kid = jwt.get_unverified_header(request.token).get("kid")
-        return claims, str(kid)
+        return claims, str(jws.split(request.token).kid)
 
     async def _change(
         self, request: events.OperatorRequest, claims: dict[str, Any], kid: str
