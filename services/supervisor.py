@@ -114,13 +114,16 @@ class Supervisor:
         spec = child.spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         with spec.log_path.open("ab") as log:  # the child keeps its own copy
-            # SIGTERM if ``up`` dies, from whichever thread this restart runs on.
+            # SIGKILL if ``up`` dies, from whichever thread this restart runs on: a service
+            # asked to stop gracefully then may wait on a server that died with ``up``, and
+            # anything it held is redelivered (at-least-once) to the next one anyway.
             child.proc = childproc.spawn(
                 spec.argv,
                 env=spec.env,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                death_signal=signal.SIGKILL,
             )
         child.started_at = self.clock()
         child.restart_at = None
