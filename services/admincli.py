@@ -25,6 +25,7 @@ from typing import TypeVar
 from services import sealingopts
 from services.mesh import authconf, identities
 from services.mesh import config as config_mod
+from services.mesh.boundedfile import read_bounded
 from services.mesh.bus import Bus
 from services.mesh.config import Config
 from services.mesh.errors import BusError, ConfigError
@@ -125,12 +126,10 @@ def read_input(source: str, *, limit: int = MAX_INPUT_BYTES) -> bytes:
     """A file's bytes, or standard input's for ``-``; bounded, unreadable is an error."""
     import sys
 
+    if source != "-":
+        return read_bounded(Path(source), limit)
     try:
-        if source == "-":
-            data = sys.stdin.buffer.read(limit + 1)
-        else:
-            with Path(source).open("rb") as fh:
-                data = fh.read(limit + 1)
+        data = sys.stdin.buffer.read(limit + 1)
     except OSError as exc:
         raise ConfigError("cli.unreadable", f"{source}: {exc.strerror}") from None
     if len(data) > limit:

@@ -27,6 +27,7 @@ from services import (
 )
 from services.mesh import config as config_mod
 from services.mesh import identities, subjects
+from services.mesh.boundedfile import read_bounded
 from services.mesh.errors import AttestmeshError, CollateralError, ConfigError
 from services.mesh.keys import TrustedKeys
 from services.verifier import registry
@@ -161,14 +162,7 @@ def _parse_time(text: str | None) -> datetime:
 
 
 def _read_bounded(path: Path) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_EVIDENCE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError("cli.unreadable", f"{path}: {exc.strerror}") from None
-    if len(data) > MAX_EVIDENCE_BYTES:
-        raise ConfigError("cli.too_large", f"{path} exceeds {MAX_EVIDENCE_BYTES} bytes")
-    return data
+    return read_bounded(path, MAX_EVIDENCE_BYTES)
 
 
 def _directory(path: Path, name: str) -> Path:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from services.broker.recovery import RecoveryShare
+from services.mesh.boundedfile import read_bounded
 from services.mesh.boundedjson import MAX_DEPTH, depth
 from services.mesh.errors import ConfigError, ParseError, SealingError
 
@@ -179,17 +180,6 @@ def read_share(path: Path) -> ShareFile:
     ):
         raise SealingError("recovery.share_file_invalid", f"{path} has out-of-range fields")
     return share
-
-
-def read_bounded(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise ConfigError("cli.unreadable", f"{path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise ConfigError("cli.too_large", f"{path} exceeds {limit} bytes")
-    return data
 
 
 def write_new(path: Path, data: bytes, mode: int) -> None:
