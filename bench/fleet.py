@@ -193,18 +193,25 @@ async def _spawn(running: Running, settings: Settings) -> list[Load]:
     return loads
 
 
-async def _ready(loads: list[Load], timeout: float) -> None:
+async def _each_says(loads: list[Load], word: bytes, what: str, timeout: float) -> None:
+    """Wait for every load process's next line to start with ``word``; a process that says
+    anything else, or nothing within ``timeout``, is an error with the tail of its log."""
+
     async def one(load: Load) -> None:
         assert load.process.stdout is not None
         line = await load.process.stdout.readline()
-        if line.strip() != b"ready":
+        if not line.startswith(word):
             tail = load.log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{load.name} did not start: {tail}")
+            raise RuntimeError(f"{load.name} failed ({load.process.returncode}): {tail}")
 
     try:
         await asyncio.wait_for(asyncio.gather(*(one(x) for x in loads)), timeout)
     except TimeoutError:
-        raise RuntimeError(f"the load processes did not connect in {timeout:.0f} s") from None
+        raise RuntimeError(f"the load processes did not {what} in {timeout:.0f} s") from None
+
+
+async def _ready(loads: list[Load], timeout: float) -> None:
+    await _each_says(loads, b"ready", "connect", timeout)
 
 
 def _sample_times(window: Window, every: float) -> list[float]:
@@ -297,18 +304,7 @@ async def _collect(loads: list[Load], timeout: float) -> list[Round]:
     """Every load process's rounds once it has finished them (each stops scheduling at the
     window's end and gives up on the backlog after the drain); one that does not say
     ``done`` within ``timeout`` is an error. Each is then told to close its connections."""
-
-    async def done(load: Load) -> None:
-        assert load.process.stdout is not None
-        line = await load.process.stdout.readline()
-        if not line.startswith(b"done"):
-            tail = load.log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{load.name} failed ({load.process.returncode}): {tail}")
-
-    try:
-        await asyncio.wait_for(asyncio.gather(*(done(x) for x in loads)), timeout)
-    except TimeoutError:
-        raise RuntimeError(f"the load processes did not finish in {timeout:.0f} s") from None
+    await _each_says(loads, b"done", "finish", timeout)
     rounds: list[Round] = []
     for load in loads:
         rounds += read_rounds(load.out)
