@@ -27,6 +27,7 @@ cut back behind the stored checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -173,6 +174,9 @@ class AuditLog:
         self._trusted = trusted
         self._head: tuple[int, bytes] | None = None
         self._longest = 0
+        self._appending = asyncio.Lock()
+        """One append at a time per process: concurrent requests racing for the same
+        sequence number would each lose to the other and read back, over and over."""
 
     def __repr__(self) -> str:
         return f"AuditLog(head={self._head[0] if self._head else None})"
@@ -290,11 +294,9 @@ class AuditLog:
         now = self._clock()
         if now.tzinfo is None:
             raise SealingError("broker.audit_field_invalid", "clock must be timezone-aware")
-        for _ in range(MAX_APPEND_RETRIES):
-            if self._head is None:
-                self._head = await self._find_head()
-            seq, prev = self._head
-            record = AuditRecord(
+
+        def make(seq: int, prev: bytes) -> AuditRecord:
+            return AuditRecord(
                 seq=seq,
                 time=now,
                 node=node,
@@ -309,6 +311,16 @@ class AuditLog:
                 actor=actor,
                 reasons=why,
             )
+
+        async with self._appending:
+            return await self._append(make)
+
+    async def _append(self, make: Callable[[int, bytes], AuditRecord]) -> AuditRecord:
+        for _ in range(MAX_APPEND_RETRIES):
+            if self._head is None:
+                self._head = await self._find_head()
+            seq, prev = self._head
+            record = make(seq, prev)
             blob = seal(
                 self._key,
                 msgspec.msgpack.encode(record),

@@ -38,6 +38,7 @@ from services.broker.audit import (
     Outcome,
 )
 from services.broker.operator import OperatorDesk
+from services.broker.replays import Replays, request_key
 from services.broker.resources import ResourcePolicy, ResourcePolicyWatch
 from services.broker.sealing import SealingKeySource
 from services.broker.store import SecretStore, load_keyring
@@ -127,6 +128,7 @@ class BrokerService:
         self.audit: AuditLog | None = None
         self.answers: Answers | None = None
         self.refusals = RefusalCounter()
+        self.replays = Replays()
         self._maintain_now = asyncio.Event()
         self.resources = ResourcePolicy(trusted)
         self._resource_watch = ResourcePolicyWatch(bus, self.resources)
@@ -152,7 +154,7 @@ class BrokerService:
         desk = OperatorDesk(
             self.store, self.audit, data_key, self.trusted, signer=self.signer, clock=self.clock
         )
-        await self.bus.serve(subjects.OPERATOR_ALL, desk.on_request, queue="broker")
+        await self.bus.serve(subjects.OPERATOR_ALL, desk.on_request, queue="broker", workers=4)
 
     async def run(self, stop: Any, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
         maintenance = asyncio.create_task(self._maintenance(stop))
@@ -364,11 +366,15 @@ class BrokerService:
             raise ReleaseError("broker.decision_invalid", exc.reason) from None
 
     async def on_secret_request(self, msg: Msg) -> events.Message:
-        answer = await self._answer(msg)
-        if isinstance(answer, events.SecretResponse):
+        answer, repeated = await self.replays.answer(
+            request_key(msg.subject, msg.data), lambda: self._answer(msg)
+        )
+        if repeated:
+            metrics.releases.add(1, {"outcome": "repeated", "reason": ""})
+        elif isinstance(answer, events.SecretResponse):
             outcome = "released" if answer.ok else _refusal_kind(answer.reason)
             metrics.releases.add(1, {"outcome": outcome, "reason": answer.reason})
-        else:
+        elif isinstance(answer, events.Refusal):
             metrics.releases.add(1, {"outcome": "malformed", "reason": answer.reason})
         return answer
 

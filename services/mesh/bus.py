@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,13 @@ from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.cluster import server_urls
 from services.mesh.config import Config
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
+from services.mesh.responder import (
+    BUSY,
+    DEFAULT_QUEUE_LIMIT,
+    DEFAULT_WORKERS,
+    TIMEOUT_HEADER,
+    Responder,
+)
 
 M = TypeVar("M", bound=events.Message)
 
@@ -53,6 +61,15 @@ _TRANSIENT = (
 )
 
 DAY = 24 * 3600.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+_jitter = random.SystemRandom()
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause before retry ``attempt`` (0 first): uniform in (0, min(max, first·2ⁿ)]."""
+    ceiling = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** min(attempt, 16))
+    return float(ceiling * (1.0 - _jitter.random()))
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Bus:
         self.retry_for = retry_for
         """How long an operation is retried while NATS or JetStream does not answer: long
         for services (they outlive a server restart), short for an operator's command."""
+        self._responders: list[Responder] = []
 
     @classmethod
     async def connect(
@@ -201,6 +219,9 @@ class Bus:
 
     async def close(self) -> None:
         """Flush what is buffered (acks, replies), then close without a long drain."""
+        for responder in self._responders:
+            await responder.stop()
+        self._responders.clear()
         if self.nc.is_closed:
             return
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
@@ -297,20 +318,40 @@ class Bus:
         timeout: float = 5.0,
         retry_for: float | None = None,
     ) -> M:
-        """Request/reply with retries while nobody answers (a responder restarting).
+        """Request/reply, asked again while nobody answers (a responder restarting), the
+        request times out, or the responder says it is busy.
 
-        A :class:`~services.mesh.events.Refusal` reply raises :class:`Rejected`.
+        Each retry sends the same bytes (the same request id), after a randomised,
+        growing pause (:func:`backoff_s`): a crowd of senders whose requests timed out
+        together must not come back together, or an overloaded service never recovers.
+        The timeout travels with the request, so a responder can drop it unread once its
+        answer would come too late (:mod:`services.mesh.responder`). A
+        :class:`~services.mesh.events.Refusal` reply other than busy raises
+        :class:`Rejected`.
         """
         payload = events.encode(message)
-        msg: Msg = await self._retry(
-            lambda: self.nc.request(subject, payload, timeout=timeout, headers=telemetry.inject()),
-            retry_for,
-        )
-        try:
-            return events.decode(msg.data, reply)
-        except ParseError:
-            refusal = events.decode(msg.data, events.Refusal)
-            raise Rejected(refusal.reason, f"{subject} refused the request") from None
+        headers = telemetry.inject({TIMEOUT_HEADER: str(max(1, int(timeout * 1000)))})
+        deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
+        attempt = 0
+        while True:
+            try:
+                msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            except _TRANSIENT as exc:
+                failure = f"{type(exc).__name__}"
+            else:
+                try:
+                    return events.decode(msg.data, reply)
+                except ParseError:
+                    refusal = events.decode(msg.data, events.Refusal)
+                    if refusal.reason != BUSY:
+                        raise Rejected(refusal.reason, f"{subject} refused the request") from None
+                    failure = BUSY
+            pause = backoff_s(attempt)
+            if time.monotonic() + pause >= deadline:
+                reason = "bus.busy" if failure == BUSY else "bus.unavailable"
+                raise BusError(reason, failure)
+            await asyncio.sleep(pause)
+            attempt += 1
 
     async def serve(
         self,
@@ -318,15 +359,18 @@ class Bus:
         handler: Callable[[Msg], Awaitable[events.Message]],
         *,
         queue: str,
-    ) -> Any:
-        """Answer requests on ``subject`` in queue group ``queue`` (load-balanced replicas)."""
-
-        async def on_request(msg: Msg) -> None:
-            reply = await handler(msg)
-            if msg.reply:
-                await self.nc.publish(msg.reply, events.encode(reply))
-
-        return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+        workers: int = DEFAULT_WORKERS,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    ) -> Responder:
+        """Answer requests on ``subject`` in queue group ``queue`` (load-balanced replicas),
+        up to ``workers`` at once, refusing busy beyond ``queue_limit`` waiting
+        (:class:`~services.mesh.responder.Responder`)."""
+        responder = Responder(
+            self.nc, subject, handler, queue=queue, workers=workers, queue_limit=queue_limit
+        )
+        await responder.start()
+        self._responders.append(responder)
+        return responder
 
     async def key_value(self, bucket: str) -> Any:
         return await self._retry(lambda: self.js.key_value(bucket))

@@ -62,6 +62,11 @@ revocations_received = _meter.create_counter(
     description="Revocations a collector received for its own node, by outcome (applied: "
     "secrets dropped; ignored: malformed) and reason code",
 )
+requests_shed = _meter.create_counter(
+    "attestmesh_requests_shed",
+    description="Requests a service did not serve: refused busy (queue full) or dropped "
+    "expired (waited past the sender's timeout), by subject and reason",
+)
 dead_letters = _meter.create_counter(
     "attestmesh_dead_letters", description="Messages dead-lettered, by stream and reason code"
 )
