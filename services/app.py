@@ -99,6 +99,7 @@ async def policy(config: Config, stop: asyncio.Event) -> None:
             nonce_ttl=config.nonce_ttl_s,
             decision_ttl=config.decision_ttl_s,
             pinning=config.pinning,
+            max_backlog=config.max_backlog,
         )
         await service.start()
         log.info("policy.started", trusted=service.trusted.names())

@@ -156,7 +156,7 @@ class CollectorNode:
             "collector.no_nonce",
             self.bus.request(
                 subjects.nonce(self.node),
-                events.NonceRequest(node=self.node),
+                events.NonceRequest(node=self.node, family=self.source.family),
                 events.NonceChallenge,
             ),
         )

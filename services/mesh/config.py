@@ -79,6 +79,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Copies JetStream keeps of each stream and bucket (3 on a 3-server cluster)."""
     max_deliver: int = 5
     ack_wait_s: float = 30.0
+    max_backlog: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 256
+    """The policy refuses new rounds (``mesh.busy`` to a nonce request) while this many
+    messages or more wait in the stages behind it (:mod:`services.policy.admission`)."""
     appraisal: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """Per family, the verifier's appraisal policy (``{"snp": {"min_reported_tcb": ...}}``)."""
     allow_warning: bool = False

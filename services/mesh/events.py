@@ -33,6 +33,7 @@ ResourceName = Annotated[
 ]
 """``<repository>/<type>/<tag>`` as Confidential Containers' key broker names resources (the
 operator's commands write only these), or the earlier ``<namespace>/<name>``, still read."""
+FamilyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9-]{0,32}$")]
 Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
 PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
 Blob = Annotated[bytes, msgspec.Meta(max_length=512 * 1024)]
@@ -155,6 +156,9 @@ class NonceRequest(Message, frozen=True, kw_only=True):
     """attest.nonce.<node> request: a node asks for a fresh challenge."""
 
     node: NodeId
+    family: FamilyName = ""
+    """The evidence family the node will send: the policy admits the round only while
+    that family's verifiers are not backed up (:mod:`services.policy.admission`)."""
 
 
 class NonceChallenge(Message, frozen=True, kw_only=True):

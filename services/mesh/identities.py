@@ -170,6 +170,14 @@ def policy(*, declare_streams: bool = True) -> Permissions:
                 *kv_write(subjects.BUCKET_APPRAISALS),
                 "attest.decision.*",
                 subjects.dlq(subjects.STREAM_VERDICTS),
+                *(
+                    f"$JS.API.CONSUMER.LIST.{stream}"
+                    for stream in (
+                        subjects.STREAM_EVIDENCE,
+                        subjects.STREAM_VERDICTS,
+                        subjects.STREAM_DECISIONS,
+                    )
+                ),
             ]
         ),
         subscribe=(_inbox(subjects.inbox("policy")), f"{subjects.NONCE_ALL} policy"),

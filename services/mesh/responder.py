@@ -40,6 +40,8 @@ from services.mesh.errors import AttestmeshError
 
 TIMEOUT_HEADER = "Attestmesh-Timeout-Ms"
 BUSY = "mesh.busy"
+BACKLOG = "mesh.backlog"
+"""Counted (not said) when a nonce is refused busy because the stages behind are full."""
 EXPIRED = "mesh.expired"
 DEFAULT_TIMEOUT_MS = 5_000
 MAX_TIMEOUT_MS = 60_000

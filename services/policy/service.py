@@ -37,7 +37,9 @@ from services.mesh.errors import (
 )
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.responder import BACKLOG, BUSY
 from services.policy import summary
+from services.policy.admission import DEFAULT_MAX_BACKLOG, Admission
 from services.policy.engine import Outcome, PolicyEngine
 from services.policy.loader import UNAVAILABLE, Loader
 from services.policy.nonces import NonceStore
@@ -73,8 +75,10 @@ class PolicyService:
         decision_ttl: float = 300.0,
         clock: Callable[[], datetime] = events.utcnow,
         pinning: bool = True,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self.bus = bus
+        self.admission = Admission(bus.js, max_backlog=max_backlog) if bus is not None else None
         self.pinning = pinning
         self.pins: PinStore | None = None
         self.key = key
@@ -224,6 +228,7 @@ class PolicyService:
                 ack_wait=ack_wait,
             ),
             self.watch(stop),
+            *([self.admission.run(stop)] if self.admission is not None else []),
         )
 
     async def on_nonce_request(self, msg: Msg) -> events.Message:
@@ -239,6 +244,9 @@ class PolicyService:
                 # body naming another node is an attempt to obtain that node's challenge.
                 log.warning("nonce.routing_mismatch", node=request.node)
                 return events.Refusal(reason="policy.routing_mismatch")
+            if self.admission is not None and not self.admission.admits(request.family):
+                metrics.requests_shed.add(1, {"subject": subjects.NONCE_ALL, "reason": BACKLOG})
+                return events.Refusal(reason=BUSY)
             challenge = await self.nonces.issue(request.node)
             log.info("nonce.issued", node=request.node)
             return challenge

@@ -100,7 +100,8 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "appraisals" | fromJsonArray)
   (include "attestmesh.nats.kvWrite" "appraisals" | fromJsonArray)
-  (list "attest.decision.*" "attest.dlq.VERDICTS") -}}
+  (list "attest.decision.*" "attest.dlq.VERDICTS")
+  (list "$JS.API.CONSUMER.LIST.EVIDENCE" "$JS.API.CONSUMER.LIST.VERDICTS" "$JS.API.CONSUMER.LIST.DECISIONS") -}}
 {{- $sub = append $sub "attest.nonce.* policy" -}}
 {{- $responder = true -}}
 {{- else if eq $id "broker" -}}

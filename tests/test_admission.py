@@ -1,0 +1,94 @@
+"""No new round while the stages behind the nonce are backed up (``services/policy/admission.py``),
+read from JetStream's own consumer counts on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+
+from services.mesh import events, subjects
+from services.mesh.bus import Bus
+from services.mesh.errors import ParseError
+from services.mesh.responder import BUSY
+from services.mesh.server import NatsServer
+from services.policy.admission import STALE_AFTER_S, Admission
+from services.testing.mesh import TestMesh
+
+
+async def _nonce(bus: Bus, node: str, family: str) -> events.Message:
+    request = events.NonceRequest(node=node, family=family)
+    msg = await bus.nc.request(subjects.nonce(node), events.encode(request), timeout=5.0)
+    try:
+        return events.decode(msg.data, events.NonceChallenge)
+    except ParseError:  # a refusal is the other answer
+        return events.decode(msg.data, events.Refusal)
+
+
+async def _poll_until(admission: Admission, family: str, at_least: int) -> None:
+    """Poll until the server's counts show the backlog (they may trail a publish)."""
+    for _ in range(100):
+        await admission.poll_once()
+        if admission.backlog(family) >= at_least:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"backlog {admission.backlog(family)} never reached {at_least}")
+
+
+async def _stall_snp_verifier(mesh: TestMesh, bus: Bus, waiting: int) -> None:
+    """The SNP verifier stops; ``waiting`` evidence messages pile up on its consumer."""
+    await mesh.halt("verifier-snp")
+    for index in range(waiting):
+        await bus.js.publish(subjects.evidence("snp", f"node-{index}"), b"{}")
+
+
+async def test_a_backed_up_family_gets_busy_and_the_others_do_not(mesh: TestMesh, bus: Bus) -> None:
+    assert mesh.policy is not None and mesh.policy.admission is not None
+    admission = mesh.policy.admission
+    admission.max_backlog = 3
+    await admission.poll_once()
+    assert isinstance(await _nonce(bus, "node-a", "snp"), events.NonceChallenge)
+    await _stall_snp_verifier(mesh, bus, 4)
+    await _poll_until(admission, "snp", 4)
+    refused = await _nonce(bus, "node-a", "snp")
+    assert isinstance(refused, events.Refusal) and refused.reason == BUSY
+    assert isinstance(await _nonce(bus, "node-b", "tdx"), events.NonceChallenge)
+    assert isinstance(await _nonce(bus, "node-c", ""), events.NonceChallenge)
+    admission.max_backlog = 100
+    assert isinstance(await _nonce(bus, "node-a", "snp"), events.NonceChallenge)
+
+
+async def test_a_stale_reading_admits(bus: Bus) -> None:
+    now = [0.0]
+    admission = Admission(bus.js, max_backlog=1, clock=lambda: now[0])
+    await bus.js.add_consumer(
+        subjects.STREAM_EVIDENCE,
+        durable_name="verifier-snp",
+        filter_subject=subjects.evidence_family("snp"),
+    )
+    await bus.js.publish(subjects.evidence("snp", "node-s"), b"{}")
+    await _poll_until(admission, "snp", 1)
+    assert not admission.admits("snp")
+    now[0] = STALE_AFTER_S + 1
+    assert admission.admits("snp")
+
+
+async def test_an_unreadable_backlog_admits(nats_server: NatsServer) -> None:
+    closed = await nats.connect(nats_server.url)
+    admission = Admission(closed.jetstream(), max_backlog=1)
+    await closed.close()
+    await admission.poll_once()
+    assert admission.admits("snp") and admission.backlog("snp") == 0
+
+
+def test_the_family_named_in_a_nonce_request_is_bounded() -> None:
+    for bad in ("SNP", "a" * 33, "snp.x", "snp>"):
+        raw = events.encode(events.NonceRequest(node="node-a")).replace(
+            b'"family":""', f'"family":"{bad}"'.encode()
+        )
+        try:
+            events.decode(raw, events.NonceRequest)
+        except ParseError as exc:
+            assert exc.reason.startswith("wire."), bad
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
