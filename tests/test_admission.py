@@ -12,7 +12,7 @@ from services.mesh.bus import Bus
 from services.mesh.errors import ParseError
 from services.mesh.responder import BUSY
 from services.mesh.server import NatsServer
-from services.policy.admission import STALE_AFTER_S, Admission
+from services.policy.admission import MIN_BACKLOG, MIN_RATE, STALE_AFTER_S, Admission
 from services.testing.mesh import TestMesh
 
 
@@ -71,6 +71,24 @@ async def test_a_stale_reading_admits(bus: Bus) -> None:
     assert not admission.admits("snp")
     now[0] = STALE_AFTER_S + 1
     assert admission.admits("snp")
+
+
+async def test_a_stage_that_stopped_delivering_admits_nothing_behind_it(bus: Bus) -> None:
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0)
+    await bus.js.add_consumer(
+        subjects.STREAM_EVIDENCE,
+        durable_name="verifier-snp",
+        filter_subject=subjects.evidence_family("snp"),
+    )
+    for index in range(MIN_BACKLOG):
+        await bus.js.publish(subjects.evidence("snp", f"node-{index}"), b"{}")
+    await _poll_until(admission, "snp", MIN_BACKLOG)
+    assert admission.admits("snp")  # no rate known yet: the count alone decides
+    await asyncio.sleep(0.05)
+    await admission.poll_once()  # nothing delivered since: the stage has stopped
+    assert admission.wait_s("snp") >= MIN_BACKLOG / MIN_RATE
+    assert not admission.admits("snp")
+    assert admission.admits("tdx")
 
 
 async def test_an_unreadable_backlog_admits(nats_server: NatsServer) -> None:

@@ -12,8 +12,12 @@ rounds that start, finish.
 The backlog a new round would queue behind is read from JetStream itself, shared by every
 replica: for the node's family, its verifiers' consumer on ``EVIDENCE``, plus the policy's
 own consumer on ``VERDICTS`` and the broker's on ``DECISIONS`` (pending and unacknowledged
-messages), polled every :data:`POLL_INTERVAL_S` with one consumer listing per stream. One
-family's stalled verifier therefore holds back only that family's nodes.
+messages), polled every :data:`POLL_INTERVAL_S` with one consumer listing per stream. A
+round is refused when that backlog reaches ``max_backlog`` messages, or, from
+:data:`MIN_BACKLOG` messages on, when it would take more than ``max_wait_s`` to drain at the
+rate each stage has delivered lately: the limit follows the machine, and a stage that has
+stopped delivering admits nothing behind it. One family's stalled verifier therefore holds
+back only that family's nodes.
 
 This is load shedding, not a security control: if the backlog cannot be read (the server
 failing over, no permission), or the last reading is older than :data:`STALE_AFTER_S`,
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
@@ -33,6 +38,10 @@ import nats.errors
 from services.mesh import subjects, telemetry
 
 DEFAULT_MAX_BACKLOG = 256
+DEFAULT_MAX_WAIT_S = 1.0
+MIN_BACKLOG = 16
+MIN_RATE = 1.0
+SMOOTHING = 0.5
 POLL_INTERVAL_S = 0.5
 STALE_AFTER_S = 5.0
 VERIFIER_PREFIX = "verifier-"
@@ -42,38 +51,73 @@ SHARED = ((subjects.STREAM_VERDICTS, "policy"), (subjects.STREAM_DECISIONS, "bro
 log = telemetry.logger("admission")
 
 
+@dataclass(frozen=True)
+class _Stage:
+    backlog: int
+    delivered: int
+    rate: float | None
+    """Deliveries per second, smoothed over polls (``None`` until two readings)."""
+
+    def wait_s(self) -> float:
+        if self.rate is None or self.backlog == 0:
+            return 0.0
+        return self.backlog / max(self.rate, MIN_RATE)
+
+
 class Admission:
-    """The latest backlog per consumer, and whether it leaves room for another round."""
+    """The latest backlog per consumer, and whether it leaves room for another round.
+
+    A round is admitted while the messages it would queue behind are fewer than
+    ``max_backlog`` and, once there are at least :data:`MIN_BACKLOG` of them, would drain in
+    under ``max_wait_s`` at the rate each stage has been delivering (so the limit follows
+    the machine: a slow mesh holds fewer rounds, a stalled stage none)."""
 
     def __init__(
         self,
         js: Any,
         *,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._js = js
         self.max_backlog = max_backlog
+        self.max_wait_s = max_wait_s
         self._clock = clock
-        self._backlog: dict[tuple[str, str], int] = {}
+        self._stages: dict[tuple[str, str], _Stage] = {}
         self._read_at: float | None = None
 
     def __repr__(self) -> str:
-        return f"Admission(max_backlog={self.max_backlog})"
+        return f"Admission(max_backlog={self.max_backlog}, max_wait_s={self.max_wait_s})"
+
+    def _behind(self, family: str) -> list[_Stage]:
+        """The stages a new round of ``family`` would queue in (none if unknown or stale)."""
+        if self._read_at is None or self._clock() - self._read_at > STALE_AFTER_S:
+            return []
+        pairs = [
+            *SHARED,
+            *([(subjects.STREAM_EVIDENCE, VERIFIER_PREFIX + family)] if family else []),
+        ]
+        return [self._stages[pair] for pair in pairs if pair in self._stages]
 
     def backlog(self, family: str) -> int:
         """Messages a new round of ``family`` would queue behind (0 if unknown or stale)."""
-        if self._read_at is None or self._clock() - self._read_at > STALE_AFTER_S:
-            return 0
-        shared = sum(self._backlog.get(pair, 0) for pair in SHARED)
-        own = self._backlog.get((subjects.STREAM_EVIDENCE, VERIFIER_PREFIX + family), 0)
-        return shared + (own if family else 0)
+        return sum(stage.backlog for stage in self._behind(family))
+
+    def wait_s(self, family: str) -> float:
+        """How long those messages would take to drain at the stages' recent rates."""
+        return sum(stage.wait_s() for stage in self._behind(family))
 
     def admits(self, family: str) -> bool:
-        return self.backlog(family) < self.max_backlog
+        stages = self._behind(family)
+        backlog = sum(stage.backlog for stage in stages)
+        if backlog >= self.max_backlog:
+            return False
+        return backlog < MIN_BACKLOG or sum(s.wait_s() for s in stages) < self.max_wait_s
 
     async def poll_once(self) -> None:
-        found: dict[tuple[str, str], int] = {}
+        now = self._clock()
+        found: dict[tuple[str, str], _Stage] = {}
         for stream in STREAMS:
             try:
                 consumers = await self._js.consumers_info(stream)
@@ -83,11 +127,25 @@ class Admission:
             for info in consumers:
                 durable = info.config.durable_name or info.name
                 if durable:
-                    found[(stream, durable)] = int(info.num_pending or 0) + int(
-                        info.num_ack_pending or 0
+                    found[(stream, durable)] = self._stage(
+                        (stream, durable), info, now - (self._read_at or now)
                     )
-        self._backlog = found
-        self._read_at = self._clock()
+        self._stages = found
+        self._read_at = now
+
+    def _stage(self, pair: tuple[str, str], info: Any, elapsed: float) -> _Stage:
+        backlog = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        delivered = int(getattr(info.delivered, "consumer_seq", 0) or 0)
+        before = self._stages.get(pair)
+        rate: float | None = None
+        if before is not None and elapsed > 0 and delivered >= before.delivered:
+            recent = (delivered - before.delivered) / elapsed
+            rate = (
+                recent
+                if before.rate is None
+                else SMOOTHING * recent + (1 - SMOOTHING) * before.rate
+            )
+        return _Stage(backlog, delivered, rate)
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
