@@ -95,6 +95,7 @@ NAMES = (
     "attestmesh_revocations_total",
     "attestmesh_revocations_received_total",
     "attestmesh_dead_letters_total",
+    "attestmesh_requests_shed_total",
     "attestmesh_service_restarts_total",
     "attestmesh_verification_seconds",
     "attestmesh_attestation_seconds",
