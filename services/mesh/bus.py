@@ -63,6 +63,9 @@ _TRANSIENT = (
 DAY = 24 * 3600.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+UNREACHABLE_RETRY_S = 0.2
+"""The pause while no server or no responder is there: failing then costs the services
+nothing, and a quick retry notices a restarted one at once."""
 _jitter = random.SystemRandom()
 
 
@@ -321,9 +324,10 @@ class Bus:
         """Request/reply, asked again while nobody answers (a responder restarting), the
         request times out, or the responder says it is busy.
 
-        Each retry sends the same bytes (the same request id), after a randomised,
-        growing pause (:func:`backoff_s`): a crowd of senders whose requests timed out
-        together must not come back together, or an overloaded service never recovers.
+        Each retry sends the same bytes (the same request id). After a timeout or a busy
+        answer it waits a randomised, growing pause (:func:`backoff_s`): a crowd of senders
+        whose requests timed out together must not come back together, or an overloaded
+        service never recovers; with no server or responder, a short fixed one.
         The timeout travels with the request, so a responder can drop it unread once its
         answer would come too late (:mod:`services.mesh.responder`). A
         :class:`~services.mesh.events.Refusal` reply other than busy raises
@@ -346,7 +350,8 @@ class Bus:
                     if refusal.reason != BUSY:
                         raise Rejected(refusal.reason, f"{subject} refused the request") from None
                     failure = BUSY
-            pause = backoff_s(attempt)
+            overloaded = failure in (BUSY, "TimeoutError")
+            pause = backoff_s(attempt) if overloaded else UNREACHABLE_RETRY_S
             if time.monotonic() + pause >= deadline:
                 reason = "bus.busy" if failure == BUSY else "bus.unavailable"
                 raise BusError(reason, failure)
