@@ -65,6 +65,8 @@ class Round(msgspec.Struct, frozen=True, array_like=True):
     ended: float
     released: bool
     reason: str
+    admitted: float = -1.0
+    """Seconds from the round's nonce to its end (-1: no nonce came)."""
 
 
 async def _node_rounds(
@@ -86,7 +88,9 @@ async def _node_rounds(
         result = await node.attest_once()
         reason = "" if result.released else (result.reason or result.status)
         ended = time.monotonic() - t0
-        out.write(_ENCODER.encode(Round(due, started, ended, result.released, reason)) + b"\n")
+        admitted = result.admitted_ms / 1000.0 if result.admitted_ms >= 0 else -1.0
+        row = Round(due, started, ended, result.released, reason, admitted)
+        out.write(_ENCODER.encode(row) + b"\n")
     return k
 
 

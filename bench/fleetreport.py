@@ -88,6 +88,7 @@ def throughput(rounds: Sequence[Round], window: Window, interval: float) -> dict
         "kept_up": kept_up,
         "latency_ms": _ms([r.ended - r.due for r in released], 50, 99),
         "round_ms": _ms([r.ended - r.started for r in released], 50, 99),
+        "admitted_ms": _ms([r.admitted for r in released if r.admitted >= 0], 50, 99),
         "failed": dict(Counter(r.reason for r in offered if not r.released)),
         "backlog": {
             "start_lag_ms": _ms(lags, 50, 99),

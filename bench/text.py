@@ -56,7 +56,9 @@ def print_fleet(f: dict[str, Any]) -> None:
     lag = backlog["start_lag_ms"]
     print(
         f"  latency p50 {f['latency_ms']['p50']} ms, p99 {f['latency_ms']['p99']} ms "
-        f"(round alone p50 {f['round_ms']['p50']} ms); start lag p99 {lag['p99']} ms, "
+        f"(round alone p50 {f['round_ms']['p50']} ms, from its nonce p50 "
+        f"{f['admitted_ms']['p50']} / p99 {f['admitted_ms']['p99']} ms); "
+        f"start lag p99 {lag['p99']} ms, "
         f"max {lag['max']} ms; {backlog['late_rounds']} rounds more than an interval late, "
         f"{backlog['not_started']} never started"
     )

@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
@@ -65,6 +65,9 @@ class RoundResult:
     reason: str = ""
     evidence_id: str = ""
     """The evidence this round published (empty if it failed before publishing)."""
+    admitted_ms: float = -1.0
+    """From the nonce's arrival to the round's end (-1 if no nonce came): the round's
+    time in the mesh, without the time spent waiting to be admitted."""
 
 
 class CollectorNode:
@@ -114,12 +117,14 @@ class CollectorNode:
         self.last_decision_id = ""
         self.last_evidence_id = ""
         self._evidence_id = ""
+        self._admitted_at = 0.0
 
     async def attest_once(self) -> RoundResult:
         """One round; a failure anywhere (a service or the connection gone) is a failed
         round with a reason, never an exception, so the node keeps attesting."""
         started = time.perf_counter()
         self._evidence_id = ""
+        self._admitted_at = 0.0
         self._wake.clear()
         self._in_round = True
         with tracer.start_as_current_span("collector.attest") as span:
@@ -136,6 +141,8 @@ class CollectorNode:
                 )
             finally:
                 self._in_round = False
+            if self._admitted_at:
+                result = replace(result, admitted_ms=_ms(self._admitted_at))
             outcome = (
                 "released" if result.released else "denied" if result.status != "none" else "failed"
             )
@@ -160,6 +167,7 @@ class CollectorNode:
                 events.NonceChallenge,
             ),
         )
+        self._admitted_at = time.perf_counter()
         private = X25519PrivateKey.generate()
         public = private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
