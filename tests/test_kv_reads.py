@@ -2,7 +2,8 @@
 key is really gone, and an error (never "absent") when the bucket itself is.
 
 ``NatsKeyValue.get`` decodes the stream's stored-message reply itself (see its module); these
-tests hold it to what nats-py's own ``get`` returns on the same bucket.
+tests hold it to what nats-py's own ``get`` returns on the same bucket, and ``next_write``
+(reading on through a prefix's writes, as the audit checkpoint does) to the in-memory double.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import pytest
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import BusError
+from services.mesh.kv import KeyValue
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
+from services.testing.memkv import MemoryKeyValue
 
 
 async def _bucket(bus: Bus, name: str = subjects.BUCKET_REFVALUES) -> NatsKeyValue:
@@ -87,3 +90,46 @@ async def test_a_closed_connection_is_an_error(bus: Bus) -> None:
     with pytest.raises(BusError) as caught:
         await kv.get("k")
     assert caught.value.reason == "kv.unavailable"
+
+
+async def _read_on(kv: KeyValue, prefix: str, after: int) -> list[tuple[str, bytes | None]]:
+    seen: list[tuple[str, bytes | None]] = []
+    while (step := await kv.next_write(prefix, after)) is not None:
+        key, value, revision = step
+        assert revision > after
+        seen.append((key, value))
+        after = revision
+    return seen
+
+
+async def test_next_write_reads_on_through_values_and_markers_as_the_double_does(
+    bus: Bus,
+) -> None:
+    nats_kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_BROKER))  # history 1
+    for kv in (MemoryKeyValue(), nats_kv):
+        first = await kv.create("log.1", b"one")
+        await kv.create("other.1", b"x")
+        await kv.create("logx", b"y")  # shares the prefix's letters, not its dot
+        second = await kv.create("log.2", b"two")
+        await kv.create("log.3", b"three")
+        await kv.delete("log.1")  # a marker, newer than log.2 and log.3
+        await kv.update("log.2", b"TWO", second)  # only the latest write is still held
+        assert await _read_on(kv, "log.", 0) == [
+            ("log.3", b"three"),
+            ("log.1", None),
+            ("log.2", b"TWO"),
+        ]
+        assert await _read_on(kv, "log.", first) == await _read_on(kv, "log.", 0)
+        latest = await kv.get("log.2")
+        assert latest is not None
+        assert await kv.next_write("log.", latest[1]) is None
+        with pytest.raises(BusError, match="invalid_key"):
+            await kv.next_write("log", 0)
+
+
+async def test_next_write_reads_a_purge_marker_as_no_value(bus: Bus) -> None:
+    raw = await bus.key_value(subjects.BUCKET_BROKER)
+    kv = NatsKeyValue(raw)
+    await kv.create("log.1", b"one")
+    await raw.purge("log.1")
+    assert await _read_on(kv, "log.", 0) == [("log.1", None)]

@@ -98,6 +98,19 @@ class KeyValue(Protocol):
         """
         ...
 
+    async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
+        """The oldest write still held under ``prefix`` (which ends in a dot) whose revision
+        is above ``after``: its key, its value (``None`` for a delete or purge marker, or an
+        empty value) and its revision; ``None`` if there is none.
+
+        A bucket keeping one revision per key holds only each key's latest write, so reading
+        on from each answer's revision visits every key written since ``after`` once, in
+        the order of their last writes, markers included. The audit checkpoint reads its
+        new records this way: it sees every write to the log since its last, a rewrite or a
+        delete as well as an append, without listing the bucket.
+        """
+        ...
+
     async def purge_before(self, prefix: str, revision: int) -> None:
         """Remove, without leaving delete markers, every key under ``prefix`` (which ends
         in a dot) last written before ``revision``.

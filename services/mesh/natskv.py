@@ -21,7 +21,8 @@ library's e-mail parser and built its message objects (dates parsed) on every re
 half of a read's client CPU, and the services read KV several times per attestation. The
 request goes to the stream leader (never a direct get, which a replica may answer from an
 older state), and a value whose last operation is a delete, a purge or a server marker reads
-as absent, as does an empty value (as nats-py had it).
+as absent, as does an empty value (as nats-py had it). ``next_write`` is the same request
+asking for the first message at or after a stream sequence under a wildcard subject.
 """
 
 from __future__ import annotations
@@ -121,28 +122,54 @@ class NatsKeyValue:
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         subject = self._kv._pre + validate_key(key)
+        found = await self._stored({"last_by_subj": subject})
+        if found is None or found.subject != subject:
+            return None
+        value = self._value(found)
+        return (value, found.seq) if value is not None else None
+
+    async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
+        # The first message at or after a stream sequence on a wildcard subject: KV
+        # revisions are stream sequences, and history 1 keeps only each key's last write.
+        wanted = self._kv._pre + validate_prefix(prefix)
+        found = await self._stored({"seq": max(after, 0) + 1, "next_by_subj": f"{wanted}>"})
+        if found is None:
+            return None
+        if not found.subject.startswith(wanted) or found.seq <= after:
+            raise BusError("kv.api_error", "the server answered outside the request")
+        return found.subject[len(self._kv._pre) :], self._value(found), found.seq
+
+    async def _stored(self, request: dict[str, object]) -> _StoredMessage | None:
+        """One stream-message request to the stream leader; ``None`` if no message matches."""
         js = self._kv._js
-        request = msgspec.json.encode({"last_by_subj": subject})
         try:
             reply = await js._nc.request(
-                f"{js._prefix}.STREAM.MSG.GET.{self._kv._stream}", request, timeout=js._timeout
+                f"{js._prefix}.STREAM.MSG.GET.{self._kv._stream}",
+                msgspec.json.encode(request),
+                timeout=js._timeout,
             )
             answer = msgspec.json.decode(reply.data, type=_MessageReply)
-            if answer.error is not None:
-                if answer.error.err_code == _NO_MESSAGE_FOUND:
-                    return None
-                raise BusError("kv.api_error", f"{answer.error.err_code}")
-            found = answer.message
-            if found is None or found.subject != subject or found.seq <= 0:
+        except _UNAVAILABLE as exc:
+            raise BusError("kv.unavailable", type(exc).__name__) from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BusError("kv.api_error", "the stored-message reply is malformed") from None
+        if answer.error is not None:
+            if answer.error.err_code == _NO_MESSAGE_FOUND:
                 return None
+            raise BusError("kv.api_error", f"{answer.error.err_code}")
+        found = answer.message
+        return found if found is not None and found.seq > 0 else None
+
+    @staticmethod
+    def _value(found: _StoredMessage) -> bytes | None:
+        """The stored value; ``None`` for a delete, purge or server marker, or an empty one."""
+        try:
             value = base64.b64decode(found.data, validate=True)
             if found.hdrs and _is_marker(_headers(base64.b64decode(found.hdrs, validate=True))):
                 return None
-        except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
-        except (msgspec.DecodeError, msgspec.ValidationError, binascii.Error):
+        except binascii.Error:
             raise BusError("kv.api_error", "the stored-message reply is malformed") from None
-        return (value, found.seq) if value else None
+        return value or None
 
     async def create(self, key: str, value: bytes) -> int:
         try:

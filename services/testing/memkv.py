@@ -1,7 +1,8 @@
 """An in-memory :class:`~services.mesh.kv.KeyValue` for network-free tests.
 
 It follows JetStream KV semantics where the broker depends on them: one revision counter
-for the whole bucket, create-if-absent, compare-and-set update and delete. Every call
+for the whole bucket, create-if-absent, compare-and-set update and delete, one revision kept
+per key (a delete leaves a marker that :meth:`MemoryKeyValue.next_write` reports). Every call
 yields to the event loop first, so ``asyncio.gather`` over several clients interleaves
 their reads and writes the way concurrent replicas would.
 
@@ -32,6 +33,8 @@ class MemoryKeyValue:
 
     def __init__(self) -> None:
         self._data: dict[str, tuple[bytes, int]] = {}
+        self._markers: dict[str, int] = {}
+        self._latest: dict[int, str] = {}  # revision -> key, for each key's last write
         self._revision = 0
         self.writes = 0
         self.list_error: BusError | None = None
@@ -43,6 +46,26 @@ class MemoryKeyValue:
         self._revision += 1
         self.writes += 1
         return self._revision
+
+    def _forget(self, key: str) -> None:
+        """Drop ``key``'s value or marker, leaving no trace."""
+        found = self._data.pop(key, None)
+        if found is not None:
+            self._latest.pop(found[1], None)
+        marker = self._markers.pop(key, None)
+        if marker is not None:
+            self._latest.pop(marker, None)
+
+    def _store(self, key: str, value: bytes | None) -> int:
+        """``key``'s next revision: a value, or a delete marker for ``None``."""
+        self._forget(key)
+        revision = self._bump()
+        self._latest[revision] = key
+        if value is None:
+            self._markers[key] = revision
+        else:
+            self._data[key] = (bytes(value), revision)
+        return revision
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """The value and revision of ``key``, or ``None``."""
@@ -56,9 +79,7 @@ class MemoryKeyValue:
         await asyncio.sleep(0)
         if key in self._data:
             raise WriteConflictError(KEY_EXISTS, key)
-        revision = self._bump()
-        self._data[key] = (bytes(value), revision)
-        return revision
+        return self._store(key, value)
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         """Write ``key`` if its revision is still ``last_revision``."""
@@ -67,9 +88,7 @@ class MemoryKeyValue:
         current = self._data.get(key)
         if current is None or current[1] != last_revision:
             raise WriteConflictError(REVISION_CONFLICT, key)
-        revision = self._bump()
-        self._data[key] = (bytes(value), revision)
-        return revision
+        return self._store(key, value)
 
     async def delete(self, key: str, last_revision: int | None = None) -> None:
         """Delete ``key``, conditionally on ``last_revision`` if given."""
@@ -79,8 +98,7 @@ class MemoryKeyValue:
         if last_revision is not None and (current is None or current[1] != last_revision):
             raise WriteConflictError(REVISION_CONFLICT, key)
         if current is not None:
-            self._bump()
-            del self._data[key]
+            self._store(key, None)
 
     async def keys(self) -> list[str]:
         """All present keys, or :attr:`list_error` raised if a test has set one."""
@@ -93,20 +111,31 @@ class MemoryKeyValue:
         """Drop keys under ``prefix`` last written before ``revision`` (no markers here)."""
         validate_prefix(prefix)
         await asyncio.sleep(0)
-        for key in [k for k, (_, rev) in self._data.items() if k.startswith(prefix)]:
-            if self._data[key][1] < revision:
-                del self._data[key]
+        written = {**{k: rev for k, (_, rev) in self._data.items()}, **self._markers}
+        for key, last in written.items():
+            if key.startswith(prefix) and last < revision:
+                self._forget(key)
+
+    async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
+        """The first key under ``prefix`` last written (or deleted) after ``after``."""
+        validate_prefix(prefix)
+        await asyncio.sleep(0)
+        for revision in range(max(after, 0) + 1, self._revision + 1):
+            key = self._latest.get(revision)
+            if key is not None and key.startswith(prefix):
+                found = self._data.get(key)
+                return key, found[0] if found is not None else None, revision
+        return None
 
     def overwrite(self, key: str, value: bytes) -> int:
         """Write unconditionally, as someone with raw access to the bucket could."""
         validate_key(key)
-        revision = self._bump()
-        self._data[key] = (bytes(value), revision)
-        return revision
+        return self._store(key, value)
 
     def remove(self, key: str) -> None:
-        """Delete unconditionally, as someone with raw access to the bucket could."""
-        self._data.pop(key, None)
+        """Delete unconditionally and without a marker, as someone with raw access to the
+        bucket's stream could."""
+        self._forget(key)
 
     def raw(self, key: str) -> bytes:
         """The stored bytes of ``key`` (``KeyError`` if absent)."""
@@ -118,7 +147,9 @@ class MemoryKeyValue:
 
     def restore(self, snapshot: dict[str, bytes]) -> None:
         """Replace the whole bucket with ``snapshot`` (a whole-state rollback)."""
-        self._data = {key: (value, self._bump()) for key, value in snapshot.items()}
+        self._data, self._markers, self._latest = {}, {}, {}
+        for key, value in snapshot.items():
+            self._store(key, value)
 
 
 class CountingKeyValue(MemoryKeyValue):
