@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
@@ -48,6 +49,8 @@ AUDIT_PREFIX = "audit."
 SEQ_DIGITS = 12
 MAX_FIELD = 253
 MAX_APPEND_RETRIES = 64
+MAX_WALKED = 100_000
+"""The most writes one checkpoint reads on through before making the full check instead."""
 MAX_COUNTS = 64
 MAX_REASONS = 16
 DEFAULT_MAX_RECORDS = 20_000
@@ -148,6 +151,22 @@ def _check_fields(
         raise SealingError("broker.audit_field_invalid", ", ".join(problems))
 
 
+@dataclass(frozen=True)
+class _Cursor:
+    """Where this process's last checkpoint walk ended.
+
+    Record ``seq`` (sealed blob hashing to ``head``, at KV revision ``revision``) is the
+    newest one verified link by link from the stored checkpoint's head. Every write to the
+    log up to revision ``after`` has been accounted for (read by a walk, or reflected in a
+    listing taken after it), so the next walk reads on from ``after``.
+    """
+
+    seq: int
+    head: bytes
+    revision: int
+    after: int
+
+
 class AuditLog:
     """Append, read, checkpoint and prune the chained audit records in ``kv``.
 
@@ -174,6 +193,9 @@ class AuditLog:
         self._trusted = trusted
         self._head: tuple[int, bytes] | None = None
         self._longest = 0
+        self._cursor: _Cursor | None = None
+        self._oldest: int | None = None
+        self._relist_prune = False
         self._appending = asyncio.Lock()
         """One append at a time per process: concurrent requests racing for the same
         sequence number would each lose to the other and read back, over and over."""
@@ -352,14 +374,16 @@ class AuditLog:
 
     async def _walk(
         self, seqs: list[int], anchor: Checkpoint | None
-    ) -> tuple[list[AuditRecord], bytes]:
-        """Open ``seqs`` in order, checking every link and the checkpoint's head hash.
+    ) -> tuple[list[AuditRecord], bytes, int]:
+        """Open ``seqs`` in order, checking every link and the checkpoint's head hash; return
+        the records, the hash of the last one's sealed blob and its revision.
 
         The first record's own link is checked only if it is record 0 (its predecessor may
         have been pruned); every later one must follow its predecessor exactly.
         """
         records: list[AuditRecord] = []
         prev: bytes | None = None
+        revision = 0
         for seq in seqs:
             found = await self._kv.get(audit_key(seq))
             if found is None:
@@ -370,7 +394,7 @@ class AuditLog:
                 raise SealingError(
                     "broker.audit_chain_broken", f"{audit_key(seq)} does not follow its predecessor"
                 )
-            prev = hashlib.sha256(found[0]).digest()
+            prev, revision = hashlib.sha256(found[0]).digest(), found[1]
             if (
                 anchor is not None
                 and seq == anchor.seq
@@ -380,12 +404,12 @@ class AuditLog:
                     "broker.audit_chain_broken", f"{audit_key(seq)} is not the checkpointed head"
                 )
             records.append(record)
-        return records, prev if prev is not None else GENESIS
+        return records, prev if prev is not None else GENESIS, revision
 
     async def entries(self, since: datetime | None = None) -> list[AuditRecord]:
         """Every retained record (from ``since`` on), after verifying all of them."""
         seqs, anchor = await self._retained()
-        records, _ = await self._walk(seqs, anchor)
+        records, _, _ = await self._walk(seqs, anchor)
         if seqs:
             self._longest = max(self._longest, seqs[-1] + 1)
         if since is None:
@@ -409,45 +433,164 @@ class AuditLog:
         """Verify the chain since the last checkpoint and sign its head; ``None`` if empty.
 
         The chain is verified before it is signed, so a checkpoint never vouches for a log
-        that was already broken.
+        that was already broken. A process that has checkpointed before reads on from where
+        it stopped (:meth:`_walk_on`); the first time, or when that walk meets anything but
+        the next records in order, it lists the log and walks from the checkpoint's head.
         """
         if self._signer is None:
             raise SealingError("broker.checkpoint_unsigned", "no broker signing key")
-        seqs, anchor = await self._retained()
-        start = anchor.seq if anchor is not None else 0
-        walked = [seq for seq in seqs if seq >= start]
-        if not walked:
-            return None
-        _, head = await self._walk(walked, anchor)
-        if anchor is not None and anchor.seq == walked[-1]:
+        anchor = await self.load_checkpoint()
+        cursor, seen = await self._walk_on(anchor)
+        if cursor is None:
+            self._relist_prune = self._cursor is not None  # its remembered state proved wrong
+            anchor, cursor = await self._walk_all(seen)
+            if cursor is None:
+                return None
+        if anchor is not None and anchor.seq == cursor.seq:
+            self._cursor = cursor
             return anchor
-        made = Checkpoint(seq=walked[-1], head=head, count=walked[-1] + 1, time=self._clock())
+        made = Checkpoint(
+            seq=cursor.seq, head=cursor.head, count=cursor.seq + 1, time=self._clock()
+        )
         token = checkpoints.sign(self._signer, made)
         trusted = self._trusted or TrustedKeys({self._signer.name: self._signer.public_key()})
         await checkpoints.store(self._kv, token, made, trusted)
+        self._cursor = cursor
         return made
+
+    async def _walk_on(self, anchor: Checkpoint | None) -> tuple[_Cursor | None, int]:
+        """Verify what was written to the log since this process's last walk.
+
+        Every write under ``audit.`` since then (a record, a rewrite, a delete marker) is
+        read once, oldest first, so this costs one read per new record plus three, and no
+        listing. It returns where the chain now ends, or ``None`` when only a full check can
+        tell: a write other than the next record in order, a record that does not open or
+        follow, the walk's own starting record rewritten or gone, a stored checkpoint that
+        is not the one this process left or one ahead of it, or a log ending before a
+        record this process has seen. The second value is the newest revision it read.
+        """
+        cursor = self._cursor
+        if cursor is None:
+            return None, 0
+        after = cursor.after
+        if (
+            anchor is None
+            or anchor.seq < cursor.seq
+            or (anchor.seq == cursor.seq and not hmac.compare_digest(anchor.head, cursor.head))
+        ):
+            return None, after
+        found = await self._kv.get(audit_key(cursor.seq))
+        if found is None or found[1] != cursor.revision:
+            return None, after
+        seq, head, revision = cursor.seq, cursor.head, cursor.revision
+        for _ in range(MAX_WALKED):
+            step = await self._kv.next_write(AUDIT_PREFIX, after)
+            if step is None:
+                break
+            key, blob, after = step
+            if key != audit_key(seq + 1) or blob is None or not self._follows(seq + 1, blob, head):
+                return None, after
+            seq, head, revision = seq + 1, hashlib.sha256(blob).digest(), after
+            if seq == anchor.seq and not hmac.compare_digest(head, anchor.head):
+                return None, after
+        else:
+            return None, after
+        if seq < anchor.seq or seq + 1 < self._longest:
+            return None, after
+        self._longest = max(self._longest, seq + 1)
+        return _Cursor(seq=seq, head=head, revision=revision, after=after), after
+
+    def _follows(self, seq: int, blob: bytes, prev: bytes) -> bool:
+        """Whether ``blob`` opens as record ``seq`` and links to ``prev``."""
+        try:
+            record = self._open(seq, blob)
+        except SealingError:
+            return False
+        return hmac.compare_digest(record.prev, prev)
+
+    async def _walk_all(self, seen: int) -> tuple[Checkpoint | None, _Cursor | None]:
+        """The full check a fresh process makes: list the log, walk from the checkpoint's head.
+
+        Writes up to ``seen`` were made before the listing, so what they did is in it; the
+        next walk reads on from there rather than meeting them again.
+        """
+        seqs, anchor = await self._retained()
+        self._oldest = seqs[0] if seqs else None
+        start = anchor.seq if anchor is not None else 0
+        walked = [seq for seq in seqs if seq >= start]
+        if not walked:
+            return anchor, None
+        _, head, revision = await self._walk(walked, anchor)
+        self._longest = max(self._longest, walked[-1] + 1)
+        return anchor, _Cursor(
+            seq=walked[-1], head=head, revision=revision, after=max(revision, seen)
+        )
 
     async def prune(self, max_records: int) -> int:
         """Delete the oldest records beyond ``max_records``, never the checkpoint's head or
-        anything after it; return how many were deleted. Without a checkpoint, nothing is
-        pruned (the records would then be unverifiable)."""
+        anything after it; return how many were deleted (as far as this process knows: a
+        replica may have pruned some of them first). Without a checkpoint, nothing is pruned
+        (the records would then be unverifiable).
+
+        Once this process knows its oldest record (from its first checkpoint or prune), this
+        is the checkpoint's read, then, when something is due, two reads and one stream
+        purge up to the oldest kept record. Otherwise, or when its last checkpoint found the
+        log not as it left it, it lists the log first, and afterwards deletes any record
+        below the cut that the purge left (one rewritten since, so newer).
+        """
         if max_records < 1:
             raise SealingError("broker.audit_field_invalid", "max_records must be positive")
+        anchor = await self.load_checkpoint()
+        if anchor is None:
+            return 0
+        oldest = self._oldest
+        if oldest is None or self._relist_prune:
+            return await self._prune_listed(max_records)
+        cutoff = anchor.seq + 1 - max_records
+        if cutoff <= oldest:
+            return 0
+        head = await self._kv.get(audit_key(anchor.seq))
+        if head is None or not hmac.compare_digest(hashlib.sha256(head[0]).digest(), anchor.head):
+            return await self._prune_listed(max_records)  # which says what is wrong
+        if not await self._purge_below(cutoff, head[1]):
+            return await self._prune_listed(max_records)  # a peer pruned past it first
+        self._oldest = cutoff
+        return cutoff - oldest
+
+    async def _purge_below(self, cutoff: int, ceiling: int) -> bool:
+        """Purge every record written before record ``cutoff``; ``False`` if it is absent.
+
+        Record n+1 is only ever created after record n, so everything written before the
+        oldest kept record is older: one purge, no per-key delete markers left behind. A
+        kept record newer than the checkpoint's head (revision ``ceiling``) was rewritten,
+        and purging below it would take the head with it, so that is refused.
+        """
+        kept = await self._kv.get(audit_key(cutoff))
+        if kept is None:
+            return False
+        if kept[1] > ceiling:
+            raise SealingError(
+                "broker.audit_chain_broken", f"{audit_key(cutoff)} was rewritten after the head"
+            )
+        await self._kv.purge_before(AUDIT_PREFIX, kept[1])
+        return True
+
+    async def _prune_listed(self, max_records: int) -> int:
+        """:meth:`prune` from a listing of the log."""
         seqs, anchor = await self._retained()
         if anchor is None or not seqs:
             return 0
         cutoff = min(anchor.seq, seqs[-1] + 1 - max_records)
         doomed = [seq for seq in seqs if seq < cutoff]
         if not doomed:
+            self._oldest, self._relist_prune = seqs[0], False
             return 0
-        oldest_kept = await self._kv.get(audit_key(cutoff))
-        if oldest_kept is None:
+        head = await self._kv.get(audit_key(anchor.seq))
+        if head is None or not await self._purge_below(cutoff, head[1]):
             raise SealingError("broker.audit_chain_broken", f"{audit_key(cutoff)} vanished")
-        # Record n+1 is only ever created after record n, so everything written before the
-        # oldest kept record is older: one purge, no per-key delete markers left behind.
-        await self._kv.purge_before(AUDIT_PREFIX, oldest_kept[1])
         remaining = set(await self._sequence_numbers())
         for seq in doomed:  # rewritten since (so newer): oldest first, keeping a suffix
             if seq in remaining:
                 await self._kv.delete(audit_key(seq))
+        self._oldest, self._relist_prune = cutoff, False
         return len(doomed)
