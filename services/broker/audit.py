@@ -2,13 +2,13 @@
 
 Each release decision (released, or refused to a requester holding the node's current
 decision), and each deny decision that revokes a node (``revoked``, with the policy's
-signed reasons), becomes one :class:`AuditRecord` under ``audit.<seq>`` (12-digit, zero-padded),
-sealed with the data key with the key and sequence number in the associated data. Refusals
-to unknown requesters are not sealed one by one: the broker counts them and appends a
-periodic ``summary`` record carrying the counts. Each record carries the SHA-256 of the
-previous *sealed* record, so a record deleted from the middle, reordered, or swapped for
-another breaks the chain. Records hold only metadata (node, resource, decision id, verdict
-digest, outcome, trace id), never secret values.
+signed reasons), becomes one :class:`AuditRecord` (:mod:`services.broker.auditrecord`)
+under ``audit.<seq>`` (12-digit, zero-padded), sealed with the data key with the key and
+sequence number in the associated data. Refusals to unknown requesters are not sealed one by
+one: the broker counts them and appends a periodic ``summary`` record carrying the counts.
+Each record carries the SHA-256 of the previous *sealed* record, so a record deleted from
+the middle, reordered, or swapped for another breaks the chain. Records hold only metadata
+(node, resource, decision id, verdict digest, outcome, trace id), never secret values.
 
 Retention: :meth:`AuditLog.checkpoint` verifies the chain since the last checkpoint and signs
 its head with the broker key (:mod:`services.broker.checkpoint`); :meth:`AuditLog.prune` then
@@ -16,7 +16,10 @@ deletes the oldest records beyond ``max_records``, but never the checkpoint's he
 anything after it. Verification starts at the checkpoint: its signature, then the hash of
 its head record, then every link forward. What is pruned must be a prefix, so a gap, a
 rewrite or a deletion at or after the checkpoint fails; deleting the oldest retained record
-before it looks like pruning, by design.
+before it looks like pruning, by design. A process that has checkpointed once verifies only
+what was written to the log since (:mod:`services.broker.auditwalk`) and prunes with one
+stream purge, so neither costs the whole bucket; it lists the log the first time, and again
+only when the log is not as it left it.
 
 Appends use create-if-absent on the next sequence number, so replicas sharing a bucket
 serialise on it: the loser of a race reads the winner's record, advances its head and
@@ -28,143 +31,51 @@ cut back behind the stored checkpoint.
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import hmac
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
 
 from services.broker import checkpoint as checkpoints
+from services.broker.auditrecord import (
+    AUDIT_PREFIX,
+    GENESIS,
+    MAX_FIELD,
+    MAX_REASONS,
+    SEQ_KEY,
+    SUMMARY_REASON,
+    AuditRecord,
+    Outcome,
+    audit_key,
+    check_fields,
+)
+from services.broker.auditwalk import Cursor, read_on
 from services.broker.checkpoint import Checkpoint
 from services.broker.sealing import AeadKey, open_sealed, seal
 from services.mesh.errors import ConfigError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 
-AUDIT_PREFIX = "audit."
-SEQ_DIGITS = 12
-MAX_FIELD = 253
+__all__ = [
+    "AUDIT_PREFIX",
+    "DEFAULT_MAX_RECORDS",
+    "GENESIS",
+    "MAX_FIELD",
+    "MAX_REASONS",
+    "AuditLog",
+    "AuditRecord",
+    "Outcome",
+    "audit_key",
+]
+
 MAX_APPEND_RETRIES = 64
-MAX_WALKED = 100_000
-"""The most writes one checkpoint reads on through before making the full check instead."""
-MAX_COUNTS = 64
-MAX_REASONS = 16
 DEFAULT_MAX_RECORDS = 20_000
-GENESIS = bytes(32)
-SUMMARY_REASON = "broker.refusals_counted"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_TRACE_ID = re.compile(r"[0-9a-f]{32}")
-_REASON = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
-_SEQ_KEY = re.compile(r"audit\.([0-9]{12})")
-
-
-class Outcome(enum.StrEnum):
-    """What the broker did with a secret request (``summary``: counted refusals)."""
-
-    RELEASED = "released"
-    REFUSED = "refused"
-    PIN_RESET = "pin_reset"
-    """An operator released a node's hardware pin (``attestmesh node reset``)."""
-    SUMMARY = "summary"
-    SECRET_PUT = "secret_put"  # noqa: S105 - an outcome name, not a credential
-    """An operator stored a secret (``attestmesh secret put``): ``actor`` says who."""
-    SECRET_DELETED = "secret_deleted"  # noqa: S105 - an outcome name
-    """An operator deleted a secret (``attestmesh secret delete``)."""
-    REVOKED = "revoked"
-    """The broker recorded a deny decision and revoked the node (``attest.revoked.<node>``);
-    ``reasons`` holds the reasons the policy signed into the decision."""
-
-
-class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One release decision; ``prev`` is the SHA-256 of the previous sealed record.
-
-    ``counts`` is set only on ``summary`` records: refusals per reason since the last one.
-    ``actor`` names who made an operator change (the NATS identity and its public nkey);
-    empty on the broker's own records. ``reasons`` is set only on ``revoked`` records: the
-    policy's reasons for the deny, as it signed them (rule texts as well as codes).
-    """
-
-    seq: int
-    time: datetime
-    node: str
-    resource: str
-    decision_id: str
-    verdict_digest: str
-    outcome: Outcome
-    reason: str = ""
-    trace_id: str = ""
-    prev: bytes
-    counts: dict[str, int] = {}
-    actor: str = ""
-    reasons: list[str] = []
-
-
-def audit_key(seq: int) -> str:
-    """The KV key of record ``seq``; zero padding keeps lexical and numeric order equal."""
-    return f"{AUDIT_PREFIX}{seq:0{SEQ_DIGITS}d}"
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _check_fields(
-    *,
-    node: str,
-    resource: str,
-    decision_id: str,
-    verdict_digest: str,
-    reason: str,
-    trace_id: str,
-    counts: dict[str, int],
-    actor: str = "",
-    reasons: list[str] | None = None,
-) -> None:
-    problems = [
-        label
-        for label, value in (("node", node), ("resource", resource), ("decision_id", decision_id))
-        if not 0 < len(value) <= MAX_FIELD or not value.isprintable()
-    ]
-    if len(actor) > MAX_FIELD or not actor.isprintable():
-        problems.append("actor")
-    if _HEX64.fullmatch(verdict_digest) is None:
-        problems.append("verdict_digest (64 lowercase hex)")
-    if reason and (len(reason) > MAX_FIELD or _REASON.fullmatch(reason) is None):
-        problems.append("reason (dotted code)")
-    if trace_id and _TRACE_ID.fullmatch(trace_id) is None:
-        problems.append("trace_id (32 lowercase hex)")
-    if len(counts) > MAX_COUNTS or any(
-        len(code) > MAX_FIELD or _REASON.fullmatch(code) is None or number < 1
-        for code, number in counts.items()
-    ):
-        problems.append(f"counts (at most {MAX_COUNTS} dotted codes, positive)")
-    if reasons and (
-        len(reasons) > MAX_REASONS
-        or any(not 0 < len(text) <= MAX_FIELD or not text.isprintable() for text in reasons)
-    ):
-        problems.append(f"reasons (at most {MAX_REASONS}, each 1..{MAX_FIELD} printable)")
-    if problems:
-        raise SealingError("broker.audit_field_invalid", ", ".join(problems))
-
-
-@dataclass(frozen=True)
-class _Cursor:
-    """Where this process's last checkpoint walk ended.
-
-    Record ``seq`` (sealed blob hashing to ``head``, at KV revision ``revision``) is the
-    newest one verified link by link from the stored checkpoint's head. Every write to the
-    log up to revision ``after`` has been accounted for (read by a walk, or reflected in a
-    listing taken after it), so the next walk reads on from ``after``.
-    """
-
-    seq: int
-    head: bytes
-    revision: int
-    after: int
 
 
 class AuditLog:
@@ -193,7 +104,7 @@ class AuditLog:
         self._trusted = trusted
         self._head: tuple[int, bytes] | None = None
         self._longest = 0
-        self._cursor: _Cursor | None = None
+        self._cursor: Cursor | None = None
         self._oldest: int | None = None
         self._relist_prune = False
         self._appending = asyncio.Lock()
@@ -220,7 +131,7 @@ class AuditLog:
         for key in await self._kv.keys():
             if not key.startswith(AUDIT_PREFIX):
                 continue
-            match = _SEQ_KEY.fullmatch(key)
+            match = SEQ_KEY.fullmatch(key)
             if match is None:
                 raise SealingError("broker.audit_chain_broken", f"stray key {key!r}")
             seqs.append(int(match.group(1)))
@@ -302,7 +213,7 @@ class AuditLog:
         revocation) and return it as stored."""
         tally = dict(counts or {})
         why = list(reasons or [])
-        _check_fields(
+        check_fields(
             node=node,
             resource=resource,
             decision_id=decision_id,
@@ -434,18 +345,24 @@ class AuditLog:
 
         The chain is verified before it is signed, so a checkpoint never vouches for a log
         that was already broken. A process that has checkpointed before reads on from where
-        it stopped (:meth:`_walk_on`); the first time, or when that walk meets anything but
-        the next records in order, it lists the log and walks from the checkpoint's head.
+        it stopped (:mod:`services.broker.auditwalk`); the first time, or when that walk
+        meets anything but the next records in order, it lists the log and walks from the
+        checkpoint's head.
         """
         if self._signer is None:
             raise SealingError("broker.checkpoint_unsigned", "no broker signing key")
         anchor = await self.load_checkpoint()
-        cursor, seen = await self._walk_on(anchor)
+        cursor, seen = None, 0
+        if self._cursor is not None:
+            cursor, seen = await read_on(
+                self._kv, self._cursor, anchor, self._follows, self._longest
+            )
         if cursor is None:
             self._relist_prune = self._cursor is not None  # its remembered state proved wrong
             anchor, cursor = await self._walk_all(seen)
             if cursor is None:
                 return None
+        self._longest = max(self._longest, cursor.seq + 1)
         if anchor is not None and anchor.seq == cursor.seq:
             self._cursor = cursor
             return anchor
@@ -458,48 +375,6 @@ class AuditLog:
         self._cursor = cursor
         return made
 
-    async def _walk_on(self, anchor: Checkpoint | None) -> tuple[_Cursor | None, int]:
-        """Verify what was written to the log since this process's last walk.
-
-        Every write under ``audit.`` since then (a record, a rewrite, a delete marker) is
-        read once, oldest first, so this costs one read per new record plus three, and no
-        listing. It returns where the chain now ends, or ``None`` when only a full check can
-        tell: a write other than the next record in order, a record that does not open or
-        follow, the walk's own starting record rewritten or gone, a stored checkpoint that
-        is not the one this process left or one ahead of it, or a log ending before a
-        record this process has seen. The second value is the newest revision it read.
-        """
-        cursor = self._cursor
-        if cursor is None:
-            return None, 0
-        after = cursor.after
-        if (
-            anchor is None
-            or anchor.seq < cursor.seq
-            or (anchor.seq == cursor.seq and not hmac.compare_digest(anchor.head, cursor.head))
-        ):
-            return None, after
-        found = await self._kv.get(audit_key(cursor.seq))
-        if found is None or found[1] != cursor.revision:
-            return None, after
-        seq, head, revision = cursor.seq, cursor.head, cursor.revision
-        for _ in range(MAX_WALKED):
-            step = await self._kv.next_write(AUDIT_PREFIX, after)
-            if step is None:
-                break
-            key, blob, after = step
-            if key != audit_key(seq + 1) or blob is None or not self._follows(seq + 1, blob, head):
-                return None, after
-            seq, head, revision = seq + 1, hashlib.sha256(blob).digest(), after
-            if seq == anchor.seq and not hmac.compare_digest(head, anchor.head):
-                return None, after
-        else:
-            return None, after
-        if seq < anchor.seq or seq + 1 < self._longest:
-            return None, after
-        self._longest = max(self._longest, seq + 1)
-        return _Cursor(seq=seq, head=head, revision=revision, after=after), after
-
     def _follows(self, seq: int, blob: bytes, prev: bytes) -> bool:
         """Whether ``blob`` opens as record ``seq`` and links to ``prev``."""
         try:
@@ -508,7 +383,7 @@ class AuditLog:
             return False
         return hmac.compare_digest(record.prev, prev)
 
-    async def _walk_all(self, seen: int) -> tuple[Checkpoint | None, _Cursor | None]:
+    async def _walk_all(self, seen: int) -> tuple[Checkpoint | None, Cursor | None]:
         """The full check a fresh process makes: list the log, walk from the checkpoint's head.
 
         Writes up to ``seen`` were made before the listing, so what they did is in it; the
@@ -521,8 +396,7 @@ class AuditLog:
         if not walked:
             return anchor, None
         _, head, revision = await self._walk(walked, anchor)
-        self._longest = max(self._longest, walked[-1] + 1)
-        return anchor, _Cursor(
+        return anchor, Cursor(
             seq=walked[-1], head=head, revision=revision, after=max(revision, seen)
         )
 
