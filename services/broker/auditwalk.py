@@ -67,9 +67,24 @@ async def read_on(
     full check can tell: a write other than the next record in order, a record that does
     not open or follow, the starting record rewritten or gone, a stored checkpoint that is
     not the one the walk started from or one ahead of it, or a log ending before the
-    checkpoint or before ``longest``. The second value is the newest revision read (writes
-    up to it are older than a listing the caller takes next).
+    checkpoint or before ``longest``. The walk then reads on to the newest write without
+    checking more, and the second value is that write's revision: a listing the caller takes
+    next reflects every write up to it, so the walk after that need not meet them again.
     """
+    found, after = await _verify(kv, cursor, anchor, follows, longest)
+    if found is None:
+        after = await _newest(kv, after)
+    return found, after
+
+
+async def _verify(
+    kv: KeyValue,
+    cursor: Cursor,
+    anchor: Checkpoint | None,
+    follows: Callable[[int, bytes, bytes], bool],
+    longest: int,
+) -> tuple[Cursor | None, int]:
+    """:func:`read_on`'s checks; the second value is the revision it stopped at."""
     after = cursor.after
     if (
         anchor is None
@@ -96,3 +111,14 @@ async def read_on(
     if seq < anchor.seq or seq + 1 < longest:
         return None, after
     return Cursor(seq=seq, head=head, revision=revision, after=after), after
+
+
+async def _newest(kv: KeyValue, after: int) -> int:
+    """The revision of the newest write to the log after ``after`` (at most
+    :data:`MAX_WALKED` on)."""
+    for _ in range(MAX_WALKED):
+        step = await kv.next_write(AUDIT_PREFIX, after)
+        if step is None:
+            break
+        after = step[2]
+    return after
