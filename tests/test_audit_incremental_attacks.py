@@ -7,7 +7,8 @@ checkpoint refuses to sign and the stored one stays. Records behind the checkpoi
 verified before it was signed; a change to them is noticed (the checkpoint makes the full
 check, which, as it always has, verifies from the checkpoint's head on), reported by
 ``entries()``, and pruned when the cut passes it. Only a removal straight from the stream
-behind the checkpoint goes unseen by the checkpoint; the listing checks report it.
+behind the checkpoint goes unseen by the checkpoint; the listing checks (and the broker's
+hourly full checkpoint) report it.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ async def test_a_removal_behind_the_checkpoint_is_left_to_the_listing_checks(
     with pytest.raises(SealingError) as err:
         await log_on(kv).verify_chain()
     assert err.value.reason == CHAIN
+    kv.reset()
+    with pytest.raises(SealingError) as err:  # the broker's periodic full check
+        await log.checkpoint(full=True)
+    assert err.value.reason == CHAIN and kv.listings == 1
 
 
 async def test_a_rewritten_cut_cannot_make_the_purge_take_the_head(kv: Counted) -> None:

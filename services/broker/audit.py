@@ -340,20 +340,21 @@ class AuditLog:
             self._longest = max(self._longest, seqs[-1] + 1)
         return len(checked)
 
-    async def checkpoint(self) -> Checkpoint | None:
+    async def checkpoint(self, *, full: bool = False) -> Checkpoint | None:
         """Verify the chain since the last checkpoint and sign its head; ``None`` if empty.
 
         The chain is verified before it is signed, so a checkpoint never vouches for a log
         that was already broken. A process that has checkpointed before reads on from where
-        it stopped (:mod:`services.broker.auditwalk`); the first time, or when that walk
-        meets anything but the next records in order, it lists the log and walks from the
-        checkpoint's head.
+        it stopped (:mod:`services.broker.auditwalk`); the first time, when that walk meets
+        anything but the next records in order, or with ``full``, it lists the log (which
+        also catches a record removed behind the checkpoint without a trace in the walk)
+        and walks from the checkpoint's head.
         """
         if self._signer is None:
             raise SealingError("broker.checkpoint_unsigned", "no broker signing key")
         anchor = await self.load_checkpoint()
         cursor, seen = None, 0
-        if self._cursor is not None:
+        if self._cursor is not None and not full:
             cursor, seen = await read_on(
                 self._kv, self._cursor, anchor, self._follows, self._longest
             )

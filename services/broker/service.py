@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import hmac
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -68,6 +69,7 @@ STORED_SEPARATOR = b"\n"
 POLICY_SIGNER = "policy"
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
+FULL_CHECK_INTERVAL_S = 3600.0
 REVOKED_CLAIM = "v:revoked"
 """The claim (:mod:`.answers`) that makes a deny decision's ``revoked`` record happen once."""
 
@@ -129,6 +131,7 @@ class BrokerService:
         self.answers: Answers | None = None
         self.refusals = RefusalCounter()
         self.replays = Replays()
+        self._full_check_at = time.monotonic()
         self._maintain_now = asyncio.Event()
         self.resources = ResourcePolicy(trusted)
         self._resource_watch = ResourcePolicyWatch(bus, self.resources)
@@ -204,12 +207,19 @@ class BrokerService:
         return sum(counts.values())
 
     async def maintain(self) -> int:
-        """Flush the refusal summary, then checkpoint and prune; return records pruned."""
+        """Flush the refusal summary, then checkpoint and prune; return records pruned.
+
+        A checkpoint reads only the records since the last one; every
+        :data:`FULL_CHECK_INTERVAL_S` it lists the whole log instead, which is what notices
+        a record removed behind the checkpoint straight from the stream."""
         assert self.audit is not None
         await self.flush_refusals()
         if self.signer is None:
             return 0
-        made = await self.audit.checkpoint()
+        full = time.monotonic() - self._full_check_at >= FULL_CHECK_INTERVAL_S
+        made = await self.audit.checkpoint(full=full)
+        if full:
+            self._full_check_at = time.monotonic()
         if made is None:
             return 0
         pruned = await self.audit.prune(self.max_records)
