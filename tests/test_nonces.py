@@ -1,4 +1,5 @@
-"""Nonces on a real JetStream KV bucket: single use, per node, idempotent per verdict."""
+"""Nonces: issued without a write, single use on a real JetStream KV bucket, per node,
+idempotent per verdict, and unforgeable without the policy's key."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import pytest
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import Rejected
+from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
-from services.policy import nonces
-from services.policy.nonces import NonceStore
+from services.policy.nonces import MAC_PURPOSE, NONCE_BYTES, RANDOM_BYTES, NonceStore
 from services.testing.memkv import CountingKeyValue, MemoryKeyValue
+
+POLICY = SigningKey.generate("policy")
+KEY = POLICY.derive(MAC_PURPOSE)
 
 
 async def _store(bus: Bus, **kwargs: object) -> NonceStore:
     kv = NatsKeyValue(await bus.key_value(subjects.BUCKET_NONCES))
-    return NonceStore(kv, ttl=60.0, **kwargs)  # type: ignore[arg-type]
+    return NonceStore(kv, KEY, ttl=60.0, **kwargs)  # type: ignore[arg-type]
 
 
 async def test_a_nonce_is_accepted_once(bus: Bus) -> None:
@@ -32,10 +36,13 @@ async def test_a_nonce_is_accepted_once(bus: Bus) -> None:
 
 
 async def test_racing_replicas_accept_a_nonce_exactly_once(bus: Bus) -> None:
-    store = await _store(bus)
-    challenge = await store.issue("n1")
+    issuer, other = await _store(bus), await _store(bus)
+    challenge = await issuer.issue("n1")
     results = await asyncio.gather(
-        *(store.consume(challenge.nonce, "n1", f"verdict-{i}") for i in range(8)),
+        *(
+            (issuer if i % 2 else other).consume(challenge.nonce, "n1", f"verdict-{i}")
+            for i in range(8)
+        ),
         return_exceptions=True,
     )
     assert sum(r is None for r in results) == 1
@@ -55,45 +62,58 @@ async def test_unknown_foreign_and_expired_nonces_are_rejected(bus: Bus) -> None
         await store.consume(challenge.nonce, "n1", "v")
 
 
-async def test_the_issuing_store_consumes_with_its_compare_and_set_alone() -> None:
+async def test_issuing_writes_nothing_and_using_writes_once() -> None:
     kv = CountingKeyValue()
-    store = NonceStore(kv, ttl=60.0)
+    store = NonceStore(kv, KEY, ttl=60.0)
     challenge = await store.issue("n1")
+    assert (kv.reads, kv.writes) == (0, 0)
     await store.consume(challenge.nonce, "n1", "verdict-1")
-    assert (kv.reads, kv.writes) == (0, 2)
+    assert (kv.reads, kv.writes) == (0, 1)
     await store.consume(challenge.nonce, "n1", "verdict-1")  # redelivery: read, accepted
     with pytest.raises(Rejected, match="policy.nonce_replayed"):
         await store.consume(challenge.nonce, "n1", "verdict-2")
-    assert kv.writes == 2
+    assert kv.writes == 1
 
 
-async def test_a_nonce_used_elsewhere_since_it_was_issued_is_judged_on_what_is_stored() -> None:
+async def test_a_forged_or_altered_nonce_is_unknown() -> None:
+    store = NonceStore(MemoryKeyValue(), KEY, ttl=60.0)
+    outsider = NonceStore(
+        MemoryKeyValue(), SigningKey.generate("policy").derive(MAC_PURPOSE), ttl=60.0
+    )
+    forged = await outsider.issue("n1")  # the right shape under another key
+    with pytest.raises(Rejected, match="policy.nonce_unknown"):
+        await store.consume(forged.nonce, "n1", "v")
+    genuine = (await store.issue("n1")).nonce
+    later = (int.from_bytes(genuine[RANDOM_BYTES : RANDOM_BYTES + 8], "big") + 3_600_000).to_bytes(
+        8, "big"
+    )
+    extended = genuine[:RANDOM_BYTES] + later + genuine[RANDOM_BYTES + 8 :]
+    flipped = genuine[:-1] + bytes([genuine[-1] ^ 1])
+    for altered, reason in (
+        (extended, "policy.nonce_unknown"),  # a longer life is not one the policy gave
+        (flipped, "policy.nonce_wrong_node"),  # the node tag no longer matches
+        (genuine[:-1], "policy.nonce_unknown"),
+        (genuine + b"\0", "policy.nonce_unknown"),
+    ):
+        with pytest.raises(Rejected) as err:
+            await store.consume(altered, "n1", "v")
+        assert err.value.reason == reason
+    await store.consume(genuine, "n1", "v")  # none of those used it up
+    assert len(genuine) == NONCE_BYTES
+
+
+async def test_an_unreadable_use_record_is_a_replay_not_an_accept() -> None:
     kv = MemoryKeyValue()
-    issuer, other_replica = NonceStore(kv, ttl=60.0), NonceStore(kv, ttl=60.0)
-    challenge = await issuer.issue("n1")
-    await other_replica.consume(challenge.nonce, "n1", "verdict-b")
-    with pytest.raises(Rejected, match="policy.nonce_replayed"):
-        await issuer.consume(challenge.nonce, "n1", "verdict-a")
-    fresh = await issuer.issue("n1")
-    with pytest.raises(Rejected, match="policy.nonce_wrong_node"):
-        await issuer.consume(fresh.nonce, "n2", "verdict-c")
-
-
-async def test_a_remembered_nonce_still_expires() -> None:
-    now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    store = NonceStore(MemoryKeyValue(), ttl=60.0, clock=lambda: now[0])
+    store = NonceStore(kv, KEY, ttl=60.0)
     challenge = await store.issue("n1")
-    now[0] += timedelta(seconds=61)
-    with pytest.raises(Rejected, match="policy.nonce_expired"):
+    await kv.create(challenge.nonce[:RANDOM_BYTES].hex(), b"not json")
+    with pytest.raises(Rejected, match="policy.nonce_replayed"):
         await store.consume(challenge.nonce, "n1", "v")
 
 
-async def test_what_the_store_remembers_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nonces, "MAX_REMEMBERED", 3)
-    now = [datetime(2026, 1, 1, tzinfo=UTC)]
-    store = NonceStore(MemoryKeyValue(), ttl=60.0, clock=lambda: now[0])
-    issued = [await store.issue("n1") for _ in range(5)]
-    assert list(store._issued) == [c.nonce.hex() for c in issued[2:]]
-    now[0] += timedelta(seconds=61)
-    await store.issue("n1")  # the expired ones are forgotten as new ones are issued
-    assert len(store._issued) == 1
+def test_the_nonce_key_is_short_and_bound_to_its_purpose() -> None:
+    with pytest.raises(ValueError):
+        NonceStore(MemoryKeyValue(), b"k" * 16, ttl=60.0)
+    assert POLICY.derive(MAC_PURPOSE) == KEY
+    assert POLICY.derive("another purpose") != KEY
+    assert SigningKey.generate("policy").derive(MAC_PURPOSE) != KEY

@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.mesh import jws
 from services.mesh.errors import ConfigError, VerificationError
@@ -116,6 +117,15 @@ class SigningKey:
 
     def sign(self, claims: Mapping[str, Any]) -> str:
         return jws.sign({**claims, "iss": self.name}, self._private, self.kid)
+
+    def derive(self, purpose: str) -> bytes:
+        """A 32-byte secret for ``purpose`` (HKDF-SHA256 over the private scalar), shared by
+        every replica holding this key, and independent of the signatures it makes: e.g. the
+        key the policy authenticates its nonces with (:mod:`services.policy.nonces`)."""
+        scalar = self._private.private_numbers().private_value.to_bytes(32, "big")
+        return HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()
+        ).derive(scalar)
 
     def sign_bytes(self, data: bytes) -> bytes:
         """ECDSA P-256/SHA-256 (DER) over exactly ``data``: for documents that are stored

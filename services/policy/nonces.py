@@ -1,23 +1,33 @@
-"""Challenge nonces: issued per node, bound into evidence, accepted exactly once.
+"""Challenge nonces: issued per node without a write, bound into evidence, accepted once.
 
-Each nonce is a KV entry (bucket TTL = nonce lifetime) recording the node it was issued to.
-Consuming it is a compare-and-set that stamps the verdict id, so two policy replicas racing
-on the same nonce cannot both accept it, while the *same* verdict redelivered after a crash
-is recognised and accepted again (consumers must be idempotent).
+Why no write at issue: a nonce used to be a KV entry created when it was issued and
+updated when it was used, two stored writes and two round trips per attestation, the first
+of them on the node's critical path. Now a nonce carries its own proof of issue::
 
-The replica that issued a nonce remembers the record and the revision it created (bounded,
-and never past the nonce's expiry), so consuming it is usually the compare-and-set alone: the
-write succeeds only if the entry is still exactly the unused record it created, which is
-what reading it first would have established. Anything else (another replica issued it, it
-was used, the write conflicts) takes the full read-check-write path.
+    random (16) ‖ expiry, ms since the epoch (8) ‖ tag (16) ‖ node tag (16)
+
+``tag`` is an HMAC-SHA256 (cut to 16 bytes) over the random part and the expiry, and
+``node tag`` one over those and the node's name, both under a key derived from the policy's
+signing key (:meth:`services.mesh.keys.SigningKey.derive`), which every policy replica
+holds. Nobody else can make a nonce the policy accepts, nor move one to another node or
+extend its life; a bad ``tag`` is ``policy.nonce_unknown``, a good one with a bad ``node
+tag`` ``policy.nonce_wrong_node``, a past expiry ``policy.nonce_expired``.
+
+Single use is the one write left: consuming a nonce *creates* its KV entry, stamped with
+the verdict id, so two replicas racing on it cannot both accept it, while the same verdict
+redelivered finds its own stamp and is accepted again (consumers must be idempotent). The
+bucket's TTL is the nonce lifetime, so an entry outlives the nonce's validity and the
+bucket holds only nonces used within it. A new policy key turns every outstanding nonce
+into an unknown one: those rounds fail and the nodes attest again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
-from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -25,81 +35,78 @@ from services.mesh import events
 from services.mesh.errors import Rejected
 from services.mesh.kv import KeyValue, WriteConflictError
 
-NONCE_BYTES = 32
-MAX_REMEMBERED = 16_384
+RANDOM_BYTES = 16
+TAG_BYTES = 16
+NONCE_BYTES = RANDOM_BYTES + 8 + 2 * TAG_BYTES
+MAC_PURPOSE = "attestmesh nonce mac v1"
 
 
-class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Used(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     node: str
-    expires_at: datetime
-    used_by: str | None = None
+    used_by: str
 
 
 class NonceStore:
     def __init__(
         self,
         kv: KeyValue,
+        mac_key: bytes,
         *,
         ttl: float,
         clock: Callable[[], datetime] = events.utcnow,
     ) -> None:
+        if len(mac_key) < 32:
+            raise ValueError("a nonce key needs at least 32 bytes")
         self._kv = kv
+        self._mac_key = mac_key
         self._ttl = ttl
         self._clock = clock
-        self._issued: OrderedDict[str, tuple[_Record, int]] = OrderedDict()
-        """Nonces this store created and has not seen consumed: record and revision."""
+
+    def __repr__(self) -> str:
+        return f"NonceStore(ttl={self._ttl})"
+
+    def _tags(self, head: bytes, node: str) -> tuple[bytes, bytes]:
+        issued = hmac.new(self._mac_key, b"issued\0" + head, hashlib.sha256).digest()
+        bound = hmac.new(self._mac_key, b"node\0" + head + node.encode(), hashlib.sha256).digest()
+        return issued[:TAG_BYTES], bound[:TAG_BYTES]
 
     async def issue(self, node: str) -> events.NonceChallenge:
-        nonce = secrets.token_bytes(NONCE_BYTES)
         expires = self._clock() + timedelta(seconds=self._ttl)
-        record = _Record(node, expires)
-        revision = await self._kv.create(nonce.hex(), msgspec.json.encode(record))
-        self._remember(nonce.hex(), record, revision)
-        return events.NonceChallenge(node=node, nonce=nonce, expires_at=expires)
+        milliseconds = int(expires.timestamp() * 1000)
+        head = secrets.token_bytes(RANDOM_BYTES) + milliseconds.to_bytes(8, "big")
+        issued, bound = self._tags(head, node)
+        expires_at = datetime.fromtimestamp(milliseconds / 1000, UTC)
+        return events.NonceChallenge(node=node, nonce=head + issued + bound, expires_at=expires_at)
 
-    def _remember(self, key: str, record: _Record, revision: int) -> None:
-        self._issued[key] = (record, revision)
-        now = self._clock()
-        while self._issued and (
-            len(self._issued) > MAX_REMEMBERED
-            or next(iter(self._issued.values()))[0].expires_at < now
-        ):
-            self._issued.popitem(last=False)
+    def check(self, nonce: bytes, node: str) -> None:
+        """That the policy issued ``nonce`` to ``node`` and it has not expired."""
+        if len(nonce) != NONCE_BYTES:
+            raise Rejected("policy.nonce_unknown", "not a nonce this policy issued")
+        head, tags = nonce[: RANDOM_BYTES + 8], nonce[RANDOM_BYTES + 8 :]
+        issued, bound = self._tags(head, node)
+        if not hmac.compare_digest(tags[:TAG_BYTES], issued):
+            raise Rejected("policy.nonce_unknown", "not a nonce this policy issued")
+        if not hmac.compare_digest(tags[TAG_BYTES:], bound):
+            raise Rejected("policy.nonce_wrong_node", "the nonce was issued to another node")
+        expires = int.from_bytes(head[RANDOM_BYTES:], "big")
+        if expires < self._clock().timestamp() * 1000:
+            raise Rejected("policy.nonce_expired", "nonce has expired")
 
     async def consume(self, nonce: bytes, node: str, verdict_id: str) -> None:
         """Accept ``nonce`` for ``verdict_id`` once; raise :class:`Rejected` otherwise."""
-        key = nonce.hex()
-        issued = self._issued.pop(key, None)
-        if issued is not None:
-            record, revision = issued
-            if (
-                record.node == node
-                and record.used_by is None
-                and record.expires_at >= self._clock()
-            ):
-                used = msgspec.structs.replace(record, used_by=verdict_id)
-                try:
-                    await self._kv.update(key, msgspec.json.encode(used), revision)
-                    return
-                except WriteConflictError:
-                    pass  # changed since it was issued: read it and decide on what is there
-        while True:
-            entry = await self._kv.get(key)
-            if entry is None:
-                raise Rejected("policy.nonce_unknown", "nonce was never issued or has expired")
-            raw, revision = entry
-            record = msgspec.json.decode(raw, type=_Record)
-            if record.node != node:
-                raise Rejected("policy.nonce_wrong_node", f"nonce was issued to {record.node}")
-            if record.used_by is not None:
-                if record.used_by == verdict_id:
-                    return
-                raise Rejected("policy.nonce_replayed", "nonce was already used")
-            if record.expires_at < self._clock():
-                raise Rejected("policy.nonce_expired", "nonce has expired")
-            used = msgspec.structs.replace(record, used_by=verdict_id)
-            try:
-                await self._kv.update(key, msgspec.json.encode(used), revision)
-                return
-            except WriteConflictError:
-                continue
+        self.check(nonce, node)
+        key = nonce[:RANDOM_BYTES].hex()
+        try:
+            await self._kv.create(key, msgspec.json.encode(_Used(node, verdict_id)))
+            return
+        except WriteConflictError:
+            pass
+        entry = await self._kv.get(key)
+        if entry is None:  # created and gone already: only past the bucket's TTL
+            raise Rejected("policy.nonce_expired", "nonce has expired")
+        try:
+            used = msgspec.json.decode(entry[0], type=_Used)
+        except msgspec.DecodeError:
+            raise Rejected("policy.nonce_replayed", "the nonce's use is unreadable") from None
+        if used.used_by != verdict_id:
+            raise Rejected("policy.nonce_replayed", "nonce was already used")

@@ -42,7 +42,7 @@ from services.policy import summary
 from services.policy.admission import DEFAULT_MAX_BACKLOG, Admission
 from services.policy.engine import Outcome, PolicyEngine
 from services.policy.loader import UNAVAILABLE, Loader
-from services.policy.nonces import NonceStore
+from services.policy.nonces import MAC_PURPOSE, NonceStore
 from services.policy.pins import PinStore
 from services.policy.reevaluation import Standing
 from services.policy.release_policy import POLICY_KEY
@@ -98,6 +98,7 @@ class PolicyService:
         (fail closed) until an operator-signed policy arrives, rather than crash-looping."""
         self.nonces = NonceStore(
             NatsKeyValue(await self.bus.key_value(subjects.BUCKET_NONCES)),
+            self.key.derive(MAC_PURPOSE),
             ttl=self.nonce_ttl,
             clock=self.clock,
         )
