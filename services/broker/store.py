@@ -15,7 +15,19 @@ because a writer that crashed between its record write and its index commit leav
 that, and only the holder of the data key can produce one.
 
 Writes are compare-and-set on both the record and the index, so replicas sharing a bucket
-retry instead of losing each other's updates. Rolling back the *whole* bucket (index and
+retry instead of losing each other's updates.
+
+**Reads and freshness.** Every read of a secret reads the index from the bucket, so a put or
+delete that has returned, on any replica, is seen by every read that starts after it, on
+every replica: nothing is served stale, whatever the bound. What a store keeps is what that
+read lets it skip: the opened index while its sealed bytes are unchanged (no unseal or
+decode), and the *sealed* blobs of records it has read, each used only while the index
+names exactly its authenticated version (versions are never reused, so that blob is the
+committed value). The plaintext is opened per read and never kept. A blob changed behind
+an unchanged index (tampered, rolled back, removed) is noticed once the store reads the
+record again, and is never served meanwhile. (A KV watch on the index could skip the index
+read too, but would learn of a change only some time after it was made: a deleted secret
+could still be released in that window.) Rolling back the *whole* bucket (index and
 records together) to a consistent older state cannot be told from a restart without an
 external monotonic counter; a running store does catch it, since it remembers the highest
 index generation it has seen.
@@ -29,6 +41,7 @@ import builtins
 import contextlib
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import msgspec
@@ -36,6 +49,7 @@ import msgspec
 from services.broker.recovery import RecoveryShare, make_recovery_shares
 from services.broker.sealing import (
     AeadKey,
+    Opened,
     SealingKeySource,
     open_sealed,
     seal,
@@ -51,6 +65,8 @@ MAX_SECRET_SIZE = 64 * 1024
 MAX_NAME_LENGTH = 253
 MAX_ENTRIES = 2048
 MAX_CAS_RETRIES = 32
+MAX_KEPT_BYTES = 4 * 1024 * 1024
+"""The most sealed record bytes a store keeps in memory (least recently used first out)."""
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*){0,7}")
 _KEYRING_VERSION = 1
 
@@ -184,6 +200,9 @@ class SecretStore:
         self._kv = kv
         self._key = data_key
         self._index_floor = 0
+        self._opened: tuple[bytes, _Index, int] | None = None
+        """The sealed index last opened, what it holds, and its generation."""
+        self._kept = _KeptBlobs(MAX_KEPT_BYTES)
 
     @classmethod
     async def open(cls, kv: KeyValue, source: SealingKeySource) -> SecretStore:
@@ -210,15 +229,19 @@ class SecretStore:
         found = await self._kv.get(INDEX_KEY)
         if found is None:
             raise SealingError("broker.index_missing", "the version index is gone")
-        opened = open_sealed(
+        opened = self._opened
+        if opened is not None and opened[0] == found[0] and opened[2] >= self._index_floor:
+            return opened[1], opened[2], found[1]
+        sealed = open_sealed(
             self._key, found[0], purpose="index", name=INDEX_KEY, min_version=self._index_floor
         )
         try:
-            index = msgspec.msgpack.decode(opened.plaintext, type=_Index)
+            index = msgspec.msgpack.decode(sealed.plaintext, type=_Index)
         except msgspec.DecodeError as exc:
             raise SealingError("broker.seal_malformed", "index does not decode") from exc
-        self._index_floor = opened.version
-        return index, opened.version, found[1]
+        self._index_floor = sealed.version
+        self._opened = (found[0], index, sealed.version)
+        return index, sealed.version, found[1]
 
     async def _commit_index(self, index: _Index, generation: int, revision: int) -> None:
         blob = seal(
@@ -280,22 +303,31 @@ class SecretStore:
         raise SealingError("broker.write_conflict", f"put {name!r} kept conflicting")
 
     async def get(self, name: str) -> bytes:
-        """The secret ``name``; rollback, tampering or a missing blob raise."""
+        """The secret ``name``; rollback, tampering or a missing blob raise.
+
+        One KV read (the index) when the record's sealed blob is kept, else two."""
         key = record_key(name)
         for _ in range(2):
             index, _, _ = await self._load_index()
             entry = index.entries.get(name)
             if entry is None or not entry.live:
+                self._kept.drop(name)
                 raise SealingError("broker.secret_not_found", repr(name))
+            blob = self._kept.get(name, entry.version)
+            if blob is not None:
+                return self._open_record(name, blob, entry.version).plaintext
             found = await self._kv.get(key)
             if found is not None:
-                opened = open_sealed(
-                    self._key, found[0], purpose="secret", name=name, min_version=entry.version
-                )
+                opened = self._open_record(name, found[0], entry.version)
+                if opened.version == entry.version:
+                    self._kept.put(name, found[0], opened.version)
                 return opened.plaintext
         # Still live in the index after a re-read (a concurrent delete would have shown
         # as a tombstone), yet no blob: someone removed it behind the broker's back.
         raise SealingError("broker.record_missing", f"{name!r} is indexed but has no blob")
+
+    def _open_record(self, name: str, blob: bytes, version: int) -> Opened:
+        return open_sealed(self._key, blob, purpose="secret", name=name, min_version=version)
 
     async def list(self) -> list[str]:
         """Names of all live secrets, sorted."""
@@ -321,6 +353,7 @@ class SecretStore:
             except WriteConflictError:
                 await _backoff(attempt)
                 continue
+            self._kept.drop(name)
             if current is not None:
                 with contextlib.suppress(WriteConflictError):  # a later put owns the key now
                     await self._kv.delete(key, last_revision=current[1])
@@ -332,3 +365,35 @@ class SecretStore:
     ) -> builtins.list[RecoveryShare]:
         """Shamir shares of the data key, each HPKE-encrypted to one recovery officer."""
         return make_recovery_shares(self._key, officer_public_keys, threshold)
+
+
+class _KeptBlobs:
+    """Sealed record blobs by name, each with its authenticated version, bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._blobs: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._size = 0
+
+    def get(self, name: str, version: int) -> bytes | None:
+        """The kept blob of ``name`` if it is exactly ``version``."""
+        kept = self._blobs.get(name)
+        if kept is None or kept[1] != version:
+            return None
+        self._blobs.move_to_end(name)
+        return kept[0]
+
+    def put(self, name: str, blob: bytes, version: int) -> None:
+        self.drop(name)
+        if len(blob) > self._limit:
+            return
+        self._blobs[name] = (blob, version)
+        self._size += len(blob)
+        while self._size > self._limit:
+            _, (evicted, _) = self._blobs.popitem(last=False)
+            self._size -= len(evicted)
+
+    def drop(self, name: str) -> None:
+        kept = self._blobs.pop(name, None)
+        if kept is not None:
+            self._size -= len(kept[0])

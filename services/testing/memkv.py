@@ -17,6 +17,7 @@ writes unconditionally (an operator with raw bucket access), and
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 from services.mesh.errors import BusError
 from services.mesh.kv import (
@@ -153,13 +154,37 @@ class MemoryKeyValue:
 
 
 class CountingKeyValue(MemoryKeyValue):
-    """Counts reads, so a test can tell a short path (acting on what it wrote) from a
-    read-back."""
+    """Counts operations, so a test can tell a short path (acting on what it wrote) from a
+    read-back: :attr:`reads` the reads, :attr:`calls` every call by operation, conflicting
+    writes included (each is a round trip on the bus all the same)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self.calls: Counter[str] = Counter()
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         self.reads += 1
+        self.calls["get"] += 1
         return await super().get(key)
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.calls["create"] += 1
+        return await super().create(key, value)
+
+    async def update(self, key: str, value: bytes, last_revision: int) -> int:
+        self.calls["update"] += 1
+        return await super().update(key, value, last_revision)
+
+    async def delete(self, key: str, last_revision: int | None = None) -> None:
+        self.calls["delete"] += 1
+        await super().delete(key, last_revision)
+
+    async def keys(self) -> list[str]:
+        self.calls["keys"] += 1
+        return await super().keys()
+
+    @property
+    def round_trips(self) -> int:
+        """Every call so far: what each would cost on the bus."""
+        return sum(self.calls.values())
