@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.broker import sealing
 from services.broker import store as store_module
 from services.broker.sealing import StaticKeySource
 from services.broker.store import INDEX_KEY, SecretStore, record_key
@@ -33,11 +34,10 @@ async def test_a_kept_blob_leaves_one_read_and_no_index_unseal(
     await writer.put("default/key", b"value-1")
     assert await reader.get("default/key") == b"value-1"
     opened: list[str] = []
-    real_open = store_module.open_sealed
 
-    def counting_open(*args: object, **kwargs: object) -> store_module.Opened:
+    def counting_open(*args: object, **kwargs: object) -> sealing.Opened:
         opened.append(str(kwargs["purpose"]))
-        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+        return sealing.open_sealed(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store_module, "open_sealed", counting_open)
     before = kv.round_trips
