@@ -15,6 +15,9 @@ consumer writes. So:
   by the consumer alone, which also announces the revocation and audits it;
 * the consumer, meeting a decision already recorded this way, finds the same token stored.
 
+A newer decision is written against the revision this broker last saw stored for the node
+(:mod:`.recorded`) without reading first; any conflict falls back to the read below.
+
 "Newer" is the policy's ``issued_us`` (microseconds), signed with the decision: ``iat`` has
 whole seconds only, and a busy node re-attests several times a second. A token without it
 (an older policy) counts as issued at the start of its second, so two such decisions from
@@ -26,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from services.broker.recorded import Recorded, write_over
 from services.mesh.errors import ReleaseError
 from services.mesh.kv import KeyValue, WriteConflictError
 
@@ -60,27 +64,38 @@ async def adopt(
     raw: bytes,
     presented: H,
     read_stored: Callable[[bytes], H | None],
+    *,
+    memory: Recorded,
 ) -> H:
     """Record ``raw`` (the decision as the broker stores it, verified by the caller as
     ``presented``) under ``key`` unless a decision at least as new is stored there; return
     the node's decision afterwards: the presented one, or the stored one that wins over it.
 
     ``read_stored`` reads a stored decision (``None`` if it no longer verifies or has
-    expired: it is then no decision at all, as the consumer treats it)."""
-    for _ in range(MAX_ATTEMPTS):
-        current = await state.get(key)
-        if current is not None:
-            if current[0] == raw:
-                return presented
-            stored = read_stored(current[0])
-            if stored is not None and stored.order >= presented.order:
-                return stored
-        try:
-            if current is None:
-                await state.create(key, raw)
-            else:
-                await state.update(key, raw, current[1])
-        except WriteConflictError:
-            continue
-        return presented
-    raise ReleaseError("broker.write_conflict", "the node's decision kept changing")
+    expired: it is then no decision at all, as the consumer treats it). ``memory`` is what
+    this broker last saw under ``key``: a presented decision newer than that is written
+    against its revision first, and whatever is read or written here is noted in it."""
+    async with memory.turn(key):
+        if await write_over(state, memory, key, raw, presented.order):
+            return presented
+        for _ in range(MAX_ATTEMPTS):
+            current = await state.get(key)
+            if current is not None:
+                if current[0] == raw:
+                    memory.note(key, raw, current[1], presented.order)
+                    return presented
+                stored = read_stored(current[0])
+                if stored is not None:
+                    memory.note(key, current[0], current[1], stored.order)
+                    if stored.order >= presented.order:
+                        return stored
+            try:
+                if current is None:
+                    revision = await state.create(key, raw)
+                else:
+                    revision = await state.update(key, raw, current[1])
+            except WriteConflictError:
+                continue
+            memory.note(key, raw, revision, presented.order)
+            return presented
+        raise ReleaseError("broker.write_conflict", "the node's decision kept changing")

@@ -29,7 +29,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from services.broker import presented, release
+from services.broker import presented, recorded, release
 from services.broker.answers import Answers, RefusalCounter
 from services.broker.audit import (
     DEFAULT_MAX_RECORDS,
@@ -132,6 +132,8 @@ class BrokerService:
         self.refusals = RefusalCounter()
         self.replays = Replays()
         self._full_check_at = time.monotonic()
+        self.recorded = recorded.Recorded()
+        """What this broker last saw under each node's decision key (:mod:`.recorded`)."""
         self._maintain_now = asyncio.Event()
         self.resources = ResourcePolicy(trusted)
         self._resource_watch = ResourcePolicyWatch(bus, self.resources)
@@ -303,30 +305,9 @@ class BrokerService:
                 log.info("decision.refusal_ignored", node=decision.node)
                 return
             key = DECISION_PREFIX + decision.node
-            while True:
-                current = await self.state.get(key)
-                previous = None
-                if current is not None:
-                    with contextlib.suppress(VerificationError):
-                        previous = self._read_stored(current[0], decision.node)
-                if previous is not None and previous.order > held.order:
-                    return
-                if held.reappraisal and (
-                    previous is None or previous.evidence_id != held.evidence_id
-                ):
-                    log.info("decision.stale_reappraisal", node=decision.node)
-                    return  # about evidence the node has since replaced: nothing to revoke
-                record = decision.token.encode() + STORED_SEPARATOR + decision.appraisal
-                if current is not None and current[0] == record:
-                    break  # recorded already (presented with a secret request, or redelivered)
-                try:
-                    if current is None:
-                        await self.state.create(key, record)
-                    else:
-                        await self.state.update(key, record, current[1])
-                    break
-                except WriteConflictError:
-                    continue
+            record = decision.token.encode() + STORED_SEPARATOR + decision.appraisal
+            if not await self._record(key, record, held, decision.node):
+                return
             log.info("decision.recorded", node=decision.node, allow=held.allow)
             if not held.allow:
                 revocation = events.Revocation(node=decision.node, reason="policy.denied")
@@ -335,6 +316,50 @@ class BrokerService:
                 )
                 metrics.revocations.add(1)
                 await self._audit_revocation(decision.node, held, span)
+
+    async def _record(self, key: str, record: bytes, held: HeldDecision, node: str) -> bool:
+        """Store ``record`` (``held``, delivered to the consumer) under ``key``; ``False`` if
+        a newer decision is stored, or it re-appraises evidence the node has since replaced.
+
+        An allow whose record this broker has seen stored there needs neither read nor
+        write, and a decision newer than the one seen is written against its revision at
+        once (:mod:`.recorded`); everything else is decided on a fresh read."""
+        assert self.state is not None
+        async with self.recorded.turn(key):
+            if not held.reappraisal:
+                if held.allow and self.recorded.holds(key, record):
+                    return True  # recorded already (presented with a secret request)
+                if await recorded.write_over(self.state, self.recorded, key, record, held.order):
+                    return True
+            return await self._record_read(key, record, held, node)
+
+    async def _record_read(self, key: str, record: bytes, held: HeldDecision, node: str) -> bool:
+        """:meth:`_record` on what a fresh read finds stored."""
+        assert self.state is not None
+        while True:
+            current = await self.state.get(key)
+            previous = None
+            if current is not None:
+                with contextlib.suppress(VerificationError):
+                    previous = self._read_stored(current[0], node)
+                if previous is not None:
+                    self.recorded.note(key, current[0], current[1], previous.order)
+            if previous is not None and previous.order > held.order:
+                return False
+            if held.reappraisal and (previous is None or previous.evidence_id != held.evidence_id):
+                log.info("decision.stale_reappraisal", node=node)
+                return False  # about evidence the node has since replaced: nothing to revoke
+            if current is not None and current[0] == record:
+                return True  # recorded already (presented with a secret request, or redelivered)
+            try:
+                if current is None:
+                    revision = await self.state.create(key, record)
+                else:
+                    revision = await self.state.update(key, record, current[1])
+            except WriteConflictError:
+                continue
+            self.recorded.note(key, record, revision, held.order)
+            return True
 
     async def _audit_revocation(self, node: str, held: HeldDecision, span: trace.Span) -> None:
         """One ``revoked`` audit record per deny decision, after the announcement (which must
@@ -365,15 +390,18 @@ class BrokerService:
     async def current_decision(self, node: str) -> HeldDecision:
         """The node's recorded decision, re-verified; refusals say why there is none."""
         assert self.state is not None
-        found = await self.state.get(DECISION_PREFIX + node)
+        key = DECISION_PREFIX + node
+        found = await self.state.get(key)
         if found is None:
             raise ReleaseError("broker.no_decision", "no decision recorded for this node")
         try:
-            return self._read_stored(found[0], node)
+            held = self._read_stored(found[0], node)
         except VerificationError as exc:
             if exc.reason == "token.expired":
                 raise ReleaseError("broker.decision_expired", "re-attest for a fresh one") from None
             raise ReleaseError("broker.decision_invalid", exc.reason) from None
+        self.recorded.note(key, found[0], found[1], held.order)
+        return held
 
     async def on_secret_request(self, msg: Msg) -> events.Message:
         answer, repeated = await self.replays.answer(
@@ -434,6 +462,7 @@ class BrokerService:
                     record + request.decision_appraisal,
                     offered,
                     lambda raw: self._stored(raw, request.node),
+                    memory=self.recorded,
                 )
         except ReleaseError as exc:
             raise _Counted(exc.reason, exc.detail) from None
