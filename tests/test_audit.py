@@ -15,7 +15,7 @@ from services.broker.audit import GENESIS, AuditLog, Outcome, audit_key
 from services.broker.sealing import AeadKey, seal
 from services.mesh.errors import ConfigError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
-from services.testing.memkv import MemoryKeyValue
+from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 
 KEY = AeadKey(b"\x05" * 32)
 DIGEST = hashlib.sha256(b"verdict").hexdigest()
@@ -176,6 +176,20 @@ async def test_concurrent_replicas_append_one_chain(kv: MemoryKeyValue) -> None:
     entries = await logs[0].entries()
     assert len(entries) == 15
     assert sorted(e.node for e in entries) == sorted(f"node-{i}" for i in range(15))
+
+
+async def test_concurrent_appends_in_one_process_take_turns() -> None:
+    """Each append is one create: none races another from the same head (which would cost
+    a failed write and a read per loser), and the records' times follow their order."""
+    kv = CountingKeyValue()
+    log = new_log(kv)
+    await append(log, 0)
+    before = kv.calls.copy()
+    await asyncio.gather(*(append(log, i) for i in range(1, 16)))
+    assert kv.calls - before == {"create": 15}
+    entries = await log.entries()
+    assert [e.seq for e in entries] == list(range(16))
+    assert [e.time for e in entries] == sorted(e.time for e in entries)
 
 
 @pytest.mark.parametrize(

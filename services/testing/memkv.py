@@ -184,6 +184,14 @@ class CountingKeyValue(MemoryKeyValue):
         self.calls["keys"] += 1
         return await super().keys()
 
+    async def purge_before(self, prefix: str, revision: int) -> None:
+        self.calls["purge_before"] += 1
+        await super().purge_before(prefix, revision)
+
+    async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
+        self.calls["next_write"] += 1
+        return await super().next_write(prefix, after)
+
     @property
     def round_trips(self) -> int:
         """Every call so far: what each would cost on the bus."""
