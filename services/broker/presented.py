@@ -13,7 +13,8 @@ consumer writes. So:
   refused as ``broker.decision_superseded``;
 * only allow decisions are taken this way: a deny, a refusal or a re-appraisal is recorded
   by the consumer alone, which also announces the revocation and audits it;
-* the consumer, meeting a decision already recorded this way, finds the same token stored.
+* the consumer, meeting a decision already recorded this way, finds the same token stored
+  (or, in the broker that recorded it, remembers it: :mod:`.recorded`).
 
 A newer decision is written against the revision this broker last saw stored for the node
 (:mod:`.recorded`) without reading first; any conflict falls back to the read below.
