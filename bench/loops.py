@@ -38,6 +38,20 @@ class Phase:
         values = sorted(r.latency_ms for r in self.released)
         return {"p50": round(_percentile(values, 50), 2), "p99": round(_percentile(values, 99), 2)}
 
+    def stages(self) -> dict[str, dict[str, float]]:
+        """p50/p99 of each stage of the released rounds (:data:`collector.service.STAGES`)."""
+        times: dict[str, list[float]] = {}
+        for result in self.released:
+            for name, ms in result.stages_ms:
+                times.setdefault(name, []).append(ms)
+        return {
+            name: {
+                "p50": round(_percentile(sorted(values), 50), 2),
+                "p99": round(_percentile(sorted(values), 99), 2),
+            }
+            for name, values in times.items()
+        }
+
     def failures(self) -> dict[str, int]:
         return dict(Counter(r.reason or r.status for r in self.results if not r.released))
 
@@ -82,6 +96,8 @@ async def open_loop(collectors: list[CollectorNode], per_s: float, seconds: floa
                 result.latency_ms + max(0.0, waited_ms),
                 result.reason,
                 result.evidence_id,
+                result.admitted_ms,
+                result.stages_ms,
             )
         )
 

@@ -106,6 +106,7 @@ def report(peak: Phase, half: Phase, p384: float, *, nodes: int, processes: int)
             "per_s": round(half.per_s, 1),
             "attestations": len(half.released),
             "latency_ms": half.latency(),
+            "stages_ms": half.stages(),
             "failed": half.failures(),
         },
         "cpu_ms_per_attestation": cpu,

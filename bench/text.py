@@ -24,6 +24,11 @@ def print_mesh(report: dict[str, Any]) -> None:
         f"  half load {half['per_s']:>8.1f} /s; "
         f"p50 {half['latency_ms']['p50']} ms, p99 {half['latency_ms']['p99']} ms"
     )
+    stages = ", ".join(
+        f"{name} {ms['p50']}/{ms['p99']}" for name, ms in half.get("stages_ms", {}).items()
+    )
+    if stages:
+        print(f"  half load by stage, p50/p99 ms: {stages}")
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_attestation"].items())
     print(f"  CPU ms per attestation at peak: {cpu}")
     failed = {**p["failed"], **half["failed"]}

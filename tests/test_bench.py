@@ -65,6 +65,13 @@ def test_bench_reports_every_figure_positive_and_leaves_no_process(tmp_path: Pat
         assert set(figures) == {"p50", "p99"}
         assert 0 < figures["p50"] <= figures["p99"]
     assert pipeline["half_load"]["per_s"] > 0
+    stages = pipeline["half_load"]["stages_ms"]
+    assert list(stages) == ["nonce", "evidence", "decision", "secret"]
+    assert all(0 < stage["p50"] <= stage["p99"] for stage in stages.values())
+    assert (
+        sum(stage["p50"] for stage in stages.values())
+        <= 2 * pipeline["half_load"]["latency_ms"]["p99"]
+    )
     assert pipeline["failed"] == {} and pipeline["half_load"]["failed"] == {}
     cpu = pipeline["cpu_ms_per_attestation"]
     for service in ("verifier-snp", "policy", "broker", "nats-server", "driver"):

@@ -51,6 +51,9 @@ tracer = telemetry.tracer("collector")
 PENDING_RETRY_FIRST_S = 0.005
 PENDING_RETRY_MAX_S = 0.05
 REVOKED_DURING_ROUND = "collector.revoked_during_round"
+STAGES = ("nonce", "evidence", "decision", "secret")
+"""A round's stages: the nonce request; making the evidence; from publishing it to the
+decision's arrival (verifier and policy); the secret request (broker)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class RoundResult:
     admitted_ms: float = -1.0
     """From the nonce's arrival to the round's end (-1 if no nonce came): the round's
     time in the mesh, without the time spent waiting to be admitted."""
+    stages_ms: tuple[tuple[str, float], ...] = ()
+    """Where a released round's time went, stage by stage (:data:`STAGES`)."""
 
 
 class CollectorNode:
@@ -118,6 +123,7 @@ class CollectorNode:
         self.last_evidence_id = ""
         self._evidence_id = ""
         self._admitted_at = 0.0
+        self._marks: list[float] = []
 
     async def attest_once(self) -> RoundResult:
         """One round; a failure anywhere (a service or the connection gone) is a failed
@@ -125,6 +131,7 @@ class CollectorNode:
         started = time.perf_counter()
         self._evidence_id = ""
         self._admitted_at = 0.0
+        self._marks = [started]
         self._wake.clear()
         self._in_round = True
         with tracer.start_as_current_span("collector.attest") as span:
@@ -143,6 +150,14 @@ class CollectorNode:
                 self._in_round = False
             if self._admitted_at:
                 result = replace(result, admitted_ms=_ms(self._admitted_at))
+            if result.released and len(self._marks) == len(STAGES):
+                ends = [*self._marks, time.perf_counter()]
+                result = replace(
+                    result,
+                    stages_ms=tuple(
+                        (name, (ends[i + 1] - ends[i]) * 1000.0) for i, name in enumerate(STAGES)
+                    ),
+                )
             outcome = (
                 "released" if result.released else "denied" if result.status != "none" else "failed"
             )
@@ -168,12 +183,14 @@ class CollectorNode:
             ),
         )
         self._admitted_at = time.perf_counter()
+        self._marks.append(self._admitted_at)
         private = X25519PrivateKey.generate()
         public = private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         report_data = expected_report_data(challenge.nonce, public)
         evidence = await asyncio.to_thread(self.source.collect, report_data)
+        self._marks.append(time.perf_counter())
         event = events.EvidenceEvent(
             node=self.node,
             nonce=challenge.nonce,
@@ -214,6 +231,7 @@ class CollectorNode:
                 raise BusError("collector.decision_timeout", "no decision arrived") from None
         finally:
             self._listeners.discard(on_decision)
+        self._marks.append(time.perf_counter())
         log.info("decision.received", node=self.node, status=decision.status, allow=decision.allow)
         if decision.refused:
             # The mesh refused this evidence; the node's previous decision stays in force.
