@@ -444,12 +444,18 @@ class BrokerService:
             return response
 
     async def _holder(self, request: events.SecretRequest) -> HeldDecision:
+        offered = self._presented(request) if request.decision_token else None
+        return await self._holder_of(request, offered)
+
+    async def _holder_of(
+        self, request: events.SecretRequest, offered: HeldDecision | None
+    ) -> HeldDecision:
         """The node's current decision, if the request names it; else a counted refusal.
 
-        A request presenting its signed allow decision makes it the current one if it is
-        the newest (:mod:`.presented`); one whose decision has a successor is refused as
-        superseded, so the node stops asking."""
-        offered = self._presented(request) if request.decision_token else None
+        A request presenting its signed allow decision (``offered``, verified by
+        :meth:`_presented`) makes it the current one if it is the newest
+        (:mod:`.presented`); one whose decision has a successor is refused as superseded,
+        so the node stops asking."""
         try:
             if offered is None:
                 held = await self.current_decision(request.node)
@@ -519,15 +525,25 @@ class BrokerService:
         self, request: events.SecretRequest, span: trace.Span
     ) -> events.SecretResponse:
         assert self.store is not None and self.answers is not None
-        held = await self._holder(request)
-        reason = self._check(request, held)
+        offered = self._presented(request) if request.decision_token else None
+        early = self._check(request, offered) if offered is not None else None
+        reading = None
+        if offered is not None and early is None:
+            reading = asyncio.ensure_future(self._read_secret(request.resource))
+        try:
+            held = await self._holder_of(request, offered)
+        except BaseException:
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+            raise
+        reason = early if held is offered else self._check(request, held)
         secret = b""
         if reason is None:
-            try:
-                secret = await self.store.get(request.resource)
-            except SealingError as exc:
-                found = exc.reason != "broker.secret_not_found"
-                reason = exc.reason if found else "broker.unknown_resource"
+            secret, reason = await (reading or self._read_secret(request.resource))
+        elif reading is not None:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
         if reason is not None:
             raise await self._refuse(request, held, reason, span)
         if not await self.answers.claim(
@@ -552,6 +568,18 @@ class BrokerService:
             ciphertext=wrapped.ciphertext,
             audit_id=str(record),
         )
+
+    async def _read_secret(self, resource: str) -> tuple[bytes, str | None]:
+        """The secret, or why it cannot be had. A request that presents a genuine allow
+        for this resource starts reading it while its decision is being recorded (one round
+        trip less on the way to the answer); requests naming no verified decision never
+        cause a read, so a flood of them costs no more than before."""
+        assert self.store is not None
+        try:
+            return await self.store.get(resource), None
+        except SealingError as exc:
+            found = exc.reason != "broker.secret_not_found"
+            return b"", exc.reason if found else "broker.unknown_resource"
 
     def _check(self, request: events.SecretRequest, held: HeldDecision) -> str | None:
         """Why the decision's holder may not have this resource, or ``None``."""
