@@ -22,8 +22,8 @@ from services.policy.engine import (
     PolicyEngine,
     default_policy,
     default_resource_policy,
-    plain,
 )
+from services.policy.regovalues import plain
 from services.policy.resource_policy import ALL_CLAIMS, claims_read, request_input, split
 from services.policy.summary import (
     MAX_CLAIMS_BYTES,
