@@ -31,6 +31,7 @@ from typing import Any
 import regopy
 
 from services.mesh.errors import PolicyError
+from services.policy import appraisal_input
 from services.policy.regovalues import plain
 
 
@@ -111,7 +112,11 @@ class Outcome:
 
 
 class PolicyEngine:
-    """One compiled policy of ``kind`` plus its data (reference values and settings)."""
+    """One compiled policy of ``kind`` plus its data (reference values and settings).
+
+    An appraisal policy also gets its reference values arranged for lookups, and each
+    document cut to what the policy can read (:mod:`services.policy.appraisal_input`);
+    callers hand over the whole document either way."""
 
     def __init__(
         self,
@@ -129,6 +134,13 @@ class PolicyEngine:
                 f"{kind.reason}.compile_failed",
                 f"{kind.filename}: package {declared}; a {kind.label} is package {kind.package}",
             )
+        self._reads: appraisal_input.Reads | None = None
+        self._compared: dict[str, frozenset[str]] = {}
+        if kind.name == RELEASE.name:
+            refvalues = data.get("refvalues")
+            data = {**data, appraisal_input.REFINDEX: appraisal_input.index(refvalues)}
+            self._reads = appraisal_input.reads(policy)
+            self._compared = appraisal_input.compared_claims(refvalues)
         builder = regopy.Interpreter()
         try:
             builder.add_module(kind.filename, policy)
@@ -141,6 +153,10 @@ class PolicyEngine:
     def evaluate(self, document: dict[str, Any]) -> Outcome:
         """Evaluate the policy on ``document``; anything but a well-formed answer denies."""
         reason = self.kind.reason
+        if self._reads is not None:
+            family = document.get("family")
+            compared = self._compared.get(family, frozenset()) if isinstance(family, str) else ()
+            document = appraisal_input.restrict(document, self._reads, compared)
         try:
             if plain(document):
                 self._runner.set_input(regopy.Input(document))
