@@ -36,7 +36,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from bench.resources import snp_claims
-from services.mesh import events, subjects, telemetry
+from services.mesh import subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
@@ -44,8 +44,7 @@ from services.mesh.server import NatsServer
 from services.policy import refvalues, release_policy
 from services.policy.engine import default_policy
 from services.policy.service import PolicyService
-from services.verifier import ear
-from services.verifier.families.base import Appraisal, Status
+from services.testing.verdicts import signed
 
 _SUBJECT_KINDS = (
     ("$JS.API.STREAM.MSG.GET.", "kv_read"),
@@ -117,29 +116,8 @@ async def _run(workdir: Path, *, nodes: int, verdicts: int, refs: int) -> dict[s
                 assert service.nonces is not None
                 challenge = await service.nonces.issue(node)
                 cpu += time.process_time() - started
-                appraisal = Appraisal(
-                    family="snp",
-                    status=Status.AFFIRMING,
-                    claims=claims,
-                    verified=True,
-                    bound=True,
-                    hwid=f"{hwid}-{node}",
-                )
-                evidence_id = events.new_id()
-                subject = ear.Subject(
-                    node=node,
-                    evidence_id=evidence_id,
-                    nonce=challenge.nonce,
-                    public_key=os.urandom(32),
-                    simulated=True,
-                )
-                token = ear.issue(verifier, appraisal, subject, now=events.utcnow(), ttl=600)
-                verdict = events.Verdict(
-                    node=node,
-                    family="snp",
-                    evidence_id=evidence_id,
-                    status=Status.AFFIRMING.value,
-                    ear=token,
+                verdict = signed(
+                    verifier, node, challenge.nonce, claims=claims, hwid=f"{hwid}-{node}"
                 )
                 await driver.publish(subjects.verdict("snp", node), verdict)
             return cpu

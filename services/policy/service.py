@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -61,6 +61,17 @@ POLICY_SIGNER = "policy"
 UNAUTHENTICATED = "evidence.unauthenticated"
 RETRY_BLOCKED_S = 2.0
 HISTORY_TIMEOUT_S = 5.0
+
+
+async def together(*steps: Coroutine[Any, Any, object]) -> None:
+    """Run ``steps`` concurrently; the first failure cancels the others and is raised as
+    itself, since the consumer tells a rejection from a retryable failure by its type."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in steps:
+                group.create_task(step)
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
 
 
 class PolicyService:
@@ -253,6 +264,17 @@ class PolicyService:
             return challenge
 
     async def handle_verdict(self, msg: Msg) -> None:
+        """Appraise one verdict: EAR, routing, pin, nonce, policy, then the decision.
+
+        The order is what the guarantees need: the pin is checked before the nonce is
+        spent (a refused verdict must leave the node's challenge usable) and the nonce is
+        spent before any decision is published. An allow's decision and the node's standing
+        (the verdict a tightened rule would be re-checked against) are then written at the
+        same time, one round trip instead of two: should one fail, the verdict is delivered
+        again and both are written again, and a standing written without its decision can
+        at most make a re-evaluation deny the node, never allow it. A deny is published first
+        and the standing forgotten after, so a standing is never gone while the allow it
+        backs may still be in force."""
         assert self.nonces is not None and self.loader is not None
         with tracer.start_as_current_span(
             "policy.appraise", context=telemetry.extract(msg.headers)
@@ -299,14 +321,20 @@ class PolicyService:
                     self.pins.pin(verdict.node, result.hwid, evidence_id=verdict.evidence_id),
                 )
                 log.info("node.pinned", node=verdict.node, hwid=result.hwid)
-            expires = await self.publish_decision(verdict, result, allow, reasons)
             span.set_attribute("attestmesh.allow", allow)
             assert self.standing is not None
             if allow:
-                await self.standing.allowed(
-                    verdict, accepted_at=accepted_at, decision_expires_at=expires
+                issued = self.clock()
+                await together(
+                    self.publish_decision(verdict, result, True, reasons, issued_at=issued),
+                    self.standing.allowed(
+                        verdict,
+                        accepted_at=accepted_at,
+                        decision_expires_at=issued + timedelta(seconds=self.decision_ttl),
+                    ),
                 )
             else:
+                await self.publish_decision(verdict, result, False, reasons)
                 await self.standing.denied(verdict.node)
 
     async def defer_while_unreadable(self, msg: Msg) -> None:
@@ -426,6 +454,7 @@ class PolicyService:
         *,
         reappraisal: bool = False,
         source: str = "",
+        issued_at: datetime | None = None,
     ) -> datetime:
         """``source`` tells apart decisions about one verdict made under different rules (a
         re-evaluation after a policy change), which de-duplication must not merge.
@@ -438,7 +467,7 @@ class PolicyService:
         re-attests several times a second under load, and the broker must tell which of two
         decisions is the newer (an older allow must never replace a newer deny)."""
         appraisal = summary.encode(result.claims, result.hwid) if allow else b""
-        now = self.clock()
+        now = issued_at or self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", f"{verdict.id}:{source}" if source else verdict.id)
         token = self.key.sign(
