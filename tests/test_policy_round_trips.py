@@ -19,10 +19,10 @@ from nats.js.api import PubAck
 
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import BusError
+from services.mesh.errors import BusError, Rejected
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
-from services.policy import refvalues, release_policy
+from services.policy import pins, refvalues, release_policy
 from services.policy.engine import default_policy
 from services.policy.nonces import MAC_PURPOSE, RANDOM_BYTES, NonceStore
 from services.policy.pins import PinStore
@@ -154,3 +154,74 @@ async def test_a_failed_standing_write_is_retried_whole(policy: _Policy, bus: Bu
     assert "n1" in policy.standing.snapshot()
     first = await asyncio.wait_for(decided.get(), 5)
     assert first.allow and first.evidence_id == verdict.evidence_id
+
+
+async def test_a_node_pinned_to_this_hardware_reads_its_pin_while_spending_the_nonce(
+    policy: _Policy,
+) -> None:
+    """Once this replica has seen the node's pin name the evidence's hardware, the pin read
+    (which still decides) and the write that spends the nonce go out together."""
+    await policy.handle(await policy.verdict("n1"))
+    verdict = await policy.verdict("n1")
+    spending = asyncio.Event()
+    nonce_create, pin_get = policy.nonces.create, policy.pins.get
+
+    async def create(key: str, value: bytes) -> int:
+        spending.set()
+        return await nonce_create(key, value)
+
+    async def get(key: str) -> tuple[bytes, int] | None:
+        await asyncio.wait_for(spending.wait(), 2.0)  # one after the other never gets here
+        return await pin_get(key)
+
+    policy.nonces.create = create  # type: ignore[method-assign]
+    policy.pins.get = get  # type: ignore[method-assign]
+    await policy.handle(verdict)
+    assert policy.used_by() == verdict.id
+
+
+async def test_evidence_from_other_hardware_leaves_the_nonce_unspent(policy: _Policy) -> None:
+    await policy.handle(await policy.verdict("n1", hwid="snp.chip_id:aa"))
+    for hwid in ("snp.chip_id:bb", ""):
+        verdict = await policy.verdict("n1", hwid=hwid)
+        with pytest.raises(Rejected, match="node.identity_mismatch"):
+            await policy.handle(verdict)
+        assert policy.used_by() is None
+
+
+async def test_a_pin_reset_and_taken_meanwhile_is_still_enforced(policy: _Policy, bus: Bus) -> None:
+    """What the replica remembers only schedules the read: the node re-pinned to other
+    hardware by then refuses the old hardware's evidence, and nothing is allowed on it."""
+    decided = await _decisions(bus, "n1")
+    await policy.handle(await policy.verdict("n1", hwid="snp.chip_id:aa"))
+    assert (await asyncio.wait_for(decided.get(), 5)).allow
+    operator = PinStore(policy.pins)  # as `attestmesh node reset` and the new hardware would
+    await operator.reset("n1")
+    await operator.pin("n1", "snp.chip_id:bb")
+    with pytest.raises(Rejected, match="node.identity_mismatch"):
+        await policy.handle(await policy.verdict("n1", hwid="snp.chip_id:aa"))
+    refusal = await asyncio.wait_for(decided.get(), 5)
+    assert refusal.refused and not refusal.allow
+    assert decided.empty()
+
+
+async def test_what_a_pin_store_remembers_follows_its_reads_and_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kv = CountingKeyValue()
+    mine, operator = PinStore(kv), PinStore(kv)
+    assert not mine.expects("n1", "a")
+    await mine.pin("n1", "a")
+    assert mine.expects("n1", "a") and not mine.expects("n1", "b") and not mine.expects("n1", "")
+    await operator.reset("n1")
+    await operator.pin("n1", "b")
+    assert mine.expects("n1", "a")  # only a hint until the next read
+    with pytest.raises(Rejected, match="node.identity_mismatch"):
+        await mine.check("n1", "a")
+    assert mine.expects("n1", "b")
+    await mine.reset("n1")
+    assert not mine.expects("n1", "b")
+    monkeypatch.setattr(pins, "MAX_REMEMBERED", 2)
+    for node in ("n2", "n3", "n4"):
+        await mine.pin(node, "a")
+    assert list(mine._seen) == ["n3", "n4"]
