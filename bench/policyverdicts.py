@@ -14,6 +14,8 @@ Rego, signed decision, standing).
 Figures are CPU milliseconds of this process per verdict (``time.process_time``, so other
 processes on a shared machine do not count), plus what the service sent and received per
 verdict, from its connection's counters and by subject, which do not depend on the load.
+``--in-flight 1`` hands the service one verdict at a time, so the wall-clock time per
+verdict is its latency: its CPU plus its round trips one after another.
 Medians over ``repeats`` runs; the loaded 2-core machine this project runs on moves single
 runs by ±20 %, so compare trees by alternating whole runs of each.
 """
@@ -76,7 +78,9 @@ class _Sent:
         bus.nc.publish = counted  # type: ignore[method-assign]
 
 
-async def _run(workdir: Path, *, nodes: int, verdicts: int, refs: int) -> dict[str, Any]:
+async def _run(
+    workdir: Path, *, nodes: int, verdicts: int, refs: int, in_flight: int
+) -> dict[str, Any]:
     claims, hwid = snp_claims(workdir)
     verifier, signer = SigningKey.generate("verifier-snp"), SigningKey.generate("policy")
     operator = SigningKey.generate("operator")
@@ -142,6 +146,7 @@ async def _run(workdir: Path, *, nodes: int, verdicts: int, refs: int) -> dict[s
                     subject=subjects.VERDICT_ALL,
                     handler=handler,
                     stop=stop,
+                    batch=in_flight,
                 )
             )
             await asyncio.wait_for(finished.wait(), 300)
@@ -161,6 +166,7 @@ async def _run(workdir: Path, *, nodes: int, verdicts: int, refs: int) -> dict[s
             "verdict_cpu_ms": cpu / verdicts * 1e3,
             "nonce_issue_cpu_ms": issue_cpu / verdicts * 1e3,
             "verdicts_per_s": verdicts / elapsed,
+            "wall_ms_per_verdict": elapsed / verdicts * 1e3,
             "sent_per_verdict": by_kind,
             "connection_per_verdict": {k: round(v, 2) for k, v in stats.items()},
         }
@@ -172,21 +178,24 @@ async def _run(workdir: Path, *, nodes: int, verdicts: int, refs: int) -> dict[s
         server.stop()
 
 
-def measure(*, nodes: int, verdicts: int, refs: int, repeats: int) -> dict[str, Any]:
+def measure(
+    *, nodes: int, verdicts: int, refs: int, repeats: int, in_flight: int = 16
+) -> dict[str, Any]:
     runs = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(asyncio.run(_run(Path(tmp), nodes=nodes, verdicts=verdicts, refs=refs)))
+            found = _run(Path(tmp), nodes=nodes, verdicts=verdicts, refs=refs, in_flight=in_flight)
+            runs.append(asyncio.run(found))
     median = {
         key: round(statistics.median(run[key] for run in runs), 3)
-        for key in ("verdict_cpu_ms", "nonce_issue_cpu_ms", "verdicts_per_s")
+        for key in ("verdict_cpu_ms", "nonce_issue_cpu_ms", "verdicts_per_s", "wall_ms_per_verdict")
     }
     return {
         **median,
         "runs_verdict_cpu_ms": [round(run["verdict_cpu_ms"], 3) for run in runs],
         "sent_per_verdict": runs[-1]["sent_per_verdict"],
         "connection_per_verdict": runs[-1]["connection_per_verdict"],
-        "setup": {"nodes": nodes, "verdicts": verdicts, "refvalues": refs},
+        "setup": {"nodes": nodes, "verdicts": verdicts, "refvalues": refs, "in_flight": in_flight},
     }
 
 
@@ -196,11 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verdicts", type=int, default=500)
     parser.add_argument("--refvalues", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--in-flight", type=int, default=16, help="verdicts handled at once (1: one by one)"
+    )
     args = parser.parse_args(argv)
     with open(os.devnull, "w") as sink:
         telemetry.configure("policy", level="info", stream=sink)
         found = measure(
-            nodes=args.nodes, verdicts=args.verdicts, refs=args.refvalues, repeats=args.repeats
+            nodes=args.nodes,
+            verdicts=args.verdicts,
+            refs=args.refvalues,
+            repeats=args.repeats,
+            in_flight=args.in_flight,
         )
     json.dump(found, sys.stdout, indent=1)
     sys.stdout.write("\n")
