@@ -181,3 +181,25 @@ async def test_the_remembered_revisions_are_bounded(monkeypatch: pytest.MonkeyPa
     for i in range(4):
         await _allow(standing, _verdict(f"n{i}", "e"))
     assert list(standing._written) == ["n2", "n3"]
+
+
+async def test_a_deny_removes_the_replicas_own_entry_without_reading_it() -> None:
+    kv = CountingKeyValue()
+    standing = Standing(kv, TrustedKeys({}), events.utcnow)
+    await _allow(standing, _verdict("n1", "e1"))
+    reads = kv.reads
+    await standing.denied("n1")
+    assert kv.reads == reads and "n1" not in kv._data
+
+
+async def test_a_deny_removes_an_entry_written_elsewhere_and_writes_nothing_for_none() -> None:
+    kv = CountingKeyValue()
+    mine, other = (Standing(kv, TrustedKeys({}), events.utcnow) for _ in range(2))
+    await _allow(mine, _verdict("n1", "e1"))
+    await _allow(other, _verdict("n1", "e2"))  # the revision mine remembers is stale now
+    await mine.denied("n1")
+    assert "n1" not in kv._data
+    writes = kv.writes
+    await mine.denied("n2")  # never allowed: nothing to remove, no delete marker
+    await other.denied("n1")  # its remembered entry is gone: read, nothing to remove
+    assert kv.writes == writes

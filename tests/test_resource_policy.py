@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,8 +23,8 @@ from services.policy.engine import (
     PolicyEngine,
     default_policy,
     default_resource_policy,
-    plain,
 )
+from services.policy.regovalues import plain
 from services.policy.resource_policy import ALL_CLAIMS, claims_read, request_input, split
 from services.policy.summary import (
     MAX_CLAIMS_BYTES,
@@ -212,9 +213,12 @@ def test_claims_are_bounded_whole_never_truncated() -> None:
     assert sorted(omitted) == sorted(["tcb", "events", "long", "many", "nan", "n" * 64])
     big = {f"c{i:03}": "ab" * 200 for i in range(40)}
     kept, omitted = bound_claims(big)
-    assert len(json.dumps(kept)) <= MAX_CLAIMS_BYTES
+    assert len(msgspec.json.encode(kept)) <= MAX_CLAIMS_BYTES < len(msgspec.json.encode(big))
     assert list(kept) == sorted(kept) and set(kept) | set(omitted) == set(big)
     assert omitted == sorted(omitted) and min(omitted) > max(kept)  # taken in name order
+    wide = {f"c{i:03}": "\u00e9\U0001f600" * 100 for i in range(40)}  # 6 UTF-8 bytes a pair
+    kept, _ = bound_claims(wide)
+    assert MAX_CLAIMS_BYTES - 700 < len(msgspec.json.encode(kept)) <= MAX_CLAIMS_BYTES
 
 
 def test_the_summary_reads_back_bound_to_its_digest() -> None:

@@ -23,6 +23,14 @@ request goes to the stream leader (never a direct get, which a replica may answe
 older state), and a value whose last operation is a delete, a purge or a server marker reads
 as absent, as does an empty value (as nats-py had it). ``next_write`` is the same request
 asking for the first message at or after a stream sequence under a wildcard subject.
+
+Conditional writes (``update``, and ``create`` of a key that never held a value) are one
+publish to the key's subject with the revision it must still be at
+(``Nats-Expected-Last-Subject-Sequence``, 0 for none), as nats-py makes it, with the
+acknowledgement decoded by msgspec rather than through nats-py's JSON and dataclass layers
+(about 50 µs of client CPU per write). A ``create`` that finds the key present takes
+nats-py's own path, which tells a live value from a deleted one (a key deleted or purged may
+be created again).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ _UNAVAILABLE = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
 )
 
 
@@ -59,6 +68,8 @@ MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
 
@@ -88,6 +99,11 @@ class _StoredMessage(msgspec.Struct):
 class _MessageReply(msgspec.Struct):
     error: _ApiError | None = None
     message: _StoredMessage | None = None
+
+
+class _PubAck(msgspec.Struct):
+    error: _ApiError | None = None
+    seq: int = 0
 
 
 def _headers(block: bytes) -> dict[str, str]:
@@ -171,9 +187,33 @@ class NatsKeyValue:
             raise BusError("kv.api_error", "the stored-message reply is malformed") from None
         return value or None
 
+    async def _write(self, key: str, value: bytes, last: int, conflict: str) -> int:
+        """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one)."""
+        js = self._kv._js
+        try:
+            reply = await js._nc.request(
+                self._kv._pre + key, value, timeout=js._timeout, headers={_EXPECTED_LAST: str(last)}
+            )
+            answer = msgspec.json.decode(reply.data, type=_PubAck)
+        except _UNAVAILABLE as exc:
+            raise BusError("kv.unavailable", type(exc).__name__) from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BusError("kv.api_error", "the publish acknowledgement is malformed") from None
+        if answer.error is not None:
+            if answer.error.err_code in _WRONG_LAST_SEQUENCE:
+                raise WriteConflictError(conflict, "the key is not at the expected revision")
+            raise BusError("kv.api_error", f"{answer.error.err_code}")
+        if answer.seq <= 0:
+            raise BusError("kv.api_error", "the publish acknowledgement names no revision")
+        return answer.seq
+
     async def create(self, key: str, value: bytes) -> int:
         try:
-            return await self._kv.create(validate_key(key), value)
+            return await self._write(validate_key(key), value, 0, KEY_EXISTS)
+        except WriteConflictError:
+            pass  # present, or deleted: nats-py tells them apart
+        try:
+            return await self._kv.create(key, value)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise WriteConflictError(KEY_EXISTS, "key exists") from None
         except nats.js.errors.APIError as exc:
@@ -184,16 +224,7 @@ class NatsKeyValue:
             raise BusError("kv.unavailable", type(exc).__name__) from None
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
-        try:
-            return await self._kv.update(validate_key(key), value, last=last_revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == 10071:
-                raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-            raise BusError("kv.api_error", f"{exc.code}") from None
-        except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+        return await self._write(validate_key(key), value, last_revision, REVISION_CONFLICT)
 
     async def delete(self, key: str, last_revision: int | None = None) -> None:
         try:

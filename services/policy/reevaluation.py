@@ -88,8 +88,15 @@ class Standing:
             self._written.popitem(last=False)
 
     async def denied(self, node: str) -> None:
-        """The node's latest decision is a deny: nothing of it is left to withdraw."""
-        self._written.pop(node, None)
+        """The node's latest decision is a deny: nothing of it is left to withdraw.
+
+        The entry this replica wrote last is removed by compare-and-set, unread; anything
+        else is read first, so a node with no standing costs no delete marker."""
+        last = self._written.pop(node, None)
+        if last is not None:
+            with contextlib.suppress(WriteConflictError):
+                await self._kv.delete(node, last_revision=last)
+                return
         if await self._kv.get(node) is not None:
             await self._kv.delete(node)
 

@@ -6,7 +6,8 @@ name to its allowed values, wrapped in an operator-signed document
 ``{"value": ..., "expires": "<RFC 3339>", "note": "..."}``. Managed with ``attestmesh
 refvalues add|list|remove`` and handed to Rego as ``data.refvalues`` with the expired entries
 left out (:func:`effective`), so a value stops counting at its expiry without anyone
-re-signing anything.
+re-signing anything; the same values also go as ``data.refindex``, arranged for lookups
+(:mod:`services.policy.appraisal_input`).
 
 A claim whose every value has expired keeps one placeholder no claim can equal: dropping
 the claim instead would make the policy stop checking it, letting any value through.

@@ -11,7 +11,9 @@ that did not authenticate (bad signature or chain, wrong binding, wrong subject)
 from other hardware than the node's pin (:mod:`.pins`), is dead-lettered and answered with a
 signed *refusal* that tells the waiting collector its round failed while the broker keeps the
 node's current decision. Such a verdict does not spend the nonce either, so junk sent with a
-node's challenge cannot make the node's real evidence look like a replay.
+node's challenge cannot make the node's real evidence look like a replay (the one exception,
+evidence from the hardware a node was pinned to in the instant after an operator reset that
+pin, is described at :meth:`PolicyService.identify_and_spend`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
+from opentelemetry import trace
 
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
@@ -51,6 +54,8 @@ from services.verifier.families.base import Status
 from services.verifier.worker import derived_id
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 
 log = telemetry.logger("policy")
 tracer = telemetry.tracer("policy")
@@ -61,6 +66,17 @@ POLICY_SIGNER = "policy"
 UNAUTHENTICATED = "evidence.unauthenticated"
 RETRY_BLOCKED_S = 2.0
 HISTORY_TIMEOUT_S = 5.0
+
+
+async def together(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Run two steps concurrently; the first failure cancels the other and is raised as
+    itself, since the consumer tells a rejection from a retryable failure by its type."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            one, two = group.create_task(first), group.create_task(second)
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return one.result(), two.result()
 
 
 class PolicyService:
@@ -253,6 +269,17 @@ class PolicyService:
             return challenge
 
     async def handle_verdict(self, msg: Msg) -> None:
+        """Appraise one verdict: EAR, routing, pin, nonce, policy, then the decision.
+
+        The order is what the guarantees need: the pin is read before a decision is made,
+        and the nonce spent before any decision is published (see :meth:`identify_and_spend`
+        for when the two go out together). An allow's decision and the node's standing (the
+        verdict a tightened rule would be re-checked against) are then written at the same
+        time, one round trip instead of two: should one fail, the verdict is delivered again
+        and both are written again, and a standing written without its decision can at most
+        make a re-evaluation deny the node, never allow it. A deny is published first and the
+        standing forgotten after, so a standing is never gone while the allow it backs may
+        still be in force."""
         assert self.nonces is not None and self.loader is not None
         with tracer.start_as_current_span(
             "policy.appraise", context=telemetry.extract(msg.headers)
@@ -277,13 +304,7 @@ class PolicyService:
                 await self.revoke_on_reappraisal(verdict, result)
                 return
             await self.defer_while_unreadable(msg)
-            pinned = await self.check_identity(verdict, result)
-            try:
-                await self.nonces.consume(result.subject.nonce, verdict.node, verdict.id)
-            except Rejected as exc:
-                log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
-                span.set_attribute("attestmesh.rejected", exc.reason)
-                raise
+            pinned = await self.identify_and_spend(verdict, result)
             await self.refresh()
             engine, blocked = self.loader.engine, self.loader.blocked_for(result.family)
             if blocked or engine is None:
@@ -299,15 +320,54 @@ class PolicyService:
                     self.pins.pin(verdict.node, result.hwid, evidence_id=verdict.evidence_id),
                 )
                 log.info("node.pinned", node=verdict.node, hwid=result.hwid)
-            expires = await self.publish_decision(verdict, result, allow, reasons)
             span.set_attribute("attestmesh.allow", allow)
             assert self.standing is not None
             if allow:
-                await self.standing.allowed(
-                    verdict, accepted_at=accepted_at, decision_expires_at=expires
+                issued = self.clock()
+                await together(
+                    self.publish_decision(verdict, result, True, reasons, issued_at=issued),
+                    self.standing.allowed(
+                        verdict,
+                        accepted_at=accepted_at,
+                        decision_expires_at=issued + timedelta(seconds=self.decision_ttl),
+                    ),
                 )
             else:
+                await self.publish_decision(verdict, result, False, reasons)
                 await self.standing.denied(verdict.node)
+
+    async def identify_and_spend(self, verdict: events.Verdict, result: ear.Result) -> bool:
+        """Check the evidence's identity, then spend its nonce; return whether the node was
+        pinned already.
+
+        A verdict refused on identity must leave the nonce unspent, so the pin is read
+        before the nonce is spent. When this replica last saw the node pinned to the very
+        hardware the evidence proves, the read (which still decides) and the nonce's
+        compare-and-set go out together instead, one round trip rather than two: the only
+        verdict that can then be refused after spending its nonce is one from the hardware
+        the node was pinned to until an operator reset the pin in that instant."""
+        if (
+            self.pins is not None
+            and result.authenticated
+            and self.pins.expects(verdict.node, result.hwid)
+        ):
+            pinned, _ = await together(
+                self.check_identity(verdict, result), self.spend(verdict, result)
+            )
+            return pinned
+        pinned = await self.check_identity(verdict, result)
+        await self.spend(verdict, result)
+        return pinned
+
+    async def spend(self, verdict: events.Verdict, result: ear.Result) -> None:
+        """Spend the verdict's nonce, or reject the verdict (a replay, another node's)."""
+        assert self.nonces is not None
+        try:
+            await self.nonces.consume(result.subject.nonce, verdict.node, verdict.id)
+        except Rejected as exc:
+            log.warning("verdict.rejected", node=verdict.node, reason=exc.reason)
+            trace.get_current_span().set_attribute("attestmesh.rejected", exc.reason)
+            raise
 
     async def defer_while_unreadable(self, msg: Msg) -> None:
         """While the buckets cannot be read (a server failing over), hand a fresh verdict
@@ -426,6 +486,7 @@ class PolicyService:
         *,
         reappraisal: bool = False,
         source: str = "",
+        issued_at: datetime | None = None,
     ) -> datetime:
         """``source`` tells apart decisions about one verdict made under different rules (a
         re-evaluation after a policy change), which de-duplication must not merge.
@@ -438,7 +499,7 @@ class PolicyService:
         re-attests several times a second under load, and the broker must tell which of two
         decisions is the newer (an older allow must never replace a newer deny)."""
         appraisal = summary.encode(result.claims, result.hwid) if allow else b""
-        now = self.clock()
+        now = issued_at or self.clock()
         expires = now + timedelta(seconds=self.decision_ttl)
         decision_id = derived_id("decision", f"{verdict.id}:{source}" if source else verdict.id)
         token = self.key.sign(

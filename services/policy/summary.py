@@ -19,7 +19,8 @@ every decision, and every secret request, expensive:
   :data:`MAX_ITEMS` such scalars (SNP's ``policy_flags``, Nitro's ``pcrs``); nested
   structures (SNP's ``tcb``, TPM ``events``) are left out, since their facts are also in
   flat claims (``reported_tcb``, ``pcr0``..) or are not a release criterion;
-* claims are taken in name order until their encoding would pass :data:`MAX_CLAIMS_BYTES`;
+* claims are taken in name order until their encoding (as the bytes carry them: compact
+  UTF-8 JSON) would pass :data:`MAX_CLAIMS_BYTES`;
 * every claim left out is named in ``claims_omitted`` (at most :data:`MAX_OMITTED`), so a
   policy author can see why a claim is missing. A claim is dropped whole, never truncated:
   a policy that requires it then finds nothing, and denies.
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -100,7 +100,7 @@ def bound_claims(claims: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for name in sorted(claims):
         value = claims[name]
         if len(kept) < MAX_CLAIMS and len(name) <= MAX_NAME and _flat(value):
-            cost = len(json.dumps({name: value})) - 1
+            cost = len(msgspec.json.encode({name: value})) - 1
             if size + cost <= MAX_CLAIMS_BYTES:
                 kept[name] = value
                 size += cost
