@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
 
 from services.mesh import events, subjects
-from services.mesh.bus import Bus
+from services.mesh.bus import Bus, StreamAck
 from services.mesh.errors import BusError, Rejected
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
@@ -123,7 +122,7 @@ async def test_the_standing_is_written_while_the_decision_is_in_flight(policy: _
     publish = policy.service.bus.publish
     seen: list[bool] = []
 
-    async def gated(subject: str, message: events.Message, **options: Any) -> PubAck:
+    async def gated(subject: str, message: events.Message, **options: Any) -> StreamAck:
         if isinstance(message, events.Decision):
             assert policy.used_by() == verdict.id
             await asyncio.wait_for(writing.wait(), 2.0)  # sequential writes never get here
