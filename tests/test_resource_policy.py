@@ -365,3 +365,47 @@ def test_an_evaluation_error_refuses() -> None:
     policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
     policy.offer(_signed(operator, 'package attestmesh.resource\ndecision := {"allow": 1}\n', 1))
     assert policy.check("node-1", "default/key/a", SNP) == "broker.resource_policy_failed"
+
+
+def _counting(policy: ResourcePolicy) -> list[int]:
+    """Count the engine's evaluations (the policy in force, wrapped)."""
+    assert policy.engine is not None
+    calls: list[int] = []
+    evaluate = policy.engine.evaluate
+
+    def counted(document: dict[str, Any]) -> Any:
+        calls.append(1)
+        return evaluate(document)
+
+    policy.engine.evaluate = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_deterministic_policy_answers_the_same_question_once() -> None:
+    operator = SigningKey.generate("operator")
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
+    policy.offer(_signed(operator, default_resource_policy(), 1))
+    calls = _counting(policy)
+    for _ in range(3):
+        assert policy.check("node-1", "default/key/a", SNP) is None
+        assert policy.check("node-1", "node-2/key/a", SNP) == "broker.resource_forbidden"
+    assert len(calls) == 2  # one per distinct question
+    assert policy.check("node-2", "node-2/key/a", SNP) is None and len(calls) == 3
+    shared_only = default_resource_policy().replace("may_read(node, repository) if", "x(node) if")
+    policy.offer(_signed(operator, shared_only, 2))  # a new policy forgets every answer
+    assert policy.check("node-2", "node-2/key/a", SNP) == "broker.resource_forbidden"
+
+
+def test_a_policy_reading_the_clock_is_asked_every_time() -> None:
+    operator = SigningKey.generate("operator")
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}))
+    clocked = (
+        "package attestmesh.resource\nimport rego.v1\n"
+        'decision := {"allow": time.now_ns() > 0, "reasons": []}\n'
+    )
+    policy.offer(_signed(operator, clocked, 1))
+    assert policy.engine is not None
+    calls = _counting(policy)
+    for _ in range(3):
+        policy.check("node-1", "default/key/a", SNP)
+    assert len(calls) == 3
