@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import nats
+import pytest
 
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
@@ -110,3 +111,33 @@ def test_the_family_named_in_a_nonce_request_is_bounded() -> None:
             assert exc.reason.startswith("wire."), bad
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+def _report(waiting: int, served: int) -> events.LoadReport:
+    return events.LoadReport(replica="b1", waiting=waiting, served=served)
+
+
+async def test_a_backed_up_broker_holds_back_every_family(bus: Bus) -> None:
+    now = [0.0]
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0, clock=lambda: now[0])
+    admission.on_report("broker", _report(40, 100))
+    assert admission.admits("snp")  # no rate known yet
+    now[0] = 0.5
+    admission.on_report("broker", _report(40, 110))  # 20/s: two seconds to drain 40
+    assert admission.backlog("snp") == 40 and admission.wait_s("tdx") == pytest.approx(2.0)
+    assert not admission.admits("snp") and not admission.admits("")
+    now[0] = 1.0
+    admission.on_report("broker", _report(40, 210))  # catching up: about 0.4 s now
+    assert admission.admits("snp")
+    now[0] = 1.0 + STALE_AFTER_S + 1  # a replica gone quiet no longer counts
+    assert admission.backlog("snp") == 0
+
+
+async def test_the_policy_hears_the_brokers_load(mesh: TestMesh) -> None:
+    assert mesh.policy is not None and mesh.policy.admission is not None
+    admission = mesh.policy.admission
+    for _ in range(50):
+        if admission._reported:
+            break
+        await asyncio.sleep(0.05)
+    assert [key.split("/")[0] for key in admission._reported] == ["broker"]

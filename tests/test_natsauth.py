@@ -107,6 +107,7 @@ async def test_node_identity_cannot_step_outside_its_own_subjects(
         ("pub", "attest.decision.node-a"),
         ("pub", "attest.verdict.snp.node-a"),
         ("pub", "attest.revoked.node-b"),
+        ("pub", "attest.load.broker"),  # a false load report would hold back every round
         ("pub", "$KV.policies.release"),
         ("pub", "$KV.nonces.x"),
         ("pub", "$KV.broker-state.x"),
@@ -150,6 +151,7 @@ async def test_services_stay_in_their_lanes(
             ("pub", "$KV.policies.release"),
             ("pub", "$KV.refvalues.snp"),
             ("pub", "attest.decision.node-a"),
+            ("pub", "attest.load.broker"),
             ("sub", "_INBOX_node_node-a.>"),
             ("sub", "attest.secret.*"),
         ],

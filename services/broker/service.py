@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
@@ -56,6 +57,7 @@ from services.mesh.errors import (
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.responder import Responder
 from services.policy import summary
 from services.policy.summary import AppraisalSummary
 from services.verifier.ear import unb64url
@@ -70,6 +72,8 @@ POLICY_SIGNER = "policy"
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
 FULL_CHECK_INTERVAL_S = 3600.0
+LOAD_REPORT_INTERVAL_S = 0.5
+_UNSENT = (nats.errors.Error, OSError)
 REVOKED_CLAIM = "v:revoked"
 """The claim (:mod:`.answers`) that makes a deny decision's ``revoked`` record happen once."""
 
@@ -131,6 +135,7 @@ class BrokerService:
         self.answers: Answers | None = None
         self.refusals = RefusalCounter()
         self.replays = Replays()
+        self._secret_requests: Responder | None = None
         self._full_check_at = time.monotonic()
         self.recorded = recorded.Recorded()
         """What this broker last saw under each node's decision key (:mod:`.recorded`)."""
@@ -155,7 +160,9 @@ class BrokerService:
                 await self.store.put(name, value)
                 log.info("secret.seeded", resource=name)
         await self._resource_watch.start()
-        await self.bus.serve(subjects.SECRET_ALL, self.on_secret_request, queue="broker")
+        self._secret_requests = await self.bus.serve(
+            subjects.SECRET_ALL, self.on_secret_request, queue="broker"
+        )
         desk = OperatorDesk(
             self.store, self.audit, data_key, self.trusted, signer=self.signer, clock=self.clock
         )
@@ -163,6 +170,7 @@ class BrokerService:
 
     async def run(self, stop: Any, *, max_deliver: int = 5, ack_wait: float = 30.0) -> None:
         maintenance = asyncio.create_task(self._maintenance(stop))
+        load = asyncio.create_task(self._report_load(stop))
         resource_watch = asyncio.create_task(self._resource_watch.run(stop))
         try:
             await self.bus.consume(
@@ -175,12 +183,31 @@ class BrokerService:
                 ack_wait=ack_wait,
             )
         finally:
-            for task in (maintenance, resource_watch):
+            for task in (maintenance, resource_watch, load):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             with contextlib.suppress(SealingError):
                 await self.flush_refusals()
+
+    async def _report_load(self, stop: asyncio.Event) -> None:
+        """Say every :data:`LOAD_REPORT_INTERVAL_S` how many secret requests wait here and
+        how many have been served: the policy admits no new rounds while the broker is
+        backed up (:mod:`services.policy.admission`). Best effort: a report that cannot be
+        sent is skipped, and the policy ignores a replica that has gone quiet."""
+        replica = events.new_id()[:16]
+        while not stop.is_set():
+            responder = self._secret_requests
+            if responder is not None:
+                report = events.LoadReport(
+                    replica=replica,
+                    waiting=min(responder.waiting, 1_000_000),
+                    served=responder.served,
+                )
+                with contextlib.suppress(*_UNSENT):
+                    await self.bus.notify(subjects.load("broker"), report)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LOAD_REPORT_INTERVAL_S)
 
     async def _maintenance(self, stop: asyncio.Event) -> None:
         """Every interval, or when an append reaches a checkpoint boundary: seal the refusal

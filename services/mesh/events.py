@@ -220,6 +220,16 @@ class Revocation(Message, frozen=True, kw_only=True):
     revoked_at: datetime = msgspec.field(default_factory=utcnow)
 
 
+class LoadReport(Message, frozen=True, kw_only=True):
+    """attest.load.<service>: how many requests wait in one replica of a request-serving
+    service, and how many it has served so far (the policy's admission reads it; only that
+    service's identity may publish on the subject)."""
+
+    replica: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    waiting: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+    served: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class SecretRequest(Message, frozen=True, kw_only=True):
     """attest.secret.<node> request: release ``resource`` wrapped to ``public_key`` under the
     decision ``decision_id``.

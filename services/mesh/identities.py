@@ -180,7 +180,11 @@ def policy(*, declare_streams: bool = True) -> Permissions:
                 ),
             ]
         ),
-        subscribe=(_inbox(subjects.inbox("policy")), f"{subjects.NONCE_ALL} policy"),
+        subscribe=(
+            _inbox(subjects.inbox("policy")),
+            f"{subjects.NONCE_ALL} policy",
+            subjects.LOAD_ALL,
+        ),
         responder=True,
     )
 
@@ -201,6 +205,7 @@ def broker(*, declare_streams: bool = True) -> Permissions:
                 *kv_watch(subjects.BUCKET_POLICIES),
                 f"$JS.API.STREAM.PURGE.KV_{bucket}",
                 "attest.revoked.*",
+                subjects.load("broker"),
                 subjects.dlq(subjects.STREAM_DECISIONS),
             ]
         ),

@@ -89,6 +89,9 @@ class Responder:
         self._waiting: asyncio.Queue[tuple[Msg, float]] = asyncio.Queue(queue_limit)
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Any = None
+        self.served = 0
+        """Requests that have left the queue: answered, failed, or dropped expired."""
+        self.running = 0
         self.shed: collections.Counter[str] = collections.Counter()
         """Requests refused busy or dropped expired, by reason (also a metric)."""
 
@@ -126,7 +129,9 @@ class Responder:
             msg, arrived = await self._waiting.get()
             if (self._clock() - arrived) * 1000 > EXPIRY_SHARE * request_timeout_ms(msg):
                 self._count(EXPIRED)
+                self.served += 1
                 continue
+            self.running += 1
             try:
                 reply = await self._handler(msg)
                 if msg.reply:
@@ -138,6 +143,14 @@ class Responder:
                 log.error(
                     "request.failed", subject=msg.subject, reason=reason, error=type(exc).__name__
                 )
+            finally:
+                self.running -= 1
+                self.served += 1
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued or being handled."""
+        return self._waiting.qsize() + self.running
 
     def _count(self, reason: str) -> None:
         self.shed[reason] += 1

@@ -87,6 +87,13 @@ def node_inbox(node: str) -> str:
     return f"_INBOX_node_{token(node)}"
 
 
+LOAD_ALL = "attest.load.*"
+
+
+def load(service: str) -> str:
+    return f"attest.load.{token(service)}"
+
+
 def dlq(stream: str) -> str:
     return f"attest.dlq.{token(stream)}"
 

@@ -35,13 +35,15 @@ from typing import Any
 
 import nats.errors
 
-from services.mesh import subjects, telemetry
+from services.mesh import events, subjects, telemetry
+from services.mesh.errors import ParseError
 
 DEFAULT_MAX_BACKLOG = 256
 DEFAULT_MAX_WAIT_S = 1.0
 MIN_BACKLOG = 16
 MIN_RATE = 1.0
 SMOOTHING = 0.5
+MAX_REPLICAS = 64
 POLL_INTERVAL_S = 0.5
 STALE_AFTER_S = 5.0
 VERIFIER_PREFIX = "verifier-"
@@ -86,19 +88,59 @@ class Admission:
         self._clock = clock
         self._stages: dict[tuple[str, str], _Stage] = {}
         self._read_at: float | None = None
+        self._reported: dict[str, tuple[float, _Stage]] = {}
+        """Per replica of a request-serving service (the broker), its latest load report
+        and when it came."""
 
     def __repr__(self) -> str:
         return f"Admission(max_backlog={self.max_backlog}, max_wait_s={self.max_wait_s})"
 
     def _behind(self, family: str) -> list[_Stage]:
-        """The stages a new round of ``family`` would queue in (none if unknown or stale)."""
-        if self._read_at is None or self._clock() - self._read_at > STALE_AFTER_S:
-            return []
+        """The stages a new round of ``family`` would queue in (none if unknown or stale):
+        the consumers' backlogs, and the requests waiting in each broker replica that has
+        reported lately."""
+        now = self._clock()
+        reported = [stage for at, stage in self._reported.values() if now - at <= STALE_AFTER_S]
+        if self._read_at is None or now - self._read_at > STALE_AFTER_S:
+            return reported
         pairs = [
             *SHARED,
             *([(subjects.STREAM_EVIDENCE, VERIFIER_PREFIX + family)] if family else []),
         ]
-        return [self._stages[pair] for pair in pairs if pair in self._stages]
+        return [self._stages[pair] for pair in pairs if pair in self._stages] + reported
+
+    def on_report(self, service: str, report: events.LoadReport) -> None:
+        """Take a replica's load report (requests waiting, served so far)."""
+        now = self._clock()
+        key = f"{service}/{report.replica}"
+        before = self._reported.get(key)
+        rate: float | None = None
+        if before is not None:
+            at, stage = before
+            if now > at and report.served >= stage.delivered:
+                recent = (report.served - stage.delivered) / (now - at)
+                rate = (
+                    recent
+                    if stage.rate is None
+                    else SMOOTHING * recent + (1 - SMOOTHING) * stage.rate
+                )
+        self._reported[key] = (now, _Stage(report.waiting, report.served, rate))
+        if len(self._reported) > MAX_REPLICAS:
+            oldest = min(self._reported, key=lambda k: self._reported[k][0])
+            del self._reported[oldest]
+
+    async def listen(self, nc: Any) -> Any:
+        """Subscribe to the services' load reports (``attest.load.*``)."""
+
+        async def on_message(msg: Any) -> None:
+            try:
+                report = events.decode(msg.data, events.LoadReport)
+            except ParseError:
+                log.debug("admission.bad_report", subject=msg.subject)
+                return
+            self.on_report(msg.subject.rsplit(".", 1)[-1], report)
+
+        return await nc.subscribe(subjects.LOAD_ALL, cb=on_message)
 
     def backlog(self, family: str) -> int:
         """Messages a new round of ``family`` would queue behind (0 if unknown or stale)."""

@@ -136,6 +136,8 @@ class PolicyService:
             clock=self.clock,
         )
         await self.reload()
+        if self.admission is not None:
+            await self.admission.listen(self.bus.nc)
         await self.bus.serve(subjects.NONCE_ALL, self.on_nonce_request, queue="policy")
 
     async def history(self, bucket: str) -> dict[str, list[bytes]]:

@@ -102,7 +102,7 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWrite" "appraisals" | fromJsonArray)
   (list "attest.decision.*" "attest.dlq.VERDICTS")
   (list "$JS.API.CONSUMER.LIST.EVIDENCE" "$JS.API.CONSUMER.LIST.VERDICTS" "$JS.API.CONSUMER.LIST.DECISIONS") -}}
-{{- $sub = append $sub "attest.nonce.* policy" -}}
+{{- $sub = concat $sub (list "attest.nonce.* policy" "attest.load.*") -}}
 {{- $responder = true -}}
 {{- else if eq $id "broker" -}}
 {{- $pub = concat $declare
@@ -114,7 +114,7 @@ pins or the audit log): that is an out-of-band step with the server's own creden
   (include "attestmesh.nats.kvWrite" "node-pins" | fromJsonArray)
   (include "attestmesh.nats.kvRead" "policies" | fromJsonArray)
   (include "attestmesh.nats.kvWatch" "policies" | fromJsonArray)
-  (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.dlq.DECISIONS") -}}
+  (list "$JS.API.STREAM.PURGE.KV_broker-state" "attest.revoked.*" "attest.load.broker" "attest.dlq.DECISIONS") -}}
 {{- $sub = concat $sub (list "attest.secret.* broker" "attest.operator.* broker") -}}
 {{- $responder = true -}}
 {{- else if hasPrefix "node-" $id -}}
