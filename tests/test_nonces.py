@@ -13,7 +13,14 @@ from services.mesh.bus import Bus
 from services.mesh.errors import Rejected
 from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
-from services.policy.nonces import MAC_PURPOSE, NONCE_BYTES, RANDOM_BYTES, NonceStore
+from services.policy.nonces import (
+    MAC_PURPOSE,
+    NONCE_BYTES,
+    RANDOM_BYTES,
+    SKEW_S,
+    NonceStore,
+    lifetime_for,
+)
 from services.testing.memkv import CountingKeyValue, MemoryKeyValue
 
 POLICY = SigningKey.generate("policy")
@@ -117,3 +124,32 @@ def test_the_nonce_key_is_short_and_bound_to_its_purpose() -> None:
     assert POLICY.derive(MAC_PURPOSE) == KEY
     assert POLICY.derive("another purpose") != KEY
     assert SigningKey.generate("policy").derive(MAC_PURPOSE) != KEY
+
+
+async def test_a_nonce_that_would_outlive_the_record_of_its_use_is_refused() -> None:
+    """An issuer whose clock runs ahead (or a bucket keeping entries too briefly) would give
+    nonces that stay valid after their use is forgotten, so they could be used again."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    ahead = NonceStore(MemoryKeyValue(), KEY, ttl=60.0, clock=lambda: now + timedelta(seconds=30))
+    consumer = NonceStore(MemoryKeyValue(), KEY, ttl=60.0, clock=lambda: now)
+    with pytest.raises(Rejected, match="policy.nonce_lifetime"):
+        await consumer.consume((await ahead.issue("n1")).nonce, "n1", "v")
+    slightly = NonceStore(MemoryKeyValue(), KEY, ttl=60.0, clock=lambda: now + timedelta(seconds=5))
+    await consumer.consume((await slightly.issue("n1")).nonce, "n1", "v")  # within the skew
+    brief = NonceStore(MemoryKeyValue(), KEY, ttl=60.0, clock=lambda: now, entry_ttl=30.0)
+    with pytest.raises(Rejected, match="policy.nonce_lifetime"):
+        await brief.consume((await consumer.issue("n1")).nonce, "n1", "v")
+
+
+def test_the_issued_lifetime_fits_the_bucket() -> None:
+    assert lifetime_for(120.0, None) == 120.0
+    assert lifetime_for(120.0, 150.0) == 120.0
+    assert lifetime_for(120.0, 60.0) == 60.0 - 2 * SKEW_S
+    with pytest.raises(ValueError):
+        lifetime_for(120.0, 2 * SKEW_S)
+
+
+async def test_the_bucket_keeps_a_use_longer_than_the_nonce_lives(bus: Bus) -> None:
+    status = await (await bus.key_value(subjects.BUCKET_NONCES)).status()
+    assert status.ttl is not None and status.ttl >= 60.0 + 2 * SKEW_S
+    assert lifetime_for(60.0, status.ttl) == 60.0

@@ -77,6 +77,9 @@ class StreamAck(msgspec.Struct, frozen=True):
     duplicate: bool = False
     error: _AckError | None = None
 
+NONCE_TTL_MARGIN_S = 30.0
+"""The ``nonces`` bucket keeps a used nonce's entry this much longer than the nonce lives
+(:mod:`services.policy.nonces`: its use must not be forgotten while it is valid)."""
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 UNREACHABLE_RETRY_S = 0.2
@@ -267,7 +270,9 @@ class Bus:
             )
             await self._retry(functools.partial(self._declare_stream, config))
         buckets = [
-            api.KeyValueConfig(bucket=subjects.BUCKET_NONCES, ttl=nonce_ttl, history=1),
+            api.KeyValueConfig(
+                bucket=subjects.BUCKET_NONCES, ttl=nonce_ttl + NONCE_TTL_MARGIN_S, history=1
+            ),
             api.KeyValueConfig(bucket=subjects.BUCKET_REFVALUES, history=5),
             api.KeyValueConfig(bucket=subjects.BUCKET_POLICIES, history=5),
             api.KeyValueConfig(bucket=subjects.BUCKET_COLLATERAL, history=1),

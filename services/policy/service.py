@@ -33,6 +33,8 @@ from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import (
     AttestmeshError,
+    BusError,
+    ConfigError,
     ParseError,
     PolicyError,
     Rejected,
@@ -45,7 +47,7 @@ from services.policy import summary
 from services.policy.admission import DEFAULT_MAX_BACKLOG, Admission
 from services.policy.engine import Outcome, PolicyEngine
 from services.policy.loader import UNAVAILABLE, Loader
-from services.policy.nonces import MAC_PURPOSE, NonceStore
+from services.policy.nonces import MAC_PURPOSE, NonceStore, lifetime_for
 from services.policy.pins import PinStore
 from services.policy.reevaluation import Standing
 from services.policy.release_policy import POLICY_KEY
@@ -112,11 +114,23 @@ class PolicyService:
     async def start(self) -> None:
         """Start serving even with no usable policy: decisions are then denied with a reason
         (fail closed) until an operator-signed policy arrives, rather than crash-looping."""
+        nonce_bucket = await self.bus.key_value(subjects.BUCKET_NONCES)
+        try:
+            bucket_ttl = (await nonce_bucket.status()).ttl
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError("bus.unavailable", f"nonces bucket: {type(exc).__name__}") from None
+        try:
+            lifetime = lifetime_for(self.nonce_ttl, bucket_ttl)
+        except ValueError as exc:
+            raise ConfigError("policy.nonce_bucket_ttl", str(exc)) from None
+        if lifetime < self.nonce_ttl:
+            log.warning("nonce.lifetime_shortened", configured=self.nonce_ttl, issued=lifetime)
         self.nonces = NonceStore(
-            NatsKeyValue(await self.bus.key_value(subjects.BUCKET_NONCES)),
+            NatsKeyValue(nonce_bucket),
             self.key.derive(MAC_PURPOSE),
-            ttl=self.nonce_ttl,
+            ttl=lifetime,
             clock=self.clock,
+            entry_ttl=bucket_ttl,
         )
         if self.pinning:
             self.pins = PinStore(
