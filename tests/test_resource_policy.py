@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.broker.resources import ResourcePolicy
+from services.broker.resources import REMEMBER_S, ResourcePolicy, deterministic
 from services.mesh import subjects
 from services.mesh.errors import PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
@@ -409,3 +409,34 @@ def test_a_policy_reading_the_clock_is_asked_every_time() -> None:
     for _ in range(3):
         policy.check("node-1", "default/key/a", SNP)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "time.now_ns()",
+        "time .now_ns()",
+        "time\n  .now_ns()",
+        'io.jwt.decode_verify("x", {"secret": "s"})',
+        'crypto.x509.parse_and_verify_certificates("x")',
+        'rand.intn("x", 5)',
+        'uuid.rfc4122("x")',
+    ],
+)
+def test_a_varying_builtin_is_seen_however_it_is_written(call: str) -> None:
+    assert not deterministic(f"package attestmesh.resource\nx := {call}\n")
+
+
+def test_a_remembered_answer_is_asked_again_after_a_while() -> None:
+    operator = SigningKey.generate("operator")
+    now = [0.0]
+    policy = ResourcePolicy(TrustedKeys({"operator": operator.public_key()}), clock=lambda: now[0])
+    policy.offer(_signed(operator, default_resource_policy(), 1))
+    calls = _counting(policy)
+    policy.check("node-1", "default/key/a", SNP)
+    now[0] = REMEMBER_S - 1
+    policy.check("node-1", "default/key/a", SNP)
+    assert len(calls) == 1
+    now[0] = REMEMBER_S + 1
+    policy.check("node-1", "default/key/a", SNP)
+    assert len(calls) == 2

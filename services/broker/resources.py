@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -44,14 +46,30 @@ UNAVAILABLE = "broker.resource_policy_unavailable"
 FORBIDDEN = "broker.resource_forbidden"
 FAILED = "broker.resource_policy_failed"
 MAX_REMEMBERED_OUTCOMES = 16_384
-_VARYING_BUILTINS = ("time.", "rand.", "uuid.", "http.", "net.", "opa.runtime", "trace(")
+REMEMBER_S = 60.0
+"""An answer is asked again after this long, whatever the policy: a bound on any mistake in
+:func:`deterministic`."""
+_VARYING_BUILTINS = (
+    "time.",
+    "rand.",
+    "uuid.",
+    "http.",
+    "net.",
+    "opa.runtime",
+    "trace(",
+    "io.jwt.",
+    "crypto.x509.",
+)
 
 
 def deterministic(source: str) -> bool:
     """Whether the policy's answer depends only on its input: Rego has no function values,
-    so a builtin whose result varies (the clock, randomness, the network) is named in the
-    source wherever it is called; a policy naming none may have its answers remembered."""
-    return not any(name in source for name in _VARYING_BUILTINS)
+    so a builtin whose result varies (the clock, including the validity checks of JWT and
+    X.509 builtins; randomness; the network) is named in the source wherever it is called,
+    possibly with white space inside the reference (``time . now_ns``), which is taken out
+    before looking. A policy naming none may have its answers remembered."""
+    compact = "".join(source.split())
+    return not any(name in compact for name in _VARYING_BUILTINS)
 RETRY_BLOCKED_S = 2.0
 HISTORY_TIMEOUT_S = 5.0
 WATCH_POLL_S = 0.5
@@ -62,12 +80,15 @@ _READ_ERRORS = (BusError, nats.errors.Error, TimeoutError)
 class ResourcePolicy:
     """The compiled resource policy in force, or why there is none."""
 
-    def __init__(self, trusted: TrustedKeys) -> None:
+    def __init__(
+        self, trusted: TrustedKeys, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
         self.ledger = Ledger(
             subjects.BUCKET_POLICIES, RESOURCE.reason, trusted, validate=validate_resource
         )
         self.engine: PolicyEngine | None = None
-        self._outcomes: OrderedDict[bytes, Outcome] | None = None
+        self._outcomes: OrderedDict[bytes, tuple[float, Outcome]] | None = None
         """The outcome per input (by SHA-256), for the policy in force if it is
         :func:`deterministic`: a node re-attesting with the same claims asks the same question
         (evaluating it was about a tenth of the broker's CPU per release)."""
@@ -173,15 +194,19 @@ class ResourcePolicy:
         document = request_input(node, resource, appraisal, claims=self.claims)
         memo = self._outcomes
         key = hashlib.sha256(msgspec.json.encode(document)).digest() if memo is not None else b""
-        outcome = memo.get(key) if memo is not None else None
-        if outcome is None:
+        now = self._clock()
+        kept = memo.get(key) if memo is not None else None
+        if kept is not None and now - kept[0] <= REMEMBER_S:
+            outcome = kept[1]
+        else:
             try:
                 outcome = engine.evaluate(document)
             except PolicyError as exc:
                 log.error("resource_policy.evaluation_failed", reason=exc.reason)
                 return FAILED
             if memo is not None:
-                memo[key] = outcome
+                memo[key] = (now, outcome)
+                memo.move_to_end(key)
                 while len(memo) > MAX_REMEMBERED_OUTCOMES:
                     memo.popitem(last=False)
         if outcome.allow:
