@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from services.broker import replays
 from services.broker.audit import Outcome
 from services.broker.replays import Replays, request_key
+from services.collector.service import DEFAULT_RESOURCE
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
 from services.testing.mesh import TestMesh, ask_again
@@ -132,3 +133,49 @@ async def test_a_failed_first_copy_fails_its_waiting_copies_too() -> None:
     assert all(isinstance(result, RuntimeError) for result in results)
     make, made = _counting(_released())
     assert (await memo.answer(key, make))[1] is False and made == [1]
+
+
+async def _released_request(mesh: TestMesh, bus: Bus, name: str) -> Msg:
+    seen: list[Msg] = []
+
+    async def copy(msg: Msg) -> None:
+        seen.append(msg)
+
+    sub = await bus.nc.subscribe(subjects.secret(name), cb=copy)
+    assert (await mesh.node(bus, name).attest_once()).released
+    await sub.unsubscribe()
+    assert len(seen) == 1
+    return seen[0]
+
+
+async def _again(bus: Bus, original: Msg) -> events.SecretResponse:
+    reply = await bus.nc.request(original.subject, original.data, timeout=5.0)
+    return events.decode(reply.data, events.SecretResponse)
+
+
+async def test_a_replaced_secret_is_not_handed_out_again(mesh: TestMesh, bus: Bus) -> None:
+    original = await _released_request(mesh, bus, "node-r1")
+    assert (await _again(bus, original)).ok
+    assert mesh.broker is not None and mesh.broker.store is not None
+    await mesh.broker.store.put(DEFAULT_RESOURCE, b"replaced")
+    again = await _again(bus, original)
+    assert not again.ok and again.reason == "broker.already_released" and not again.ciphertext
+
+
+async def test_a_withdrawn_decision_is_not_answered_again(mesh: TestMesh, bus: Bus) -> None:
+    original = await _released_request(mesh, bus, "node-r2")
+    assert (await _again(bus, original)).ok
+    assert mesh.broker is not None and mesh.broker.state is not None
+    await mesh.broker.state.delete("decision.node-r2")  # as if revoked and then expired
+    mesh.broker.recorded = type(mesh.broker.recorded)()  # and this broker restarted
+    again = await _again(bus, original)
+    assert not again.ok and not again.ciphertext
+
+
+async def test_kept_answers_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(replays, "MAX_KEPT_BYTES", 10)
+    memo = Replays()
+    for index in range(5):
+        make, _ = _counting(_released("abcd"))
+        await memo.answer(request_key("s", str(index).encode()), make)
+    assert len(memo._kept) == 2 and memo._kept_bytes == 8

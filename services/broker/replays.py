@@ -15,9 +15,15 @@ it was wrong. Now a repeat gets the first copy's answer:
   data; handing it out again tells nobody anything new and adds no audit record (the
   release was recorded once). Refusals are never kept: the next copy is decided afresh.
 
+Before a kept answer is handed out again, the caller checks that it still holds
+(``still_holds``): the broker confirms the node's current decision is still the one it was
+released under and the secret is still the one released, so a revocation, a deletion or a
+replacement takes effect for repeats too.
+
 This is per broker process: a repeat that reaches another replica is still refused
 ``broker.already_released`` (its claim is shared, its answer is not: sharing it would put
-wrapped secrets in the bucket). Memory is bounded by :data:`MAX_KEPT` answers.
+wrapped secrets in the bucket). Memory is bounded by :data:`MAX_KEPT` answers and
+:data:`MAX_KEPT_BYTES` of them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from services.mesh import events
 
 KEEP_S = 60.0
 MAX_KEPT = 4096
+MAX_KEPT_BYTES = 16 * 1024 * 1024
 
 
 def request_key(subject: str, data: bytes) -> bytes:
@@ -44,6 +51,7 @@ class Replays:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._kept: OrderedDict[bytes, tuple[float, events.Message]] = OrderedDict()
+        self._kept_bytes = 0
         self._running: dict[bytes, asyncio.Future[events.Message]] = {}
         self.replayed = 0
 
@@ -55,29 +63,42 @@ class Replays:
         if found is None:
             return None
         if self._clock() - found[0] > KEEP_S:
-            del self._kept[key]
+            self._forget(key)
             return None
         return found[1]
 
     def _keep(self, key: bytes, answer: events.Message) -> None:
         now = self._clock()
+        self._forget(key)
         self._kept[key] = (now, answer)
-        self._kept.move_to_end(key)
+        self._kept_bytes += _size(answer)
         while self._kept and (
-            len(self._kept) > MAX_KEPT or now - next(iter(self._kept.values()))[0] > KEEP_S
+            len(self._kept) > MAX_KEPT
+            or self._kept_bytes > MAX_KEPT_BYTES
+            or now - next(iter(self._kept.values()))[0] > KEEP_S
         ):
-            self._kept.popitem(last=False)
+            self._forget(next(iter(self._kept)))
+
+    def _forget(self, key: bytes) -> None:
+        found = self._kept.pop(key, None)
+        if found is not None:
+            self._kept_bytes -= _size(found[1])
 
     async def answer(
-        self, key: bytes, make: Callable[[], Awaitable[events.Message]]
+        self,
+        key: bytes,
+        make: Callable[[], Awaitable[events.Message]],
+        still_holds: Callable[[events.Message], Awaitable[bool]] | None = None,
     ) -> tuple[events.Message, bool]:
         """``make()``'s answer to this request, made once while a copy is running and
-        replayed for :data:`KEEP_S` seconds if it released the secret; and whether it
-        was a copy's (already counted) answer."""
+        replayed for :data:`KEEP_S` seconds if it released the secret and ``still_holds``
+        says so; and whether it was a copy's (already counted) answer."""
         kept = self._recall(key)
         if kept is not None:
-            self.replayed += 1
-            return kept, True
+            if still_holds is None or await still_holds(kept):
+                self.replayed += 1
+                return kept, True
+            self._forget(key)
         running = self._running.get(key)
         if running is not None:
             await asyncio.wait([running])
@@ -103,3 +124,7 @@ class Replays:
         if isinstance(answer, events.SecretResponse) and answer.ok:
             self._keep(key, answer)
         return answer, False
+
+
+def _size(answer: events.Message) -> int:
+    return len(answer.ciphertext) if isinstance(answer, events.SecretResponse) else 0

@@ -20,7 +20,9 @@ import contextlib
 import hashlib
 import hmac
 import itertools
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -30,7 +32,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from services.broker import presented, recorded, release
+from services.broker import presented, recorded, release, replays
 from services.broker.answers import Answers, RefusalCounter
 from services.broker.audit import (
     DEFAULT_MAX_RECORDS,
@@ -135,6 +137,10 @@ class BrokerService:
         self.answers: Answers | None = None
         self.refusals = RefusalCounter()
         self.replays = Replays()
+        self._released: OrderedDict[str, tuple[str, str, str, bytes]] = OrderedDict()
+        """Per released answer (by message id): node, decision, resource and which secret,
+        so a kept answer is handed out again only while they still hold."""
+        self._fingerprint_key = secrets.token_bytes(32)
         self._secret_requests: Responder | None = None
         self._full_check_at = time.monotonic()
         self.recorded = recorded.Recorded()
@@ -432,7 +438,7 @@ class BrokerService:
 
     async def on_secret_request(self, msg: Msg) -> events.Message:
         answer, repeated = await self.replays.answer(
-            request_key(msg.subject, msg.data), lambda: self._answer(msg)
+            request_key(msg.subject, msg.data), lambda: self._answer(msg), self._still_holds
         )
         if repeated:
             metrics.releases.add(1, {"outcome": "repeated", "reason": ""})
@@ -587,7 +593,7 @@ class BrokerService:
         log.info("secret.released", node=request.node, resource=request.resource)
         if self.checkpoint_every > 0 and (record + 1) % self.checkpoint_every == 0:
             self._maintain_now.set()
-        return events.SecretResponse(
+        response = events.SecretResponse(
             node=request.node,
             resource=request.resource,
             ok=True,
@@ -595,6 +601,38 @@ class BrokerService:
             ciphertext=wrapped.ciphertext,
             audit_id=str(record),
         )
+        self._released[response.id] = (
+            request.node,
+            held.decision_id,
+            request.resource,
+            self._fingerprint(secret),
+        )
+        while len(self._released) > replays.MAX_KEPT:
+            self._released.popitem(last=False)
+        return response
+
+    def _fingerprint(self, secret: bytes) -> bytes:
+        """Which secret was released, without keeping it (a keyed digest, the key this
+        process's own)."""
+        return hmac.new(self._fingerprint_key, secret, hashlib.sha256).digest()
+
+    async def _still_holds(self, answer: events.Message) -> bool:
+        """Whether a kept answer may be handed out again: the node's current decision is
+        still the allow it was released under, and the secret still the one released."""
+        released = self._released.get(answer.id)
+        if released is None:
+            return False
+        node, decision_id, resource, fingerprint = released
+        try:
+            held = await self.current_decision(node)
+        except ReleaseError:
+            return False
+        if not held.allow or held.reappraisal or not hmac.compare_digest(
+            held.decision_id, decision_id
+        ):
+            return False
+        secret, reason = await self._read_secret(resource)
+        return reason is None and hmac.compare_digest(self._fingerprint(secret), fingerprint)
 
     async def _read_secret(self, resource: str) -> tuple[bytes, str | None]:
         """The secret, or why it cannot be had. A request that presents a genuine allow
