@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 from nats.aio.msg import Msg
@@ -33,6 +34,14 @@ def _challenge(node: str) -> events.NonceChallenge:
 async def _raw(bus: Bus, headers: dict[str, str] | None = None, timeout: float = 2.0) -> Msg:
     payload = events.encode(events.NonceRequest(node="node-r"))
     return await bus.nc.request(SUBJECT, payload, timeout=timeout, headers=headers)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never came about")
 
 
 async def test_requests_are_handled_at_once_not_one_after_another(bus: Bus) -> None:
@@ -74,9 +83,9 @@ async def test_a_full_queue_says_busy_at_once(bus: Bus) -> None:
 
     responder = await bus.serve(SUBJECT, slow, queue="policy", workers=1, queue_limit=1)
     first = asyncio.create_task(_raw(bus))
-    await asyncio.sleep(0.05)  # taken up by the worker
+    await _until(lambda: responder.running == 1)  # taken up by the worker
     second = asyncio.create_task(_raw(bus))
-    await asyncio.sleep(0.05)  # waiting in the queue
+    await _until(lambda: responder.waiting == 2)  # and one waiting in the queue
     started = time.monotonic()
     refused = await _raw(bus)
     assert time.monotonic() - started < 1.0
@@ -98,7 +107,7 @@ async def test_a_request_that_waited_past_its_timeout_is_dropped_unread(bus: Bus
 
     responder = await bus.serve(SUBJECT, slow, queue="policy", workers=1)
     first = asyncio.create_task(_raw(bus, timeout=5.0))
-    await asyncio.sleep(0.05)
+    await _until(lambda: responder.running == 1)
     stale = asyncio.create_task(_raw(bus, {TIMEOUT_HEADER: "200"}, timeout=0.2))
     with pytest.raises(TimeoutError):
         await stale

@@ -224,10 +224,6 @@ class AuditLog:
             actor=actor,
             reasons=why,
         )
-        now = self._clock()
-        if now.tzinfo is None:
-            raise SealingError("broker.audit_field_invalid", "clock must be timezone-aware")
-
         def make(seq: int, prev: bytes) -> AuditRecord:
             return AuditRecord(
                 seq=seq,
@@ -245,7 +241,10 @@ class AuditLog:
                 reasons=why,
             )
 
-        async with self._appending:
+        async with self._appending:  # the time too, so times follow the sequence
+            now = self._clock()
+            if now.tzinfo is None:
+                raise SealingError("broker.audit_field_invalid", "clock must be timezone-aware")
             return await self._append(make)
 
     async def _append(self, make: Callable[[int, bytes], AuditRecord]) -> AuditRecord:
@@ -359,7 +358,8 @@ class AuditLog:
                 self._kv, self._cursor, anchor, self._follows, self._longest
             )
         if cursor is None:
-            self._relist_prune = self._cursor is not None  # its remembered state proved wrong
+            # Its remembered state proved wrong (not merely an hourly full check).
+            self._relist_prune = self._cursor is not None and not full
             anchor, cursor = await self._walk_all(seen)
             if cursor is None:
                 return None

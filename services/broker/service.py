@@ -565,18 +565,14 @@ class BrokerService:
             reading = asyncio.ensure_future(self._read_secret(request.resource))
         try:
             held = await self._holder_of(request, offered)
-        except BaseException:
-            if reading is not None:
+            reason = early if held is offered else self._check(request, held)
+            secret = b""
+            if reason is None:
+                secret, reason = await (reading or self._read_secret(request.resource))
+        finally:
+            if reading is not None and not reading.done():
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
-            raise
-        reason = early if held is offered else self._check(request, held)
-        secret = b""
-        if reason is None:
-            secret, reason = await (reading or self._read_secret(request.resource))
-        elif reading is not None:
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
         if reason is not None:
             raise await self._refuse(request, held, reason, span)
         if not await self.answers.claim(

@@ -243,8 +243,9 @@ class SecretRequest(Message, frozen=True, kw_only=True):
     node: NodeId
     resource: ResourceName
     public_key: PublicKey
-    decision_id: Annotated[str, msgspec.Meta(max_length=64)]
-    evidence_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    decision_id: Annotated[str, msgspec.Meta(pattern=r"^[\x21-\x7e]{0,64}$")]
+    evidence_id: Annotated[str, msgspec.Meta(pattern=r"^[\x21-\x7e]{0,64}$")] = ""
+    """Printable ASCII (the broker compares them in constant time, which takes only ASCII)."""
     decision_token: Jws = ""
     decision_appraisal: Annotated[bytes, msgspec.Meta(max_length=MAX_APPRAISAL_BYTES)] = b""
 

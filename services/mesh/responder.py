@@ -90,7 +90,8 @@ class Responder:
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Any = None
         self.served = 0
-        """Requests that have left the queue: answered, failed, or dropped expired."""
+        """Requests whose handler ran (answered or failed); dropped ones are not counted,
+        as they say nothing of how fast this replica works through its queue."""
         self.running = 0
         self.shed: collections.Counter[str] = collections.Counter()
         """Requests refused busy or dropped expired, by reason (also a metric)."""
@@ -100,9 +101,13 @@ class Responder:
 
     async def start(self) -> Any:
         self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
-        self._sub = await self._nc.subscribe(
-            self._subject, queue=self._queue_group, cb=self._admit
-        )
+        try:
+            self._sub = await self._nc.subscribe(
+                self._subject, queue=self._queue_group, cb=self._admit
+            )
+        except BaseException:
+            await self.stop()
+            raise
         return self._sub
 
     async def stop(self) -> None:
@@ -129,7 +134,6 @@ class Responder:
             msg, arrived = await self._waiting.get()
             if (self._clock() - arrived) * 1000 > EXPIRY_SHARE * request_timeout_ms(msg):
                 self._count(EXPIRED)
-                self.served += 1
                 continue
             self.running += 1
             try:

@@ -190,7 +190,12 @@ class Admission:
         return _Stage(backlog, delivered, rate)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop``. Load shedding must never take the policy down with it: an
+        unexpected failure is logged, and the reading turns stale (admitting as before)."""
         while not stop.is_set():
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.error("admission.poll_failed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), POLL_INTERVAL_S)
