@@ -61,8 +61,7 @@ async def test_an_empty_value_reads_as_absent_as_before(bus: Bus) -> None:
 async def test_a_key_past_the_buckets_ttl_reads_as_absent(nats_server: NatsServer) -> None:
     bus = await Bus.connect(nats_server.url, "ttl")
     try:
-        await bus.setup(nonce_ttl=1.0)
-        kv = await _bucket(bus, subjects.BUCKET_NONCES)
+        kv = NatsKeyValue(await bus.js.create_key_value(bucket="short-lived", ttl=1.0))
         await kv.create("n1", b"v")
         assert await kv.get("n1") is not None
         for _ in range(100):
