@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.broker.held import STORED_SEPARATOR, DecisionReader
 from services.broker.resources import ResourcePolicy
-from services.broker.service import STORED_SEPARATOR, BrokerService
 from services.collector.simulator.node import simulated_source, test_pki
 from services.mesh import events, subjects, telemetry
 from services.mesh.keys import SigningKey, TrustedKeys
@@ -122,8 +122,8 @@ def measure() -> dict[str, Any]:
     token = signer.sign({**base, "appraisal_sha256": summary.digest(detached)})
     stored = token.encode() + STORED_SEPARATOR + detached
     inline = signer.sign({**base, **json.loads(detached)})
-    broker = BrokerService(None, trusted, None)  # type: ignore[arg-type]
-    appraisal = broker._read_stored(stored, "node-1").appraisal
+    decisions = DecisionReader(trusted, events.utcnow)
+    appraisal = decisions.stored(stored, "node-1").appraisal
     assert appraisal.claims["measurement"] == claims["measurement"]
 
     default = _policy(default_resource_policy(), operator, trusted)
@@ -150,9 +150,9 @@ def measure() -> dict[str, Any]:
         },
         "us_per_request": _medians_us(
             {
-                "read_decision": lambda: broker._read_stored(stored, "node-1"),
-                "read_decision_without_summary": lambda: broker._read_token(plain_token, "node-1"),
-                "read_decision_summary_inside": lambda: broker._read_token(inline, "node-1"),
+                "read_decision": lambda: decisions.stored(stored, "node-1"),
+                "read_decision_without_summary": lambda: decisions.read(plain_token, b"", "node-1"),
+                "read_decision_summary_inside": lambda: decisions.read(inline, b"", "node-1"),
                 "default_policy": lambda: default.check("node-1", "node-1/key/tls", appraisal),
                 "claim_policy": lambda: measured.check("node-2", "prod/key/db", appraisal),
                 "claim_policy_given_every_claim": lambda: engine.evaluate(document),

@@ -18,8 +18,9 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.broker import recorded
+from services.broker.held import DECISION_PREFIX, STORED_SEPARATOR
 from services.broker.recorded import Recorded
-from services.broker.service import DECISION_PREFIX, STORED_SEPARATOR, BrokerService
+from services.broker.service import BrokerService
 from services.mesh import events, subjects
 from services.mesh.errors import ReleaseError
 from services.mesh.keys import TrustedKeys
@@ -175,7 +176,7 @@ async def test_a_deny_recorded_elsewhere_wins_over_the_allow_this_broker_remembe
     assert (await mine._holder(_request(allow, allow_id))).decision_id == allow_id
     assert mine.recorded.holds(KEY, allow.encode() + STORED_SEPARATOR)
     deny, _ = _token(allow=False, after_us=200)
-    assert await other._record(KEY, deny.encode(), other._read_token(deny, NODE), NODE)
+    assert await other._record(KEY, deny.encode(), other.decisions.read(deny, b"", NODE), NODE)
     await mine.handle_decision(_delivered(allow))
     assert await _stored(mine) == deny.encode()
     assert await _refusal(mine, allow, allow_id) == "broker.decision_superseded"
@@ -191,7 +192,7 @@ async def test_a_deny_written_over_the_remembered_allow_by_compare_and_set() -> 
     await broker._holder(_request(allow, allow_id))
     deny, _ = _token(allow=False, after_us=200)
     record = deny.encode()
-    held = broker._read_token(deny, NODE)
+    held = broker.decisions.read(deny, b"", NODE)
     before = kv.calls.copy()
     assert await broker._record(KEY, record, held, NODE)
     assert kv.calls - before == {"update": 1}

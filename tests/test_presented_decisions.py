@@ -15,13 +15,9 @@ from datetime import timedelta
 import pytest
 
 from services.broker import presented
+from services.broker.held import DECISION_PREFIX, STORED_SEPARATOR, HeldDecision
 from services.broker.sealing import KeyFileSource
-from services.broker.service import (
-    DECISION_PREFIX,
-    STORED_SEPARATOR,
-    BrokerService,
-    HeldDecision,
-)
+from services.broker.service import BrokerService
 from services.collector.service import DEFAULT_RESOURCE
 from services.mesh import events, subjects
 from services.mesh.bus import Bus

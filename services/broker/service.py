@@ -19,12 +19,10 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import itertools
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -36,10 +34,14 @@ from services.broker import presented, recorded, release, replays
 from services.broker.answers import Answers, RefusalCounter
 from services.broker.audit import (
     DEFAULT_MAX_RECORDS,
-    MAX_FIELD,
-    MAX_REASONS,
     AuditLog,
     Outcome,
+)
+from services.broker.held import (
+    DECISION_PREFIX,
+    STORED_SEPARATOR,
+    DecisionReader,
+    HeldDecision,
 )
 from services.broker.operator import OperatorDesk
 from services.broker.replays import Replays, request_key
@@ -60,17 +62,10 @@ from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.responder import Responder
-from services.policy import summary
-from services.policy.summary import AppraisalSummary
-from services.verifier.ear import unb64url
 
 log = telemetry.logger("broker")
 tracer = telemetry.tracer("broker")
 
-DECISION_PREFIX = "decision."
-STORED_SEPARATOR = b"\n"
-"""Between a stored decision's token (never a newline in it) and its appraisal bytes."""
-POLICY_SIGNER = "policy"
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
 FULL_CHECK_INTERVAL_S = 3600.0
@@ -82,30 +77,6 @@ REVOKED_CLAIM = "v:revoked"
 
 class _Counted(ReleaseError):
     """A refusal that is counted, never sealed on its own (see :mod:`.answers`)."""
-
-
-@dataclass(frozen=True)
-class HeldDecision:
-    """The signed claims of a node's current decision."""
-
-    decision_id: str
-    issued_at: int
-    expires_at: int
-    allow: bool
-    public_key: bytes
-    verdict_id: str
-    evidence_id: str
-    reappraisal: bool
-    refused: bool = False
-    reasons: tuple[str, ...] = ()
-    """The policy's reasons for the decision, bounded (for the audit log)."""
-    appraisal: AppraisalSummary = field(default_factory=AppraisalSummary)
-    """What the resource policy learns of the appraisal (bounded; see
-    :mod:`services.policy.summary`): family and status from the token, the rest from the
-    bytes beside it once they match ``appraisal_sha256``."""
-    appraisal_sha256: str = ""
-    order: int = 0
-    """When the policy issued it, in microseconds (:func:`.presented.order_of`)."""
 
 
 class BrokerService:
@@ -127,6 +98,7 @@ class BrokerService:
         self.trusted = trusted
         self.sealing = sealing
         self.clock = clock
+        self.decisions = DecisionReader(trusted, clock)
         self.signer = signer
         self.max_records = max_records
         self.checkpoint_every = checkpoint_every
@@ -261,57 +233,6 @@ class BrokerService:
         log.info("audit.checkpointed", seq=made.seq, pruned=pruned)
         return pruned
 
-    def _read_token(self, token: str, node: str) -> HeldDecision:
-        """The signed claims of a decision about ``node``: a genuine token about another node
-        (moved under this node's key or subject) is refused like a forged one."""
-        claims = self.trusted.verify(
-            token, accept=lambda name: name == POLICY_SIGNER, now=self.clock()
-        )
-        if claims.get("node") != node:
-            raise VerificationError("broker.decision_wrong_node", "signed for another node")
-        try:
-            return HeldDecision(
-                decision_id=str(claims["jti"]),
-                issued_at=int(claims["iat"]),
-                expires_at=int(claims["exp"]),
-                allow=claims["allow"] is True,
-                public_key=unb64url(str(claims["public_key"])),
-                verdict_id=str(claims["verdict_id"]),
-                evidence_id=str(claims["evidence_id"]),
-                reappraisal=claims.get("reappraisal") is True,
-                refused=claims.get("refused") is True,
-                reasons=_bounded_reasons(claims.get("reasons")),
-                appraisal=AppraisalSummary(
-                    _bounded(claims.get("family", "")), _bounded(claims.get("status", ""))
-                ),
-                appraisal_sha256=_bounded(claims.get("appraisal_sha256", "")),
-                order=presented.order_of(claims),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise VerificationError("broker.decision_malformed", type(exc).__name__) from None
-
-    def _read_stored(self, raw: bytes, node: str) -> HeldDecision:
-        """A decision as kept in ``broker-state``: the token, then the appraisal bytes."""
-        token, _, appraisal = raw.partition(STORED_SEPARATOR)
-        return self._attach(self._read_token(token.decode(errors="replace"), node), appraisal)
-
-    @staticmethod
-    def _attach(held: HeldDecision, raw: bytes) -> HeldDecision:
-        """``held`` with the appraisal summary ``raw``, if its token signed their digest.
-
-        A deny carries none, and neither does a decision signed before summaries existed:
-        the resource policy then sees family and status only, and denies whatever needs a
-        claim."""
-        if not held.appraisal_sha256:
-            return held
-        if not summary.matches(raw, held.appraisal_sha256):
-            raise VerificationError("broker.appraisal_mismatch", "not the summary it signed")
-        try:
-            found = summary.decode(raw, family=held.appraisal.family, status=held.appraisal.status)
-        except ValueError as exc:
-            raise VerificationError("broker.decision_malformed", str(exc)) from None
-        return replace(held, appraisal=found)
-
     async def handle_decision(self, msg: Msg) -> None:
         assert self.state is not None
         with tracer.start_as_current_span(
@@ -320,9 +241,7 @@ class BrokerService:
             decision = events.decode(msg.data, events.Decision)
             span.set_attribute("attestmesh.node", decision.node)
             try:
-                held = self._attach(
-                    self._read_token(decision.token, decision.node), decision.appraisal
-                )
+                held = self.decisions.read(decision.token, decision.appraisal, decision.node)
             except VerificationError as exc:
                 if exc.reason == "token.expired":
                     return
@@ -374,7 +293,7 @@ class BrokerService:
             previous = None
             if current is not None:
                 with contextlib.suppress(VerificationError):
-                    previous = self._read_stored(current[0], node)
+                    previous = self.decisions.stored(current[0], node)
                 if previous is not None:
                     self.recorded.note(key, current[0], current[1], previous.order)
             if previous is not None and previous.order > held.order:
@@ -428,7 +347,7 @@ class BrokerService:
         if found is None:
             raise ReleaseError("broker.no_decision", "no decision recorded for this node")
         try:
-            held = self._read_stored(found[0], node)
+            held = self.decisions.stored(found[0], node)
         except VerificationError as exc:
             if exc.reason == "token.expired":
                 raise ReleaseError("broker.decision_expired", "re-attest for a fresh one") from None
@@ -500,7 +419,7 @@ class BrokerService:
                     DECISION_PREFIX + request.node,
                     record + request.decision_appraisal,
                     offered,
-                    lambda raw: self._stored(raw, request.node),
+                    lambda raw: self.decisions.stored_or_none(raw, request.node),
                     memory=self.recorded,
                 )
         except ReleaseError as exc:
@@ -517,9 +436,8 @@ class BrokerService:
         """The allow decision a request presents, verified; ``None`` for a decision only
         the consumer may record (a deny, a refusal, a re-appraisal)."""
         try:
-            offered = self._attach(
-                self._read_token(request.decision_token, request.node),
-                request.decision_appraisal,
+            offered = self.decisions.read(
+                request.decision_token, request.decision_appraisal, request.node
             )
         except VerificationError as exc:
             expired = exc.reason == "token.expired"
@@ -530,14 +448,6 @@ class BrokerService:
         if not offered.allow or offered.refused or offered.reappraisal:
             return None
         return offered
-
-    def _stored(self, raw: bytes, node: str) -> HeldDecision | None:
-        """A stored decision, or ``None`` if it no longer verifies (as the consumer treats
-        it: an expired or unreadable entry is no decision)."""
-        try:
-            return self._read_stored(raw, node)
-        except VerificationError:
-            return None
 
     async def _refuse(
         self, request: events.SecretRequest, held: HeldDecision, reason: str, span: trace.Span
@@ -672,22 +582,6 @@ class BrokerService:
             trace_id=format(ctx.trace_id, "032x") if ctx.is_valid else "",
         )
         return entry.seq
-
-
-def _bounded_reasons(signed: object) -> tuple[str, ...]:
-    """The signed reasons as the audit log takes them: at most 16 printable strings of at
-    most 253 characters (longer ones cut), anything else left out."""
-    if not isinstance(signed, list):
-        return ()
-    texts = (r[:MAX_FIELD] for r in signed if isinstance(r, str) and r and r.isprintable())
-    return tuple(itertools.islice(texts, MAX_REASONS))
-
-
-def _bounded(value: object, limit: int = 128) -> str:
-    """A short string claim of a verified token (``ValueError`` if it is not one)."""
-    if not isinstance(value, str) or len(value) > limit:
-        raise ValueError("a decision claim is not a short string")
-    return value
 
 
 def _refusal_kind(reason: str) -> str:
