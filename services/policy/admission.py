@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats.errors
@@ -59,6 +59,17 @@ class _Stage:
     delivered: int
     rate: float | None
     """Deliveries per second, smoothed over polls (``None`` until two readings)."""
+
+    def after(self, before: _Stage, elapsed: float) -> _Stage:
+        """This reading with its rate: deliveries since ``before``, ``elapsed`` seconds
+        earlier, smoothed with ``before``'s rate (none if the count went back: a new
+        consumer or replica)."""
+        if elapsed <= 0 or self.delivered < before.delivered:
+            return self
+        recent = (self.delivered - before.delivered) / elapsed
+        if before.rate is not None:
+            recent = SMOOTHING * recent + (1 - SMOOTHING) * before.rate
+        return replace(self, rate=recent)
 
     def wait_s(self) -> float:
         if self.rate is None or self.backlog == 0:
@@ -114,17 +125,10 @@ class Admission:
         now = self._clock()
         key = f"{service}/{report.replica}"
         before = self._reported.get(key)
-        rate: float | None = None
+        stage = _Stage(report.waiting, report.served, None)
         if before is not None:
-            at, stage = before
-            if now > at and report.served >= stage.delivered:
-                recent = (report.served - stage.delivered) / (now - at)
-                rate = (
-                    recent
-                    if stage.rate is None
-                    else SMOOTHING * recent + (1 - SMOOTHING) * stage.rate
-                )
-        self._reported[key] = (now, _Stage(report.waiting, report.served, rate))
+            stage = stage.after(before[1], now - before[0])
+        self._reported[key] = (now, stage)
         if len(self._reported) > MAX_REPLICAS:
             oldest = min(self._reported, key=lambda k: self._reported[k][0])
             del self._reported[oldest]
@@ -179,15 +183,8 @@ class Admission:
         backlog = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
         delivered = int(getattr(info.delivered, "consumer_seq", 0) or 0)
         before = self._stages.get(pair)
-        rate: float | None = None
-        if before is not None and elapsed > 0 and delivered >= before.delivered:
-            recent = (delivered - before.delivered) / elapsed
-            rate = (
-                recent
-                if before.rate is None
-                else SMOOTHING * recent + (1 - SMOOTHING) * before.rate
-            )
-        return _Stage(backlog, delivered, rate)
+        stage = _Stage(backlog, delivered, None)
+        return stage if before is None else stage.after(before, elapsed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop``. Load shedding must never take the policy down with it: an
