@@ -13,7 +13,15 @@ from services.mesh.bus import Bus
 from services.mesh.errors import ParseError
 from services.mesh.responder import BUSY
 from services.mesh.server import NatsServer
-from services.policy.admission import MIN_BACKLOG, MIN_RATE, STALE_AFTER_S, Admission
+from services.policy.admission import (
+    BURST,
+    MAX_RETRY_AFTER_S,
+    MIN_BACKLOG,
+    MIN_RATE,
+    MIN_RETRY_AFTER_S,
+    STALE_AFTER_S,
+    Admission,
+)
 from services.testing.mesh import TestMesh
 
 
@@ -134,6 +142,54 @@ async def test_a_backed_up_broker_holds_back_every_family(bus: Bus) -> None:
     assert admission.admits("snp")
     now[0] = 1.0 + STALE_AFTER_S + 1  # a replica gone quiet no longer counts
     assert admission.backlog("snp") == 0
+
+
+async def test_a_busy_mesh_admits_at_the_rate_its_slowest_stage_drains(bus: Bus) -> None:
+    """Nodes refused while the mesh was backed up come back together; paced, they are let in
+    at the rate the stages drain, not all at once."""
+    now = [0.0]
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0, clock=lambda: now[0])
+    admission.on_report("broker", _report(MIN_BACKLOG + 4, 100))
+    now[0] = 0.5
+    admission.on_report("broker", _report(MIN_BACKLOG + 4, 120))  # 40/s, 0.5 s to drain
+    burst = [admission.admits("snp") for _ in range(int(BURST) + 5)]
+    assert burst.count(True) == BURST and not any(burst[int(BURST) :])
+    now[0] = 0.625  # 1/8 s at 40/s: five more
+    later = [admission.admits("snp") for _ in range(7)]
+    assert later == [True] * 5 + [False] * 2
+    assert admission.admits("tdx")  # every family has its own pace
+    admission.on_report("broker", _report(MIN_BACKLOG - 1, 130))
+    assert all(admission.admits("snp") for _ in range(50))  # not busy: no pacing
+
+
+async def test_the_refused_are_told_to_come_back_as_fast_as_rounds_are_admitted(
+    bus: Bus,
+) -> None:
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0)
+    assert admission.retry_after_ms("snp") == MIN_RETRY_AFTER_S * 1000
+    admission.on_report("broker", _report(1000, 0))  # backed up: every round refused
+    hints = []
+    for _ in range(8):
+        assert not any(admission.admits("snp") for _ in range(10))
+        await admission.poll_once()
+        hints.append(admission.retry_after_ms("snp"))
+    assert hints == sorted(hints) and hints[0] > MIN_RETRY_AFTER_S * 1000
+    assert hints[-1] == MAX_RETRY_AFTER_S * 1000  # grows, within its bound
+    assert admission.retry_after_ms("tdx") == MIN_RETRY_AFTER_S * 1000  # not asked: no change
+    admission.on_report("broker", _report(0, 0))  # room again: nothing refused
+    for _ in range(8):
+        assert admission.admits("snp")
+        await admission.poll_once()
+    assert admission.retry_after_ms("snp") == MIN_RETRY_AFTER_S * 1000
+
+
+async def test_a_busy_nonce_answer_names_when_to_come_back(mesh: TestMesh, bus: Bus) -> None:
+    assert mesh.policy is not None and mesh.policy.admission is not None
+    admission = mesh.policy.admission
+    admission.on_report("broker", _report(admission.max_backlog, 0))
+    refused = await _nonce(bus, "node-a", "snp")
+    assert isinstance(refused, events.Refusal) and refused.reason == BUSY
+    assert refused.retry_after_ms == admission.retry_after_ms("snp") > 0
 
 
 async def test_the_policy_hears_the_brokers_load(mesh: TestMesh) -> None:

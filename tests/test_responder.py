@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from services.mesh import bus as bus_mod
 from services.mesh import events
 from services.mesh.bus import Bus
-from services.mesh.errors import BusError
+from services.mesh.errors import BusError, ParseError
 from services.mesh.responder import (
     BUSY,
     DEFAULT_TIMEOUT_MS,
@@ -159,6 +159,43 @@ async def test_a_sender_gives_up_busy_when_it_never_clears(bus: Bus) -> None:
             SUBJECT, events.NonceRequest(node="node-r"), events.NonceChallenge, retry_for=0.5
         )
     assert failed.value.reason == "bus.busy"
+
+
+async def test_a_sender_waits_as_long_as_the_busy_answer_says(bus: Bus) -> None:
+    asked: list[float] = []
+
+    async def answer(msg: Msg) -> events.Message:
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            return events.Refusal(reason=BUSY, retry_after_ms=400)
+        return _challenge("node-r")
+
+    await bus.serve(SUBJECT, answer, queue="policy")
+    got = await bus.request(SUBJECT, events.NonceRequest(node="node-r"), events.NonceChallenge)
+    assert got.node == "node-r"
+    assert 0.2 <= asked[1] - asked[0] <= 0.6 + 0.5  # half to one and a half times the hint
+
+
+async def test_a_sender_told_to_wait_past_its_budget_gives_up_at_once(bus: Bus) -> None:
+    async def busy(msg: Msg) -> events.Message:
+        return events.Refusal(reason=BUSY, retry_after_ms=20_000)
+
+    await bus.serve(SUBJECT, busy, queue="policy")
+    started = time.monotonic()
+    with pytest.raises(BusError) as failed:
+        await bus.request(
+            SUBJECT, events.NonceRequest(node="node-r"), events.NonceChallenge, retry_for=5.0
+        )
+    assert failed.value.reason == "bus.busy" and time.monotonic() - started < 2.0
+
+
+def test_the_retry_hint_is_bounded() -> None:
+    good = events.encode(events.Refusal(reason=BUSY, retry_after_ms=events.MAX_RETRY_AFTER_MS))
+    assert events.decode(good, events.Refusal).retry_after_ms == events.MAX_RETRY_AFTER_MS
+    for bad in (-1, events.MAX_RETRY_AFTER_MS + 1):
+        raw = good.replace(str(events.MAX_RETRY_AFTER_MS).encode(), str(bad).encode())
+        with pytest.raises(ParseError):
+            events.decode(raw, events.Refusal)
 
 
 def test_backoff_grows_randomised_and_capped() -> None:

@@ -359,7 +359,8 @@ class Bus:
         retry_for: float | None = None,
     ) -> M:
         """Request/reply, asked again while nobody answers (a responder restarting), the
-        request times out, or the responder says it is busy.
+        request times out, or the responder says it is busy (after the pause it names, if
+        it names one: between half and one and a half times that, so the refused spread out).
 
         Each retry sends the same bytes (the same request id). After a timeout or a busy
         answer it waits a randomised, growing pause (:func:`backoff_s`): a crowd of senders
@@ -375,6 +376,7 @@ class Bus:
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         attempt = 0
         while True:
+            hinted = 0
             try:
                 msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
             except _TRANSIENT as exc:
@@ -386,9 +388,11 @@ class Bus:
                     refusal = events.decode(msg.data, events.Refusal)
                     if refusal.reason != BUSY:
                         raise Rejected(refusal.reason, f"{subject} refused the request") from None
-                    failure = BUSY
+                    failure, hinted = BUSY, refusal.retry_after_ms
             overloaded = failure in (BUSY, "TimeoutError")
             pause = backoff_s(attempt) if overloaded else UNREACHABLE_RETRY_S
+            if hinted:
+                pause = hinted / 1000 * (0.5 + _jitter.random())
             if time.monotonic() + pause >= deadline:
                 reason = "bus.busy" if failure == BUSY else "bus.unavailable"
                 raise BusError(reason, failure)

@@ -299,10 +299,16 @@ class OperatorResponse(Message, frozen=True, kw_only=True):
     """For ``secret-list``: the names of the live secrets."""
 
 
+MAX_RETRY_AFTER_MS = 60_000
+
+
 class Refusal(Message, frozen=True, kw_only=True):
     """A reply saying a request was refused, with the reason code."""
 
     reason: str
+    retry_after_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRY_AFTER_MS)] = 0
+    """With ``mesh.busy``: when to ask again, about (0: no hint, the sender backs off on
+    its own). A service that knows its admission rate spreads the refused over time."""
 
 
 class DeadLetter(Message, frozen=True, kw_only=True):

@@ -19,6 +19,23 @@ rate each stage has delivered lately: the limit follows the machine, and a stage
 stopped delivering admits nothing behind it. One family's stalled verifier therefore holds
 back only that family's nodes.
 
+While the stages are busy (a backlog of :data:`MIN_BACKLOG` or more, but draining in time),
+rounds are also paced: each family admits at most as many rounds per second as the slowest
+stage behind it has lately delivered, with a burst of :data:`BURST`. Without pacing, the
+nodes refused while the mesh was backed up all came back together the moment a reading
+showed room, so the queues swung between empty and full every poll and an admitted round
+waited seconds in them. A stage with a backlog is busy, so what it delivers is what it can
+do: pacing at that rate keeps the queues level instead. Each policy replica paces on its
+own (the nonce requests are spread over the replicas, so the mesh may admit up to that many
+times the rate); the backlog limit bounds the total either way.
+
+A refused node is told when to come back (``retry_after_ms``). The hint is tuned each poll
+so that the refused come back at about the rate the family is admitting: refusals arriving
+faster than admissions lengthen it, slower shorten it (within :data:`MIN_RETRY_AFTER_S` and
+:data:`MAX_RETRY_AFTER_S`). Left to their own growing back-off, a crowd of refused nodes
+asked again ten to fifteen times per round admitted, and answering them cost the policy and
+the server as much as the rounds themselves.
+
 This is load shedding, not a security control: if the backlog cannot be read (the server
 failing over, no permission), or the last reading is older than :data:`STALE_AFTER_S`,
 rounds are admitted as before.
@@ -44,6 +61,10 @@ MIN_BACKLOG = 16
 MIN_RATE = 1.0
 SMOOTHING = 0.5
 MAX_REPLICAS = 64
+BURST = 16.0
+MAX_FAMILIES = 64
+MIN_RETRY_AFTER_S = 0.25
+MAX_RETRY_AFTER_S = 20.0
 POLL_INTERVAL_S = 0.5
 STALE_AFTER_S = 5.0
 VERIFIER_PREFIX = "verifier-"
@@ -102,6 +123,12 @@ class Admission:
         self._reported: dict[str, tuple[float, _Stage]] = {}
         """Per replica of a request-serving service (the broker), its latest load report
         and when it came."""
+        self._buckets: dict[str, tuple[float, float]] = {}
+        """Per family, the rounds it may still admit while paced, and when that was counted."""
+        self._answers: dict[str, list[int]] = {}
+        """Per family, rounds admitted and refused since the last poll."""
+        self._retry_after: dict[str, float] = {}
+        """Per family, the pause a refused node is told to take (seconds)."""
 
     def __repr__(self) -> str:
         return f"Admission(max_backlog={self.max_backlog}, max_wait_s={self.max_wait_s})"
@@ -155,13 +182,61 @@ class Admission:
         return sum(stage.wait_s() for stage in self._behind(family))
 
     def admits(self, family: str) -> bool:
+        admitted = self._admits(family)
+        counts = self._answers.get(family)
+        if counts is None:
+            if len(self._answers) >= MAX_FAMILIES:
+                return admitted
+            counts = self._answers[family] = [0, 0]
+        counts[0 if admitted else 1] += 1
+        return admitted
+
+    def _admits(self, family: str) -> bool:
         stages = self._behind(family)
         backlog = sum(stage.backlog for stage in stages)
         if backlog >= self.max_backlog:
             return False
-        return backlog < MIN_BACKLOG or sum(s.wait_s() for s in stages) < self.max_wait_s
+        if backlog < MIN_BACKLOG:
+            return True
+        if sum(s.wait_s() for s in stages) >= self.max_wait_s:
+            return False
+        return self._paced(family, stages)
+
+    def retry_after_ms(self, family: str) -> int:
+        """How long a node of ``family`` refused now should wait before asking again."""
+        return round(self._retry_after.get(family, MIN_RETRY_AFTER_S) * 1000)
+
+    def _retune(self) -> None:
+        """Per family, scale the hint by refusals over admissions since the last poll: at
+        one refusal per admission, the refused crowd comes back as fast as it is let in."""
+        for family, (admitted, refused) in self._answers.items():
+            hint = self._retry_after.get(family, MIN_RETRY_AFTER_S)
+            if refused:
+                hint *= min(refused / max(admitted, 1), 4.0)
+            else:
+                hint /= 2
+            self._retry_after[family] = min(max(hint, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
+        self._answers = {}
+        if len(self._retry_after) > MAX_FAMILIES:
+            self._retry_after = dict(list(self._retry_after.items())[-MAX_FAMILIES:])
+
+    def _paced(self, family: str, stages: list[_Stage]) -> bool:
+        """Take one round from ``family``'s bucket, refilled at the slowest stage's rate
+        (admitted freely while no stage's rate is known yet)."""
+        rates = [stage.rate for stage in stages if stage.rate is not None]
+        if not rates:
+            return True
+        now = self._clock()
+        tokens, at = self._buckets.pop(family, (BURST, now))
+        tokens = min(BURST, tokens + max(now - at, 0.0) * max(min(rates), MIN_RATE))
+        admitted = tokens >= 1.0
+        self._buckets[family] = (tokens - 1.0 if admitted else tokens, now)
+        if len(self._buckets) > MAX_FAMILIES:
+            del self._buckets[next(iter(self._buckets))]
+        return admitted
 
     async def poll_once(self) -> None:
+        self._retune()
         now = self._clock()
         found: dict[tuple[str, str], _Stage] = {}
         for stream in STREAMS:

@@ -279,7 +279,8 @@ class PolicyService:
                 return events.Refusal(reason="policy.routing_mismatch")
             if self.admission is not None and not self.admission.admits(request.family):
                 metrics.requests_shed.add(1, {"subject": subjects.NONCE_ALL, "reason": BACKLOG})
-                return events.Refusal(reason=BUSY)
+                hint = self.admission.retry_after_ms(request.family)
+                return events.Refusal(reason=BUSY, retry_after_ms=hint)
             challenge = await self.nonces.issue(request.node)
             log.info("nonce.issued", node=request.node)
             return challenge
