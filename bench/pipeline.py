@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench import ceiling
+from bench import ceiling, hops
 from bench import sweep as _sweep
 from bench.harness import FAMILY, Running, running_mesh
 from bench.loops import Phase, closed_loop, measured, open_loop
@@ -76,10 +76,12 @@ def run(
     """The ``pipeline`` member of the bench report (see the README's performance section);
     with ``sweep`` fractions of the peak, its ``sweep`` member too."""
     p384 = ceiling.p384(ceiling_s)
+    hop_ms = hops.round_trip_ms()
     names = [node_name(i) for i in range(nodes)]
     with running_mesh(names, processes=processes) as running:
         done = asyncio.run(_drive(running, nodes=nodes, seconds=seconds, fractions=sweep))
     out = report(done.peak, done.half, p384, nodes=nodes, processes=processes)
+    out["hop_ms"] = hop_ms
     if done.steps:
         out["sweep"] = [_sweep.row(f, phase, seconds) for f, phase in done.steps]
     return out

@@ -29,6 +29,12 @@ def print_mesh(report: dict[str, Any]) -> None:
     )
     if stages:
         print(f"  half load by stage, p50/p99 ms: {stages}")
+    hop = p.get("hop_ms")
+    if hop:
+        print(
+            f"  one hop through nats-server (request and reply), p50: {hop['busy']} ms back to "
+            f"back, {hop['after_idle']} ms after 10 ms idle"
+        )
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_attestation"].items())
     print(f"  CPU ms per attestation at peak: {cpu}")
     failed = {**p["failed"], **half["failed"]}

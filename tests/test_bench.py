@@ -73,6 +73,7 @@ def test_bench_reports_every_figure_positive_and_leaves_no_process(tmp_path: Pat
         <= 2 * pipeline["half_load"]["latency_ms"]["p99"]
     )
     assert pipeline["failed"] == {} and pipeline["half_load"]["failed"] == {}
+    assert pipeline["hop_ms"]["busy"] > 0 and pipeline["hop_ms"]["after_idle"] > 0
     cpu = pipeline["cpu_ms_per_attestation"]
     for service in ("verifier-snp", "policy", "broker", "nats-server", "driver"):
         assert cpu[service] > 0, service
