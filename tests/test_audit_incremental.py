@@ -29,9 +29,9 @@ class Counted(CountingKeyValue):
         super().__init__()
         self.listings = self.scans = self.purges = 0
 
-    async def keys(self) -> list[str]:
+    async def keys(self, prefix: str = "") -> list[str]:
         self.listings += 1
-        return await super().keys()
+        return await super().keys(prefix)
 
     async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
         self.scans += 1

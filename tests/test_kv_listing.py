@@ -54,6 +54,34 @@ async def test_lists_exactly_the_live_keys_despite_deletes_and_purges(bus: Bus) 
     assert len(expected) < 300 - 60  # the markers really were there to be filtered
 
 
+async def test_a_listing_under_a_prefix_asks_the_server_for_those_keys_alone(bus: Bus) -> None:
+    """The broker's audit listing used to check every key of its bucket, two per node, to
+    keep the audit records among them: at 2,000 nodes that was 16 % of its CPU."""
+    kv = await _bucket(bus)
+    for i in range(5):
+        await kv.create(f"audit.{i:012d}", b"r")
+        await kv.create(f"decision.node-{i}", b"d")
+    await kv.create("auditor", b"not under the prefix")
+    await kv.delete("audit.000000000003")
+    checked: list[str] = []
+    live = kv._live
+
+    async def counted(subject: str) -> bool:
+        checked.append(subject)
+        return await live(subject)
+
+    kv._live = counted  # type: ignore[method-assign]
+    listed = await kv.keys("audit.")
+    assert sorted(listed) == [f"audit.{i:012d}" for i in (0, 1, 2, 4)]
+    assert len(checked) == 5  # the other keys were never looked at
+    assert len(await kv.keys()) == 10
+    assert await kv.keys("nothing.") == []  # confirmed empty, though the bucket is not
+    for bad in ("audit", ".", "a b.", "audit.>"):
+        with pytest.raises(BusError):
+            await kv.keys(bad)
+    assert sorted(await MemoryKeyValue().keys("audit.")) == []
+
+
 async def test_a_long_listing_holds_a_bounded_number_of_tasks(bus: Bus) -> None:
     """The broker lists its whole audit log at every checkpoint; a task per key made its
     resident set climb with the log (about 1.8 KB a key while a listing ran)."""

@@ -128,9 +128,7 @@ class AuditLog:
 
     async def _sequence_numbers(self) -> list[int]:
         seqs = []
-        for key in await self._kv.keys():
-            if not key.startswith(AUDIT_PREFIX):
-                continue
+        for key in await self._kv.keys(AUDIT_PREFIX):
             match = SEQ_KEY.fullmatch(key)
             if match is None:
                 raise SealingError("broker.audit_chain_broken", f"stray key {key!r}")

@@ -88,8 +88,9 @@ class KeyValue(Protocol):
         """
         ...
 
-    async def keys(self) -> list[str]:
-        """All present keys, in no particular order.
+    async def keys(self, prefix: str = "") -> list[str]:
+        """All present keys (those under ``prefix``, a key and a dot, if given), in no
+        particular order.
 
         A listing that cannot be completed raises :class:`BusError` (:data:`LIST_FAILED`)
         and never returns a partial or empty list instead: callers derive security

@@ -248,8 +248,10 @@ class NatsKeyValue:
         except _UNAVAILABLE as exc:
             raise BusError("kv.unavailable", type(exc).__name__) from None
 
-    async def keys(self) -> list[str]:
-        """Every live key; raises ``kv.list_failed`` rather than ever returning a short list.
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Every live key (under ``prefix``, a key and a dot, if given: the server then
+        lists only those subjects); raises ``kv.list_failed`` rather than ever returning a
+        short list.
 
         Keys written while the listing runs may or may not appear; a key that exists
         throughout always does.
@@ -259,11 +261,11 @@ class NatsKeyValue:
         whole audit log (up to 20,000 records) at every checkpoint: its resident set rose
         with the log, step by step, for as long as the log grew.
         """
-        subjects = await self._subjects()
-        prefix = self._kv._pre
-        keys = [subject[len(prefix) :] for subject in subjects]
-        if any(not subject.startswith(prefix) for subject in subjects):
-            raise BusError(LIST_FAILED, "the bucket's stream holds a subject outside the bucket")
+        wanted = self._kv._pre + (validate_prefix(prefix) if prefix else "")
+        subjects = await self._subjects(wanted)
+        keys = [subject[len(self._kv._pre) :] for subject in subjects]
+        if any(not subject.startswith(wanted) for subject in subjects):
+            raise BusError(LIST_FAILED, "the server listed a subject outside the request")
         flags = [False] * len(subjects)
         turns = iter(enumerate(subjects))
 
@@ -279,10 +281,10 @@ class NatsKeyValue:
             raise failed.exceptions[0] from None
         return [key for key, present in zip(keys, flags, strict=True) if present]
 
-    async def _subjects(self) -> list[str]:
-        """Every subject of the bucket's stream that still holds a message."""
+    async def _subjects(self, wanted: str) -> list[str]:
+        """Every subject of the bucket's stream under ``wanted`` that still holds a message."""
         js = self._kv._js
-        request = msgspec.json.encode({"subjects_filter": f"{self._kv._pre}>"})
+        request = msgspec.json.encode({"subjects_filter": f"{wanted}>"})
         try:
             reply = await js._nc.request(
                 f"{js._prefix}.STREAM.INFO.{self._kv._stream}", request, timeout=js._timeout
@@ -300,9 +302,19 @@ class NatsKeyValue:
         total = len(found) if info.total is None else info.total
         if total != len(found) or len(found) >= MAX_LISTED_KEYS:
             raise BusError(LIST_FAILED, f"{len(found)} of {total} subjects returned")
-        if not found and info.state.messages > 0:
+        if not found and info.state.messages > 0 and not await self._none_under(wanted):
             raise BusError(LIST_FAILED, "the stream holds messages but reports no subjects")
         return list(found)
+
+    async def _none_under(self, wanted: str) -> bool:
+        """Whether no message is stored under ``wanted`` (asked directly, so that an empty
+        filtered listing is confirmed rather than trusted)."""
+        if wanted == self._kv._pre:
+            return False
+        try:
+            return await self._stored({"seq": 1, "next_by_subj": f"{wanted}>"}) is None
+        except BusError as exc:
+            raise BusError(LIST_FAILED, exc.reason) from None
 
     async def _live(self, subject: str) -> bool:
         """Whether the last message on ``subject`` is a value, not a delete or purge marker."""

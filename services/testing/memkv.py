@@ -101,12 +101,15 @@ class MemoryKeyValue:
         if current is not None:
             self._store(key, None)
 
-    async def keys(self) -> list[str]:
-        """All present keys, or :attr:`list_error` raised if a test has set one."""
+    async def keys(self, prefix: str = "") -> list[str]:
+        """All present keys (under ``prefix``), or :attr:`list_error` raised if a test has
+        set one."""
+        if prefix:
+            validate_prefix(prefix)
         await asyncio.sleep(0)
         if self.list_error is not None:
             raise self.list_error
-        return list(self._data)
+        return [key for key in self._data if key.startswith(prefix)]
 
     async def purge_before(self, prefix: str, revision: int) -> None:
         """Drop keys under ``prefix`` last written before ``revision`` (no markers here)."""
@@ -180,9 +183,9 @@ class CountingKeyValue(MemoryKeyValue):
         self.calls["delete"] += 1
         await super().delete(key, last_revision)
 
-    async def keys(self) -> list[str]:
+    async def keys(self, prefix: str = "") -> list[str]:
         self.calls["keys"] += 1
-        return await super().keys()
+        return await super().keys(prefix)
 
     async def purge_before(self, prefix: str, revision: int) -> None:
         self.calls["purge_before"] += 1
