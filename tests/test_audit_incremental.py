@@ -200,7 +200,7 @@ async def test_the_read_on_walk_on_a_real_bucket(bus: Bus) -> None:
     assert (await log.checkpoint()) is not None
     assert await log.prune(5) == 7
 
-    async def no_listing() -> list[str]:
+    async def no_listing(prefix: str = "") -> list[str]:
         raise AssertionError("listed the bucket")
 
     kv.keys = no_listing  # type: ignore[method-assign]
