@@ -6,10 +6,12 @@ shorter walk must still catch are in ``test_audit_incremental_attacks``."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from services.broker.audit import AuditLog, audit_key
+from services.broker.auditwalk import PACE_EVERY
 from services.broker.checkpoint import CHECKPOINT_KEY
 from services.mesh import subjects
 from services.mesh.bus import Bus
@@ -216,3 +218,55 @@ async def test_the_read_on_walk_on_a_real_bucket(bus: Bus) -> None:
     with pytest.raises(SealingError) as err:
         await log.checkpoint()
     assert err.value.reason == "broker.audit_chain_broken"
+
+
+class SlowListing(Counted):
+    """A listing that takes its time, as one over a large bucket does under load."""
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        listed = await super().keys(prefix)
+        await asyncio.sleep(0.05)
+        return listed
+
+
+async def test_a_first_checkpoint_under_load_is_not_mistaken_for_a_truncated_log() -> None:
+    """Releases go on while a fresh broker lists its log. Records appended after the listing
+    was taken are not in it; the log was once judged truncated for that
+    (``broker.audit_truncated`` at every first checkpoint of a busy broker, so it never
+    checkpointed, and so never pruned)."""
+    kv = SlowListing()
+    log = log_on(kv)
+    await grow(log, 10)
+    checkpointing = asyncio.ensure_future(log.checkpoint())
+    await asyncio.sleep(0.01)
+    await grow(log, 5, start=10)
+    made = await checkpointing
+    assert made is not None and made.seq == 9
+    following = await log.checkpoint()
+    assert following is not None and following.seq == 14
+
+
+async def test_a_listing_short_of_what_this_process_wrote_before_it_is_still_truncation() -> None:
+    kv = SlowListing()
+    log = log_on(kv)
+    await grow(log, 10)
+    kv.remove(audit_key(9))  # removed without a trace, before the listing
+    with pytest.raises(SealingError) as failed:
+        await log.checkpoint()
+    assert failed.value.reason == "broker.audit_truncated"
+
+
+async def test_a_checkpoint_walk_is_paced_when_asked(kv: Counted) -> None:
+    """A broker's checkpoint walk shares the event loop with its releases, so it pauses
+    after every few reads (both the first, listing walk and the ones reading on)."""
+    log = AuditLog(kv, KEY, clock=Clock(), signer=BROKER, trusted=TRUSTED, walk_pause_s=0.02)
+    await grow(log, 4 * PACE_EVERY)
+    started = time.perf_counter()
+    made = await log.checkpoint()
+    first = time.perf_counter() - started
+    await grow(log, 4 * PACE_EVERY, start=4 * PACE_EVERY)
+    started = time.perf_counter()
+    following = await log.checkpoint()
+    second = time.perf_counter() - started
+    assert made is not None and following is not None and following.seq == 8 * PACE_EVERY - 1
+    assert first >= 4 * 0.02 and second >= 3 * 0.02

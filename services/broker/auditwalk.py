@@ -22,6 +22,7 @@ checkpoint, among records that walk already verified, is left to the listing che
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from services.mesh.kv import KeyValue
 MAX_WALKED = 100_000
 """The most writes one walk reads on through before giving way to the full check (which
 fails loudly on a bucket that large)."""
+PACE_EVERY = 25
+"""A paced walk pauses after this many reads (see :func:`read_on`)."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,16 @@ async def read_on(
     anchor: Checkpoint | None,
     follows: Callable[[int, bytes, bytes], bool],
     longest: int,
+    *,
+    pause_s: float = 0.0,
 ) -> tuple[Cursor | None, int]:
     """Verify what was written to the log since ``cursor``; return where the chain now ends.
+
+    With ``pause_s``, the walk pauses that long after every :data:`PACE_EVERY` reads. A
+    walk costs its process about 0.15 ms of CPU per record, all of it on the event loop that
+    answers secret requests: a checkpoint of 1,000 records took 0.2 s back to back and held
+    up the releases meanwhile (rounds finishing during it took 30 ms longer, every 1,000
+    releases). Paced, the same work is spread thin; nothing waits on a checkpoint.
 
     ``follows(seq, blob, prev)`` says whether ``blob`` opens as record ``seq`` linking to
     ``prev``; ``longest`` is one past the newest record this process has seen. This costs
@@ -71,10 +82,23 @@ async def read_on(
     checking more, and the second value is that write's revision: a listing the caller takes
     next reflects every write up to it, so the walk after that need not meet them again.
     """
-    found, after = await _verify(kv, cursor, anchor, follows, longest)
+    pace = _Pace(pause_s)
+    found, after = await _verify(kv, cursor, anchor, follows, longest, pace=pace)
     if found is None:
-        after = await _newest(kv, after)
+        after = await _newest(kv, after, pace)
     return found, after
+
+
+class _Pace:
+    def __init__(self, pause_s: float) -> None:
+        self._pause_s = pause_s
+        self._reads = 0
+
+    async def read(self) -> None:
+        """Count a read; pause after every :data:`PACE_EVERY`."""
+        self._reads += 1
+        if self._pause_s > 0 and self._reads % PACE_EVERY == 0:
+            await asyncio.sleep(self._pause_s)
 
 
 async def _verify(
@@ -83,6 +107,8 @@ async def _verify(
     anchor: Checkpoint | None,
     follows: Callable[[int, bytes, bytes], bool],
     longest: int,
+    *,
+    pace: _Pace,
 ) -> tuple[Cursor | None, int]:
     """:func:`read_on`'s checks; the second value is the revision it stopped at."""
     after = cursor.after
@@ -97,6 +123,7 @@ async def _verify(
         return None, after
     seq, head, revision = cursor.seq, cursor.head, cursor.revision
     for _ in range(MAX_WALKED):
+        await pace.read()
         step = await kv.next_write(AUDIT_PREFIX, after)
         if step is None:
             break
@@ -113,10 +140,11 @@ async def _verify(
     return Cursor(seq=seq, head=head, revision=revision, after=after), after
 
 
-async def _newest(kv: KeyValue, after: int) -> int:
+async def _newest(kv: KeyValue, after: int, pace: _Pace) -> int:
     """The revision of the newest write to the log after ``after`` (at most
     :data:`MAX_WALKED` on)."""
     for _ in range(MAX_WALKED):
+        await pace.read()
         step = await kv.next_write(AUDIT_PREFIX, after)
         if step is None:
             break

@@ -69,6 +69,7 @@ tracer = telemetry.tracer("broker")
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_MAINTENANCE_INTERVAL_S = 60.0
 FULL_CHECK_INTERVAL_S = 3600.0
+AUDIT_WALK_PAUSE_S = 0.01
 LOAD_REPORT_INTERVAL_S = 0.5
 _UNSENT = (nats.errors.Error, OSError)
 REVOKED_CLAIM = "v:revoked"
@@ -129,7 +130,12 @@ class BrokerService:
         if self.signer is not None:  # its own checkpoints, even if not yet published
             audit_trusted = self.trusted.including(self.signer.name, self.signer.public_key())
         self.audit = AuditLog(
-            self.state, data_key, clock=self.clock, signer=self.signer, trusted=audit_trusted
+            self.state,
+            data_key,
+            clock=self.clock,
+            signer=self.signer,
+            trusted=audit_trusted,
+            walk_pause_s=AUDIT_WALK_PAUSE_S,
         )
         self.answers = Answers(self.state, data_key)
         existing = set(await self.store.list())
