@@ -15,10 +15,12 @@ from services.mesh.responder import BUSY
 from services.mesh.server import NatsServer
 from services.policy.admission import (
     BURST,
+    HEADROOM,
     MAX_RETRY_AFTER_S,
     MIN_BACKLOG,
     MIN_RATE,
     MIN_RETRY_AFTER_S,
+    PACE_FROM,
     STALE_AFTER_S,
     Admission,
 )
@@ -154,12 +156,17 @@ async def test_a_busy_mesh_admits_at_the_rate_its_slowest_stage_drains(bus: Bus)
     admission.on_report("broker", _report(MIN_BACKLOG + 4, 120))  # 40/s, 0.5 s to drain
     burst = [admission.admits("snp") for _ in range(int(BURST) + 5)]
     assert burst.count(True) == BURST and not any(burst[int(BURST) :])
-    now[0] = 0.625  # 1/8 s at 40/s: five more
-    later = [admission.admits("snp") for _ in range(7)]
-    assert later == [True] * 5 + [False] * 2
+    now[0] = 0.625  # 1/8 s at 40/s with its headroom (50/s): six more
+    later = [admission.admits("snp") for _ in range(8)]
+    assert later == [True] * 6 + [False] * 2
+    assert HEADROOM * 40 == 50
     assert admission.admits("tdx")  # every family has its own pace
     admission.on_report("broker", _report(MIN_BACKLOG - 1, 130))
     assert all(admission.admits("snp") for _ in range(50))  # not busy: no pacing
+    now[0] = 1.0
+    admission.on_report("broker", _report(MIN_BACKLOG + 4, 130 + 40))  # a third of a second
+    assert admission.wait_s("snp") < PACE_FROM * admission.max_wait_s
+    assert all(admission.admits("snp") for _ in range(50))  # a short queue: no pacing
 
 
 async def test_the_refused_are_told_to_come_back_as_fast_as_rounds_are_admitted(

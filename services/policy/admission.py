@@ -19,15 +19,17 @@ rate each stage has delivered lately: the limit follows the machine, and a stage
 stopped delivering admits nothing behind it. One family's stalled verifier therefore holds
 back only that family's nodes.
 
-While the stages are busy (a backlog of :data:`MIN_BACKLOG` or more, but draining in time),
-rounds are also paced: each family admits at most as many rounds per second as the slowest
-stage behind it has lately delivered, with a burst of :data:`BURST`. Without pacing, the
-nodes refused while the mesh was backed up all came back together the moment a reading
-showed room, so the queues swung between empty and full every poll and an admitted round
-waited seconds in them. A stage with a backlog is busy, so what it delivers is what it can
-do: pacing at that rate keeps the queues level instead. Each policy replica paces on its
-own (the nonce requests are spread over the replicas, so the mesh may admit up to that many
-times the rate); the backlog limit bounds the total either way.
+While the stages are backing up (a backlog of :data:`MIN_BACKLOG` or more that would take
+from :data:`PACE_FROM` of ``max_wait_s`` to drain), rounds are also paced: each family admits
+at most :data:`HEADROOM` times as many rounds per second as the slowest stage behind it has
+lately delivered, with a burst of :data:`BURST`. Without pacing, the nodes refused while the
+mesh was backed up all came back together the moment a reading showed room, so the queues
+swung between empty and full every poll and an admitted round waited seconds in them. A
+stage with a backlog is busy, so what it delivers is what it can do: pacing at that rate
+keeps the queues level instead. Pacing starts no sooner: a mesh at its peak with a short
+queue would refuse rounds it could take, and keep their nodes waiting out a retry hint. Each
+policy replica paces on its own (the nonce requests are spread over the replicas, so the mesh
+may admit up to that many times the rate); the backlog limit bounds the total either way.
 
 A refused node is told when to come back (``retry_after_ms``). The hint is tuned each poll
 so that the refused come back at about the rate the family is admitting: refusals arriving
@@ -62,6 +64,8 @@ MIN_RATE = 1.0
 SMOOTHING = 0.5
 MAX_REPLICAS = 64
 BURST = 16.0
+PACE_FROM = 0.5
+HEADROOM = 1.25
 MAX_FAMILIES = 64
 MIN_RETRY_AFTER_S = 0.25
 MAX_RETRY_AFTER_S = 20.0
@@ -198,9 +202,10 @@ class Admission:
             return False
         if backlog < MIN_BACKLOG:
             return True
-        if sum(s.wait_s() for s in stages) >= self.max_wait_s:
+        wait = sum(s.wait_s() for s in stages)
+        if wait >= self.max_wait_s:
             return False
-        return self._paced(family, stages)
+        return wait < PACE_FROM * self.max_wait_s or self._paced(family, stages)
 
     def retry_after_ms(self, family: str) -> int:
         """How long a node of ``family`` refused now should wait before asking again."""
@@ -228,7 +233,8 @@ class Admission:
             return True
         now = self._clock()
         tokens, at = self._buckets.pop(family, (BURST, now))
-        tokens = min(BURST, tokens + max(now - at, 0.0) * max(min(rates), MIN_RATE))
+        rate = HEADROOM * max(min(rates), MIN_RATE)
+        tokens = min(BURST, tokens + max(now - at, 0.0) * rate)
         admitted = tokens >= 1.0
         self._buckets[family] = (tokens - 1.0 if admitted else tokens, now)
         if len(self._buckets) > MAX_FAMILIES:
