@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import hops
+
 
 def print_mesh(report: dict[str, Any]) -> None:
     print("verification (one core, chain and collateral cached; ceiling measured alongside):")
@@ -33,7 +35,7 @@ def print_mesh(report: dict[str, Any]) -> None:
     if hop:
         print(
             f"  one hop through nats-server (request and reply), p50: {hop['busy']} ms back to "
-            f"back, {hop['after_idle']} ms after 10 ms idle"
+            f"back, {hop['after_idle']} ms after {hops.IDLE_S * 1000:.0f} ms idle"
         )
     cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_ms_per_attestation"].items())
     print(f"  CPU ms per attestation at peak: {cpu}")

@@ -20,6 +20,7 @@ from services.policy.admission import (
     MIN_BACKLOG,
     MIN_RATE,
     MIN_RETRY_AFTER_S,
+    OTHER_FAMILIES,
     PACE_FROM,
     STALE_AFTER_S,
     Admission,
@@ -44,6 +45,16 @@ async def _poll_until(admission: Admission, family: str, at_least: int) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"backlog {admission.backlog(family)} never reached {at_least}")
+
+
+async def _verifiers(bus: Bus, *families: str) -> None:
+    """The families' verifier consumers, as their workers declare them."""
+    for family in families:
+        await bus.js.add_consumer(
+            subjects.STREAM_EVIDENCE,
+            durable_name=f"verifier-{family}",
+            filter_subject=subjects.evidence_family(family),
+        )
 
 
 async def _stall_snp_verifier(mesh: TestMesh, bus: Bus, waiting: int) -> None:
@@ -151,6 +162,8 @@ async def test_a_busy_mesh_admits_at_the_rate_its_slowest_stage_drains(bus: Bus)
     at the rate the stages drain, not all at once."""
     now = [0.0]
     admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0, clock=lambda: now[0])
+    await _verifiers(bus, "snp", "tdx")
+    await admission.poll_once()
     admission.on_report("broker", _report(MIN_BACKLOG + 4, 100))
     now[0] = 0.5
     admission.on_report("broker", _report(MIN_BACKLOG + 4, 120))  # 40/s, 0.5 s to drain
@@ -173,6 +186,8 @@ async def test_the_refused_are_told_to_come_back_as_fast_as_rounds_are_admitted(
     bus: Bus,
 ) -> None:
     admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0)
+    await _verifiers(bus, "snp", "tdx")
+    await admission.poll_once()
     assert admission.retry_after_ms("snp") == MIN_RETRY_AFTER_S * 1000
     admission.on_report("broker", _report(1000, 0))  # backed up: every round refused
     hints = []
@@ -188,6 +203,44 @@ async def test_the_refused_are_told_to_come_back_as_fast_as_rounds_are_admitted(
         assert admission.admits("snp")
         await admission.poll_once()
     assert admission.retry_after_ms("snp") == MIN_RETRY_AFTER_S * 1000
+
+
+async def test_made_up_families_share_one_pace_and_cannot_push_out_a_real_one(bus: Bus) -> None:
+    """The family is the node's word: a flood of invented names gets no state of its own."""
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0)
+    await _verifiers(bus, "snp")
+    await admission.poll_once()
+    admission.on_report("broker", _report(1000, 0))
+    for _ in range(3):
+        assert not any(admission.admits("snp") for _ in range(10))
+        await admission.poll_once()
+    grown = admission.retry_after_ms("snp")
+    assert grown > MIN_RETRY_AFTER_S * 1000
+    admission.on_report("broker", _report(0, 0))
+    for _ in range(3):  # junk only: the real family's hint is not reset, nor its entry gone
+        assert all(admission.admits(f"junk-{i}") for i in range(200))
+        await admission.poll_once()
+    assert admission.retry_after_ms("snp") == grown
+    assert set(admission._retry_after) <= {"snp", OTHER_FAMILIES}
+    assert set(admission._buckets) <= {"snp", OTHER_FAMILIES}
+
+
+async def test_broker_replicas_drain_side_by_side(bus: Bus) -> None:
+    """Two replicas at 50/s each are one stage at 100/s: neither's share is the pace."""
+    now = [0.0]
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0, clock=lambda: now[0])
+    await _verifiers(bus, "snp")
+    await admission.poll_once()
+    for replica in ("b1", "b2"):
+        admission.on_report("broker", events.LoadReport(replica=replica, waiting=30, served=0))
+    now[0] = 0.5
+    for replica in ("b1", "b2"):
+        admission.on_report("broker", events.LoadReport(replica=replica, waiting=30, served=25))
+    assert admission.backlog("snp") == 60
+    assert admission.wait_s("snp") == pytest.approx(0.6)  # 60 at 100/s, not 0.6 + 0.6
+    assert sum(admission.admits("snp") for _ in range(40)) == BURST
+    now[0] = 0.625  # 1/8 s at 1.25 x 100/s
+    assert sum(admission.admits("snp") for _ in range(40)) == 15
 
 
 async def test_a_busy_nonce_answer_names_when_to_come_back(mesh: TestMesh, bus: Bus) -> None:

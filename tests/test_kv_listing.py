@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import msgspec
 import pytest
 
 from services.broker.audit import AuditLog, Outcome
@@ -80,6 +81,39 @@ async def test_a_listing_under_a_prefix_asks_the_server_for_those_keys_alone(bus
         with pytest.raises(BusError):
             await kv.keys(bad)
     assert sorted(await MemoryKeyValue().keys("audit.")) == []
+
+
+async def test_a_filtered_listing_the_server_answers_empty_is_checked_not_trusted(
+    bus: Bus,
+) -> None:
+    """The audit derives "no records" from an empty listing, so an empty answer for a prefix
+    that does hold keys must raise, not list nothing."""
+    kv = await _bucket(bus)
+    for i in range(3):
+        await kv.create(f"audit.{i:012d}", b"r")
+    nc = kv._kv._js._nc
+    real = nc.request
+
+    class Reply:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+    async def emptied(subject: str, payload: bytes = b"", **kwargs: object) -> object:
+        reply = await real(subject, payload, **kwargs)  # type: ignore[arg-type]
+        if ".STREAM.INFO." not in subject:
+            return reply
+        info = msgspec.json.decode(reply.data)
+        info["state"]["subjects"] = {}
+        info.pop("total", None)
+        return Reply(msgspec.json.encode(info))
+
+    nc.request = emptied  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(BusError) as failed:
+            await kv.keys("audit.")
+    finally:
+        nc.request = real  # type: ignore[method-assign]
+    assert failed.value.reason == LIST_FAILED
 
 
 async def test_a_long_listing_holds_a_bounded_number_of_tasks(bus: Bus) -> None:

@@ -391,6 +391,23 @@ def test_chain_checks_are_cached(milan: tuple[AmdTestPki, TrustStore]) -> None:
     )
 
 
+def test_an_oversized_vek_is_parsed_each_time_never_kept(
+    milan: tuple[AmdTestPki, TrustStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evidence may carry any certificate up to the table's bound; kept, 2,048 of 60 KiB each
+    held 131 MiB in the verifier."""
+    sim = SnpSimulator(milan[0])
+    der = sim.vek_der()
+    snp_certs.clear_caches()
+    monkeypatch.setattr(snp_certs, "MAX_CACHED_VEK_BYTES", len(der) - 1)
+    first = snp_certs.load_vek(der, SigningKey.VCEK)
+    assert snp_certs.load_vek(der, SigningKey.VCEK) is not first
+    assert first.der == der
+    monkeypatch.setattr(snp_certs, "MAX_CACHED_VEK_BYTES", len(der))
+    kept = snp_certs.load_vek(der, SigningKey.VCEK)
+    assert snp_certs.load_vek(der, SigningKey.VCEK) is kept
+
+
 def test_build_report_is_parseable_for_all_versions(milan: tuple[AmdTestPki, TrustStore]) -> None:
     pki = milan[0]
     sim = SnpSimulator(pki)

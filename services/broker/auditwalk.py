@@ -90,6 +90,8 @@ async def read_on(
 
 
 class _Pace:
+    """Counts a walk's reads and pauses it every :data:`PACE_EVERY` (if asked to)."""
+
     def __init__(self, pause_s: float) -> None:
         self._pause_s = pause_s
         self._reads = 0

@@ -388,11 +388,13 @@ class Bus:
                     refusal = events.decode(msg.data, events.Refusal)
                     if refusal.reason != BUSY:
                         raise Rejected(refusal.reason, f"{subject} refused the request") from None
-                    failure, hinted = BUSY, refusal.retry_after_ms
+                    failure = BUSY
+                    if isinstance(refusal.retry_after_ms, int):
+                        hinted = refusal.retry_after_ms
             overloaded = failure in (BUSY, "TimeoutError")
             pause = backoff_s(attempt) if overloaded else UNREACHABLE_RETRY_S
             if hinted:
-                pause = hinted / 1000 * (0.5 + _jitter.random())
+                pause = max(hinted / 1000 * (0.5 + _jitter.random()), BACKOFF_FIRST_S)
             if time.monotonic() + pause >= deadline:
                 reason = "bus.busy" if failure == BUSY else "bus.unavailable"
                 raise BusError(reason, failure)

@@ -306,9 +306,13 @@ class Refusal(Message, frozen=True, kw_only=True):
     """A reply saying a request was refused, with the reason code."""
 
     reason: str
-    retry_after_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_RETRY_AFTER_MS)] = 0
-    """With ``mesh.busy``: when to ask again, about (0: no hint, the sender backs off on
-    its own). A service that knows its admission rate spreads the refused over time."""
+    retry_after_ms: (
+        Annotated[int, msgspec.Meta(ge=1, le=MAX_RETRY_AFTER_MS)] | msgspec.UnsetType
+    ) = msgspec.UNSET
+    """With ``mesh.busy``: when to ask again, about (unset: no hint, the sender backs off
+    on its own). A service that knows its admission rate spreads the refused over time.
+    Unset, the field is not encoded at all, so a refusal without a hint still reads as
+    before to a peer that does not know the field."""
 
 
 class DeadLetter(Message, frozen=True, kw_only=True):

@@ -13,7 +13,9 @@ machine load some listings also came back short.)
 Here a listing is a stream-info request for the bucket's subjects, answered from one view of
 the stream, followed by a read of the last message on each subject to drop those whose last
 operation was a delete or purge. Every failure or inconsistency on the way raises
-:class:`BusError` (``kv.list_failed``); an empty list only ever means an empty bucket.
+:class:`BusError` (``kv.list_failed``); an empty list only ever means an empty bucket (or,
+for a listing under a prefix, no key under it: an empty filtered answer is confirmed by
+reading the stream for a message under the prefix).
 
 Reads (``get``) are one stream-message request of our own too, the one nats-py's ``get``
 makes, decoded with msgspec: nats-py ran the stored message's headers through the standard
@@ -315,6 +317,8 @@ class NatsKeyValue:
             return await self._stored({"seq": 1, "next_by_subj": f"{wanted}>"}) is None
         except BusError as exc:
             raise BusError(LIST_FAILED, exc.reason) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusError(LIST_FAILED, f"stored message: {type(exc).__name__}") from None
 
     async def _live(self, subject: str) -> bool:
         """Whether the last message on ``subject`` is a value, not a delete or purge marker."""

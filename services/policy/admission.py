@@ -66,7 +66,7 @@ MAX_REPLICAS = 64
 BURST = 16.0
 PACE_FROM = 0.5
 HEADROOM = 1.25
-MAX_FAMILIES = 64
+OTHER_FAMILIES = "*"
 MIN_RETRY_AFTER_S = 0.25
 MAX_RETRY_AFTER_S = 20.0
 POLL_INTERVAL_S = 0.5
@@ -100,6 +100,17 @@ class _Stage:
         if self.rate is None or self.backlog == 0:
             return 0.0
         return self.backlog / max(self.rate, MIN_RATE)
+
+
+def _together(replicas: list[_Stage]) -> _Stage:
+    """Replicas of one service as one stage: their backlogs and rates add up (a replica
+    whose rate is not known yet adds its backlog only, which errs towards caution)."""
+    rates = [stage.rate for stage in replicas if stage.rate is not None]
+    return _Stage(
+        backlog=sum(stage.backlog for stage in replicas),
+        delivered=sum(stage.delivered for stage in replicas),
+        rate=sum(rates) if rates else None,
+    )
 
 
 class Admission:
@@ -139,10 +150,15 @@ class Admission:
 
     def _behind(self, family: str) -> list[_Stage]:
         """The stages a new round of ``family`` would queue in (none if unknown or stale):
-        the consumers' backlogs, and the requests waiting in each broker replica that has
-        reported lately."""
+        the consumers' backlogs, and the requests waiting in the broker, its replicas that
+        reported lately taken together (they drain side by side: one replica's rate is its
+        share of the stage's)."""
         now = self._clock()
-        reported = [stage for at, stage in self._reported.values() if now - at <= STALE_AFTER_S]
+        replicas: dict[str, list[_Stage]] = {}
+        for key, (at, stage) in self._reported.items():
+            if now - at <= STALE_AFTER_S:
+                replicas.setdefault(key.split("/", 1)[0], []).append(stage)
+        reported = [_together(stages) for stages in replicas.values()]
         if self._read_at is None or now - self._read_at > STALE_AFTER_S:
             return reported
         pairs = [
@@ -186,14 +202,18 @@ class Admission:
         return sum(stage.wait_s() for stage in self._behind(family))
 
     def admits(self, family: str) -> bool:
+        """Whether a round of ``family`` may start now (counted for the retry hint)."""
         admitted = self._admits(family)
-        counts = self._answers.get(family)
-        if counts is None:
-            if len(self._answers) >= MAX_FAMILIES:
-                return admitted
-            counts = self._answers[family] = [0, 0]
+        counts = self._answers.setdefault(self._tracked(family), [0, 0])
         counts[0 if admitted else 1] += 1
         return admitted
+
+    def _tracked(self, family: str) -> str:
+        """The family under which pacing and the hint are kept: a family with a verifier
+        consumer, else :data:`OTHER_FAMILIES`. The name comes from the node's request, so
+        made-up names must not each get state of their own (nor push out a real family's)."""
+        known = (subjects.STREAM_EVIDENCE, VERIFIER_PREFIX + family) in self._stages
+        return family if family and known else OTHER_FAMILIES
 
     def _admits(self, family: str) -> bool:
         stages = self._behind(family)
@@ -209,7 +229,7 @@ class Admission:
 
     def retry_after_ms(self, family: str) -> int:
         """How long a node of ``family`` refused now should wait before asking again."""
-        return round(self._retry_after.get(family, MIN_RETRY_AFTER_S) * 1000)
+        return round(self._retry_after.get(self._tracked(family), MIN_RETRY_AFTER_S) * 1000)
 
     def _retune(self) -> None:
         """Per family, scale the hint by refusals over admissions since the last poll: at
@@ -222,8 +242,6 @@ class Admission:
                 hint /= 2
             self._retry_after[family] = min(max(hint, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
         self._answers = {}
-        if len(self._retry_after) > MAX_FAMILIES:
-            self._retry_after = dict(list(self._retry_after.items())[-MAX_FAMILIES:])
 
     def _paced(self, family: str, stages: list[_Stage]) -> bool:
         """Take one round from ``family``'s bucket, refilled at the slowest stage's rate
@@ -232,13 +250,12 @@ class Admission:
         if not rates:
             return True
         now = self._clock()
-        tokens, at = self._buckets.pop(family, (BURST, now))
+        tracked = self._tracked(family)
+        tokens, at = self._buckets.get(tracked, (BURST, now))
         rate = HEADROOM * max(min(rates), MIN_RATE)
         tokens = min(BURST, tokens + max(now - at, 0.0) * rate)
         admitted = tokens >= 1.0
-        self._buckets[family] = (tokens - 1.0 if admitted else tokens, now)
-        if len(self._buckets) > MAX_FAMILIES:
-            del self._buckets[next(iter(self._buckets))]
+        self._buckets[tracked] = (tokens - 1.0 if admitted else tokens, now)
         return admitted
 
     async def poll_once(self) -> None:

@@ -11,8 +11,10 @@ VEK certificates certify the TCB they were derived for in extensions under
 IA5Strings, ``.4`` the hardware ID (VCEK; 64 raw bytes in older certificates, an OCTET STRING in
 newer ones, 8 bytes on Turin).
 
-Parsed VEKs and successful issuer checks are cached by their exact bytes: a worker sees the same
-few VCEKs over and over, and the cache makes a verification cost little more than its ECDSA check.
+Parsed VEKs and successful issuer checks are cached by the SHA-256 of their exact bytes: a
+worker sees the same VCEKs over and over, and the cache makes a verification cost little more
+than its ECDSA check. Only certificates of a genuine VEK's size are kept, so evidence carrying
+oversized ones cannot fill the verifier's memory through the cache.
 """
 
 from __future__ import annotations
@@ -111,13 +113,15 @@ VEK_CACHE_SIZE = 2048
 chips than this parses a VEK again for each report (at 512, a 2,000-node fleet spent 13 %
 of the verifier's CPU re-parsing and re-checking VCEKs)."""
 ISSUED_CACHE_SIZE = 4096
+MAX_CACHED_VEK_BYTES = 4096
+"""A genuine VCEK or VLEK is about 1.1 to 1.4 KB of DER; a larger one is parsed every time."""
 _VEK_CACHE: Lru[tuple[bytes, SigningKey], Vek] = Lru(VEK_CACHE_SIZE)
 _ISSUED_CACHE: Lru[bytes, bool] = Lru(ISSUED_CACHE_SIZE)
 
 
 def clear_caches() -> None:
-    """Forget cached VEKs and issuer checks (for tests: caches are keyed by exact bytes, so a
-    rotated trust store or a new VEK never needs them cleared)."""
+    """Forget cached VEKs and issuer checks (for tests: caches are keyed by digests of the
+    exact bytes, so a rotated trust store or a new VEK never needs them cleared)."""
     _VEK_CACHE.clear()
     _ISSUED_CACHE.clear()
 
@@ -143,6 +147,8 @@ def quiet_serial_zero_warning() -> None:
 def load_vek(blob: bytes, kind: SigningKey) -> Vek:
     """Parse a VCEK/VLEK (DER or PEM) and its AMD extensions; raises :class:`CollateralError`."""
     data = bytes(blob)
+    if len(data) > MAX_CACHED_VEK_BYTES:
+        return _parse_vek(data, kind)
     key = (hashlib.sha256(data).digest(), kind)
     cached = _VEK_CACHE.get(key)
     if cached is None:
