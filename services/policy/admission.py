@@ -244,8 +244,8 @@ class Admission:
         self._answers = {}
 
     def _paced(self, family: str, stages: list[_Stage]) -> bool:
-        """Take one round from ``family``'s bucket, refilled at the slowest stage's rate
-        (admitted freely while no stage's rate is known yet)."""
+        """Take one round from ``family``'s bucket, refilled at :data:`HEADROOM` times the
+        slowest stage's rate (admitted freely while no stage's rate is known yet)."""
         rates = [stage.rate for stage in stages if stage.rate is not None]
         if not rates:
             return True
