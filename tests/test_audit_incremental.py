@@ -31,9 +31,9 @@ class Counted(CountingKeyValue):
         super().__init__()
         self.listings = self.scans = self.purges = 0
 
-    async def keys(self, prefix: str = "") -> list[str]:
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         self.listings += 1
-        return await super().keys(prefix)
+        return await super().keys(prefix, pause_s=pause_s)
 
     async def next_write(self, prefix: str, after: int) -> tuple[str, bytes | None, int] | None:
         self.scans += 1
@@ -202,7 +202,7 @@ async def test_the_read_on_walk_on_a_real_bucket(bus: Bus) -> None:
     assert (await log.checkpoint()) is not None
     assert await log.prune(5) == 7
 
-    async def no_listing(prefix: str = "") -> list[str]:
+    async def no_listing(prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         raise AssertionError("listed the bucket")
 
     kv.keys = no_listing  # type: ignore[method-assign]
@@ -223,8 +223,8 @@ async def test_the_read_on_walk_on_a_real_bucket(bus: Bus) -> None:
 class SlowListing(Counted):
     """A listing that takes its time, as one over a large bucket does under load."""
 
-    async def keys(self, prefix: str = "") -> list[str]:
-        listed = await super().keys(prefix)
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
+        listed = await super().keys(prefix, pause_s=pause_s)
         await asyncio.sleep(0.05)
         return listed
 

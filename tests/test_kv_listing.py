@@ -83,6 +83,33 @@ async def test_a_listing_under_a_prefix_asks_the_server_for_those_keys_alone(bus
     assert sorted(await MemoryKeyValue().keys("audit.")) == []
 
 
+async def test_a_paced_listing_checks_one_key_at_a_time_with_pauses(bus: Bus) -> None:
+    """The broker's first checkpoint lists its whole log on the loop that answers secret
+    requests: sixteen checks at a time held rounds up by 60-110 ms."""
+    kv = await _bucket(bus)
+    for i in range(2 * natskv.LIST_PACE_EVERY + 3):
+        await kv.create(f"audit.{i:012d}", b"r")
+    live = kv._live
+    running = peak = 0
+
+    async def counted(subject: str) -> bool:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await live(subject)
+        finally:
+            running -= 1
+
+    kv._live = counted  # type: ignore[method-assign]
+    started = asyncio.get_running_loop().time()
+    paced = await kv.keys("audit.", pause_s=0.05)
+    assert asyncio.get_running_loop().time() - started >= 2 * 0.05
+    assert peak == 1
+    assert sorted(paced) == sorted(await kv.keys("audit."))
+    assert peak > 1  # unpaced, the checks overlap
+
+
 async def test_a_filtered_listing_the_server_answers_empty_is_checked_not_trusted(
     bus: Bus,
 ) -> None:

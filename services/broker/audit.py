@@ -133,7 +133,7 @@ class AuditLog:
 
     async def _sequence_numbers(self) -> list[int]:
         seqs = []
-        for key in await self._kv.keys(AUDIT_PREFIX):
+        for key in await self._kv.keys(AUDIT_PREFIX, pause_s=self._walk_pause_s):
             match = SEQ_KEY.fullmatch(key)
             if match is None:
                 raise SealingError("broker.audit_chain_broken", f"stray key {key!r}")

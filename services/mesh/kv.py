@@ -88,9 +88,10 @@ class KeyValue(Protocol):
         """
         ...
 
-    async def keys(self, prefix: str = "") -> list[str]:
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """All present keys (those under ``prefix``, a key and a dot, if given), in no
-        particular order.
+        particular order; ``pause_s`` asks a long listing to pause now and then, so that
+        requests sharing its event loop are not held up.
 
         A listing that cannot be completed raises :class:`BusError` (:data:`LIST_FAILED`)
         and never returns a partial or empty list instead: callers derive security

@@ -69,6 +69,7 @@ _UNAVAILABLE = (
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
+LIST_PACE_EVERY = 25
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -250,10 +251,11 @@ class NatsKeyValue:
         except _UNAVAILABLE as exc:
             raise BusError("kv.unavailable", type(exc).__name__) from None
 
-    async def keys(self, prefix: str = "") -> list[str]:
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """Every live key (under ``prefix``, a key and a dot, if given: the server then
         lists only those subjects); raises ``kv.list_failed`` rather than ever returning a
-        short list.
+        short list. With ``pause_s``, one task checks the keys and pauses that long after
+        every :data:`LIST_PACE_EVERY` (a listing sharing an event loop with requests).
 
         Keys written while the listing runs may or may not appear; a key that exists
         throughout always does.
@@ -274,10 +276,13 @@ class NatsKeyValue:
         async def check() -> None:
             for i, subject in turns:
                 flags[i] = await self._live(subject)
+                if pause_s > 0 and (i + 1) % LIST_PACE_EVERY == 0:
+                    await asyncio.sleep(pause_s)
 
+        checkers = 1 if pause_s > 0 else _LIST_CONCURRENCY
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(min(_LIST_CONCURRENCY, len(subjects))):
+                for _ in range(min(checkers, len(subjects))):
                     group.create_task(check())
         except ExceptionGroup as failed:  # the first failure, as the listing's own
             raise failed.exceptions[0] from None

@@ -101,12 +101,12 @@ class MemoryKeyValue:
         if current is not None:
             self._store(key, None)
 
-    async def keys(self, prefix: str = "") -> list[str]:
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """All present keys (under ``prefix``), or :attr:`list_error` raised if a test has
-        set one."""
+        set one (``pause_s``: one pause, as a paced listing would take)."""
         if prefix:
             validate_prefix(prefix)
-        await asyncio.sleep(0)
+        await asyncio.sleep(pause_s)
         if self.list_error is not None:
             raise self.list_error
         return [key for key in self._data if key.startswith(prefix)]
@@ -183,9 +183,9 @@ class CountingKeyValue(MemoryKeyValue):
         self.calls["delete"] += 1
         await super().delete(key, last_revision)
 
-    async def keys(self, prefix: str = "") -> list[str]:
+    async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         self.calls["keys"] += 1
-        return await super().keys(prefix)
+        return await super().keys(prefix, pause_s=pause_s)
 
     async def purge_before(self, prefix: str, revision: int) -> None:
         self.calls["purge_before"] += 1
