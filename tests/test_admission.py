@@ -252,6 +252,25 @@ async def test_a_busy_nonce_answer_names_when_to_come_back(mesh: TestMesh, bus: 
     assert refused.retry_after_ms == admission.retry_after_ms("snp") > 0
 
 
+async def test_a_burst_after_a_quiet_spell_is_not_judged_by_the_quiet_pace(bus: Bus) -> None:
+    """An idle stage delivers what it is offered, not what it can do: 32 nodes starting
+    together were refused for up to 0.95 s on the pace of the quiet spell before."""
+    now = [0.0]
+    admission = Admission(bus.js, max_backlog=1000, max_wait_s=1.0, clock=lambda: now[0])
+    admission.on_report("broker", _report(0, 0))
+    now[0] = 0.5
+    admission.on_report("broker", _report(40, 5))  # quiet until now: 10/s says nothing
+    assert admission.wait_s("snp") == 0.0 and admission.admits("snp")
+    now[0] = 1.0
+    admission.on_report("broker", _report(40, 55))  # busy throughout: 100/s is its pace
+    assert admission.wait_s("snp") == pytest.approx(0.4)
+    for at in (1.5, 2.0):  # a busy stage that stops: its pace halves each reading
+        now[0] = at
+        admission.on_report("broker", _report(40, 55))
+    assert admission.wait_s("snp") == pytest.approx(1.6)
+    assert not admission.admits("snp")
+
+
 async def test_the_policy_hears_the_brokers_load(mesh: TestMesh) -> None:
     assert mesh.policy is not None and mesh.policy.admission is not None
     admission = mesh.policy.admission

@@ -88,9 +88,17 @@ class _Stage:
     def after(self, before: _Stage, elapsed: float) -> _Stage:
         """This reading with its rate: deliveries since ``before``, ``elapsed`` seconds
         earlier, smoothed with ``before``'s rate (none if the count went back: a new
-        consumer or replica)."""
+        consumer or replica).
+
+        Only a stage that had a backlog (:data:`MIN_BACKLOG`) through the interval shows
+        what it can do; an idle one delivered what it was offered. Taking that as its pace
+        made a burst after a quiet spell look seconds long to drain (32 nodes starting
+        together waited up to 0.95 s for their nonces), so the rate learnt while it was
+        busy is kept instead."""
         if elapsed <= 0 or self.delivered < before.delivered:
             return self
+        if before.backlog < MIN_BACKLOG:
+            return replace(self, rate=before.rate)
         recent = (self.delivered - before.delivered) / elapsed
         if before.rate is not None:
             recent = SMOOTHING * recent + (1 - SMOOTHING) * before.rate
