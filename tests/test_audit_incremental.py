@@ -11,12 +11,12 @@ import time
 import pytest
 
 from services.broker.audit import AuditLog, audit_key
-from services.broker.auditwalk import PACE_EVERY
 from services.broker.checkpoint import CHECKPOINT_KEY
 from services.mesh import subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import SealingError
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.pace import EVERY as PACE_EVERY
 from services.testing.memkv import CountingKeyValue
 from tests.test_audit import BROKER, KEY, TRUSTED, Clock, append
 

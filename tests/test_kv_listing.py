@@ -14,7 +14,7 @@ import pytest
 
 from services.broker.audit import AuditLog, Outcome
 from services.broker.sealing import AeadKey
-from services.mesh import natskv, subjects
+from services.mesh import natskv, pace, subjects
 from services.mesh.bus import Bus
 from services.mesh.errors import BusError
 from services.mesh.kv import LIST_FAILED
@@ -87,7 +87,7 @@ async def test_a_paced_listing_checks_one_key_at_a_time_with_pauses(bus: Bus) ->
     """The broker's first checkpoint lists its whole log on the loop that answers secret
     requests: sixteen checks at a time held rounds up by 60-110 ms."""
     kv = await _bucket(bus)
-    for i in range(2 * natskv.LIST_PACE_EVERY + 3):
+    for i in range(2 * pace.EVERY + 3):
         await kv.create(f"audit.{i:012d}", b"r")
     live = kv._live
     running = peak = 0

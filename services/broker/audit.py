@@ -51,12 +51,13 @@ from services.broker.auditrecord import (
     audit_key,
     check_fields,
 )
-from services.broker.auditwalk import PACE_EVERY, Cursor, read_on
+from services.broker.auditwalk import Cursor, read_on
 from services.broker.checkpoint import Checkpoint
 from services.broker.sealing import AeadKey, open_sealed, seal
 from services.mesh.errors import ConfigError, SealingError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
+from services.mesh.pace import Pace
 
 __all__ = [
     "AUDIT_PREFIX",
@@ -300,9 +301,9 @@ class AuditLog:
         records: list[AuditRecord] = []
         prev: bytes | None = None
         revision = 0
-        for index, seq in enumerate(seqs, 1):
-            if self._walk_pause_s > 0 and index % PACE_EVERY == 0:
-                await asyncio.sleep(self._walk_pause_s)
+        pace = Pace(self._walk_pause_s)
+        for seq in seqs:
+            await pace.step()
             found = await self._kv.get(audit_key(seq))
             if found is None:
                 raise SealingError("broker.audit_chain_broken", f"{audit_key(seq)} vanished")

@@ -22,7 +22,6 @@ checkpoint, among records that walk already verified, is left to the listing che
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -31,12 +30,11 @@ from dataclasses import dataclass
 from services.broker.auditrecord import AUDIT_PREFIX, audit_key
 from services.broker.checkpoint import Checkpoint
 from services.mesh.kv import KeyValue
+from services.mesh.pace import Pace
 
 MAX_WALKED = 100_000
 """The most writes one walk reads on through before giving way to the full check (which
 fails loudly on a bucket that large)."""
-PACE_EVERY = 25
-"""A paced walk pauses after this many reads (see :func:`read_on`)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ async def read_on(
 ) -> tuple[Cursor | None, int]:
     """Verify what was written to the log since ``cursor``; return where the chain now ends.
 
-    With ``pause_s``, the walk pauses that long after every :data:`PACE_EVERY` reads. A
+    With ``pause_s``, the walk pauses that long every few reads (:mod:`services.mesh.pace`). A
     walk costs its process about 0.15 ms of CPU per record, all of it on the event loop that
     answers secret requests: a checkpoint of 1,000 records took 0.2 s back to back and held
     up the releases meanwhile (rounds finishing during it took 30 ms longer, every 1,000
@@ -82,25 +80,11 @@ async def read_on(
     checking more, and the second value is that write's revision: a listing the caller takes
     next reflects every write up to it, so the walk after that need not meet them again.
     """
-    pace = _Pace(pause_s)
+    pace = Pace(pause_s)
     found, after = await _verify(kv, cursor, anchor, follows, longest, pace=pace)
     if found is None:
         after = await _newest(kv, after, pace)
     return found, after
-
-
-class _Pace:
-    """Counts a walk's reads and pauses it every :data:`PACE_EVERY` (if asked to)."""
-
-    def __init__(self, pause_s: float) -> None:
-        self._pause_s = pause_s
-        self._reads = 0
-
-    async def read(self) -> None:
-        """Count a read; pause after every :data:`PACE_EVERY`."""
-        self._reads += 1
-        if self._pause_s > 0 and self._reads % PACE_EVERY == 0:
-            await asyncio.sleep(self._pause_s)
 
 
 async def _verify(
@@ -110,7 +94,7 @@ async def _verify(
     follows: Callable[[int, bytes, bytes], bool],
     longest: int,
     *,
-    pace: _Pace,
+    pace: Pace,
 ) -> tuple[Cursor | None, int]:
     """:func:`read_on`'s checks; the second value is the revision it stopped at."""
     after = cursor.after
@@ -125,7 +109,7 @@ async def _verify(
         return None, after
     seq, head, revision = cursor.seq, cursor.head, cursor.revision
     for _ in range(MAX_WALKED):
-        await pace.read()
+        await pace.step()
         step = await kv.next_write(AUDIT_PREFIX, after)
         if step is None:
             break
@@ -142,11 +126,11 @@ async def _verify(
     return Cursor(seq=seq, head=head, revision=revision, after=after), after
 
 
-async def _newest(kv: KeyValue, after: int, pace: _Pace) -> int:
+async def _newest(kv: KeyValue, after: int, pace: Pace) -> int:
     """The revision of the newest write to the log after ``after`` (at most
     :data:`MAX_WALKED` on)."""
     for _ in range(MAX_WALKED):
-        await pace.read()
+        await pace.step()
         step = await kv.next_write(AUDIT_PREFIX, after)
         if step is None:
             break

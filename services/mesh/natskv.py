@@ -41,6 +41,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Mapping
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -56,6 +57,7 @@ from services.mesh.kv import (
     validate_key,
     validate_prefix,
 )
+from services.mesh.pace import Pace
 
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
@@ -69,7 +71,6 @@ _UNAVAILABLE = (
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
-LIST_PACE_EVERY = 25
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -107,6 +108,9 @@ class _MessageReply(msgspec.Struct):
 class _PubAck(msgspec.Struct):
     error: _ApiError | None = None
     seq: int = 0
+
+
+_Reply = TypeVar("_Reply", _MessageReply, _PubAck)
 
 
 def _headers(block: bytes) -> dict[str, str]:
@@ -158,20 +162,35 @@ class NatsKeyValue:
             raise BusError("kv.api_error", "the server answered outside the request")
         return found.subject[len(self._kv._pre) :], self._value(found), found.seq
 
-    async def _stored(self, request: dict[str, object]) -> _StoredMessage | None:
-        """One stream-message request to the stream leader; ``None`` if no message matches."""
+    async def _ask(
+        self,
+        subject: str,
+        payload: bytes,
+        reply_type: type[_Reply],
+        what: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> _Reply:
+        """One request to the server, its reply decoded with msgspec: an unreachable
+        server is ``kv.unavailable``, a reply that does not decode ``kv.api_error``."""
         js = self._kv._js
         try:
-            reply = await js._nc.request(
-                f"{js._prefix}.STREAM.MSG.GET.{self._kv._stream}",
-                msgspec.json.encode(request),
-                timeout=js._timeout,
-            )
-            answer = msgspec.json.decode(reply.data, type=_MessageReply)
+            reply = await js._nc.request(subject, payload, timeout=js._timeout, headers=headers)
+            return msgspec.json.decode(reply.data, type=reply_type)
         except _UNAVAILABLE as exc:
             raise BusError("kv.unavailable", type(exc).__name__) from None
         except (msgspec.DecodeError, msgspec.ValidationError):
-            raise BusError("kv.api_error", "the stored-message reply is malformed") from None
+            raise BusError("kv.api_error", f"{what} is malformed") from None
+
+    async def _stored(self, request: dict[str, object]) -> _StoredMessage | None:
+        """One stream-message request to the stream leader; ``None`` if no message matches."""
+        js = self._kv._js
+        answer = await self._ask(
+            f"{js._prefix}.STREAM.MSG.GET.{self._kv._stream}",
+            msgspec.json.encode(request),
+            _MessageReply,
+            "the stored-message reply",
+        )
         if answer.error is not None:
             if answer.error.err_code == _NO_MESSAGE_FOUND:
                 return None
@@ -192,16 +211,13 @@ class NatsKeyValue:
 
     async def _write(self, key: str, value: bytes, last: int, conflict: str) -> int:
         """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one)."""
-        js = self._kv._js
-        try:
-            reply = await js._nc.request(
-                self._kv._pre + key, value, timeout=js._timeout, headers={_EXPECTED_LAST: str(last)}
-            )
-            answer = msgspec.json.decode(reply.data, type=_PubAck)
-        except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise BusError("kv.api_error", "the publish acknowledgement is malformed") from None
+        answer = await self._ask(
+            self._kv._pre + key,
+            value,
+            _PubAck,
+            "the publish acknowledgement",
+            headers={_EXPECTED_LAST: str(last)},
+        )
         if answer.error is not None:
             if answer.error.err_code in _WRONG_LAST_SEQUENCE:
                 raise WriteConflictError(conflict, "the key is not at the expected revision")
@@ -254,8 +270,8 @@ class NatsKeyValue:
     async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """Every live key (under ``prefix``, a key and a dot, if given: the server then
         lists only those subjects); raises ``kv.list_failed`` rather than ever returning a
-        short list. With ``pause_s``, one task checks the keys and pauses that long after
-        every :data:`LIST_PACE_EVERY` (a listing sharing an event loop with requests).
+        short list. With ``pause_s``, one task checks the keys and pauses that long every few
+        (:mod:`services.mesh.pace`: a listing sharing an event loop with requests).
 
         Keys written while the listing runs may or may not appear; a key that exists
         throughout always does.
@@ -273,13 +289,14 @@ class NatsKeyValue:
         flags = [False] * len(subjects)
         turns = iter(enumerate(subjects))
 
+        pace = Pace(pause_s)
+
         async def check() -> None:
             for i, subject in turns:
                 flags[i] = await self._live(subject)
-                if pause_s > 0 and (i + 1) % LIST_PACE_EVERY == 0:
-                    await asyncio.sleep(pause_s)
+                await pace.step()
 
-        checkers = 1 if pause_s > 0 else _LIST_CONCURRENCY
+        checkers = 1 if pace.paced else _LIST_CONCURRENCY
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(checkers, len(subjects))):
