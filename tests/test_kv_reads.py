@@ -14,7 +14,7 @@ import pytest
 
 from services.mesh import subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import BusError
+from services.mesh.errors import BusError, Unavailable
 from services.mesh.kv import KeyValue
 from services.mesh.natskv import NatsKeyValue
 from services.mesh.server import NatsServer
@@ -80,6 +80,7 @@ async def test_a_vanished_bucket_is_an_error_not_an_absent_key(bus: Bus) -> None
     with pytest.raises(BusError) as caught:
         await kv.get("snp")
     assert caught.value.reason == "kv.api_error"
+    assert not isinstance(caught.value, Unavailable)  # a refusal: no failover to wait out
 
 
 async def test_a_closed_connection_is_an_error(bus: Bus) -> None:
@@ -89,6 +90,7 @@ async def test_a_closed_connection_is_an_error(bus: Bus) -> None:
     with pytest.raises(BusError) as caught:
         await kv.get("k")
     assert caught.value.reason == "kv.unavailable"
+    assert isinstance(caught.value, Unavailable)
 
 
 async def _read_on(kv: KeyValue, prefix: str, after: int) -> list[tuple[str, bytes | None]]:

@@ -12,7 +12,7 @@ import pytest
 
 from services.mesh import subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import BusError
+from services.mesh.errors import BusError, Unavailable
 from services.mesh.keys import SigningKey
 from services.mesh.kv import LIST_FAILED
 from services.mesh.natskv import NatsKeyValue
@@ -34,6 +34,7 @@ async def test_reading_a_vanished_bucket_raises(bus: Bus) -> None:
     with pytest.raises(BusError) as caught:
         await refvalues.read_all(kv)
     assert caught.value.reason == LIST_FAILED
+    assert not isinstance(caught.value, Unavailable)  # gone, not failing over
 
 
 async def test_reading_over_a_closed_connection_raises(nats_server: NatsServer) -> None:
@@ -44,3 +45,4 @@ async def test_reading_over_a_closed_connection_raises(nats_server: NatsServer) 
     with pytest.raises(BusError) as caught:
         await refvalues.read_all(kv)
     assert caught.value.reason == LIST_FAILED
+    assert isinstance(caught.value, Unavailable)  # worth waiting out

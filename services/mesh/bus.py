@@ -36,7 +36,7 @@ from nats.js import JetStreamContext, api
 from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.cluster import server_urls
 from services.mesh.config import Config
-from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected
+from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected, Unavailable
 from services.mesh.responder import (
     BUSY,
     DEFAULT_QUEUE_LIMIT,
@@ -83,6 +83,9 @@ NONCE_TTL_MARGIN_S = 30.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 UNREACHABLE_RETRY_S = 0.2
+OUTAGE_RETRY_MAX_S = 1.0
+"""The longest pause between a consumer's in-place retries of a message while the mesh's
+servers do not answer: a recovered server is noticed within a second."""
 """The pause while no server or no responder is there: failing then costs the services
 nothing, and a quick retry notices a restarted one at once."""
 _jitter = random.SystemRandom()
@@ -305,13 +308,14 @@ class Bus:
                 return await op()
             except _TRANSIENT as exc:
                 if time.monotonic() >= deadline:
-                    raise BusError("bus.unavailable", f"{type(exc).__name__}") from None
+                    raise Unavailable("bus.unavailable", f"{type(exc).__name__}") from None
                 await asyncio.sleep(0.2)
             except nats.js.errors.APIError as exc:
-                if exc.code == 503 and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    continue
-                raise BusError("bus.api_error", f"{exc.code}: {exc.description}") from None
+                if exc.code != 503:
+                    raise BusError("bus.api_error", f"{exc.code}: {exc.description}") from None
+                if time.monotonic() >= deadline:
+                    raise Unavailable("bus.unavailable", f"503: {exc.description}") from None
+                await asyncio.sleep(0.2)
 
     async def publish(
         self,
@@ -396,8 +400,9 @@ class Bus:
             if hinted:
                 pause = max(hinted / 1000 * (0.5 + _jitter.random()), BACKOFF_FIRST_S)
             if time.monotonic() + pause >= deadline:
-                reason = "bus.busy" if failure == BUSY else "bus.unavailable"
-                raise BusError(reason, failure)
+                if failure == BUSY:
+                    raise BusError("bus.busy", failure)
+                raise Unavailable("bus.unavailable", failure)
             await asyncio.sleep(pause)
             attempt += 1
 
@@ -459,6 +464,14 @@ class Bus:
         psub = await self._retry(
             lambda: self.js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
         )
+        deliver = functools.partial(
+            self._deliver,
+            stream=stream,
+            handler=handler,
+            max_deliver=max_deliver,
+            stop=stop,
+            ack_wait=ack_wait,
+        )
         in_flight: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
@@ -475,9 +488,7 @@ class Bus:
                     await asyncio.sleep(0.5)
                     continue
                 for msg in msgs:
-                    in_flight.add(
-                        asyncio.create_task(self._deliver(msg, stream, handler, max_deliver))
-                    )
+                    in_flight.add(asyncio.create_task(deliver(msg)))
                 in_flight = _reap(in_flight)
             if in_flight:
                 await asyncio.gather(*in_flight)
@@ -490,13 +501,16 @@ class Bus:
     async def _deliver(
         self,
         msg: Msg,
+        *,
         stream: str,
         handler: Callable[[Msg], Awaitable[None]],
         max_deliver: int,
+        stop: asyncio.Event,
+        ack_wait: float,
     ) -> None:
         deliveries = msg.metadata.num_delivered
         try:
-            await handler(msg)
+            await self._handle_through_outages(msg, stream, handler, stop, ack_wait)
         except (ParseError, Rejected) as exc:
             await self._dead_letter(msg, stream, exc.reason, deliveries, exc.detail)
             return
@@ -511,6 +525,48 @@ class Bus:
             return
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.ack()
+
+    async def _handle_through_outages(
+        self,
+        msg: Msg,
+        stream: str,
+        handler: Callable[[Msg], Awaitable[None]],
+        stop: asyncio.Event,
+        ack_wait: float,
+    ) -> None:
+        """Run ``handler``; while it fails only because the mesh's own servers do not answer
+        (:class:`Unavailable`: a server lost, a stream electing a leader), run it again in
+        place, for up to this bus's ``retry_for``, keeping the message ours meanwhile (the
+        server is told so before each pause, and a pause is under half of ``ack_wait``).
+
+        Why: a delivery limit is a budget for messages that cannot be handled. Spent on a
+        failover instead (five quick redeliveries are over in seconds, an election on a
+        loaded machine can take longer), it dead-letters good evidence and its node never
+        gets a decision. Past ``retry_for``, or once ``stop`` is set, the failure is raised
+        and counts against the limit as any other would."""
+        gives_up = time.monotonic() + self.retry_for
+        attempt = 0
+        while True:
+            try:
+                await handler(msg)
+                return
+            except Unavailable as exc:
+                if stop.is_set() or time.monotonic() >= gives_up:
+                    raise
+                if attempt == 0:
+                    log.info("consume.waiting_out", stream=stream, reason=exc.reason)
+                failure = exc
+            except _TRANSIENT as exc:
+                if stop.is_set() or time.monotonic() >= gives_up:
+                    raise
+                failure = Unavailable("bus.unavailable", type(exc).__name__)
+            metrics.outage_retries.add(1, {"stream": stream, "reason": failure.reason})
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await msg.in_progress()
+            pause = min(backoff_s(attempt), OUTAGE_RETRY_MAX_S, ack_wait / 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            attempt += 1
 
     async def _retry_or_dead_letter(
         self, msg: Msg, stream: str, reason: str, deliveries: int, max_deliver: int

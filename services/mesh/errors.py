@@ -15,6 +15,8 @@ never on message text. Messages must never contain secret material.
     ├── Rejected              a well-formed message refused on security grounds (replayed
     │                         nonce, unknown signer): dead-lettered, never retried
     ├── BusError              NATS/JetStream failures, mapped at the boundary
+    │   └── Unavailable       the mesh's own servers did not answer (a failover): worth
+    │                         waiting out, never a verdict on the message
     └── ConfigError           bad configuration or CLI usage
 """
 
@@ -64,6 +66,12 @@ class Rejected(AttestmeshError):
 
 class BusError(AttestmeshError):
     """The message bus failed; third-party NATS errors are mapped to this."""
+
+
+class Unavailable(BusError):
+    """A server, stream or bucket did not answer, or had no leader to answer: the mesh's own
+    infrastructure, not the message. A consumer waits such a failure out in place rather than
+    spend the message's deliveries on it (:meth:`services.mesh.bus.Bus.consume`)."""
 
 
 class ConfigError(AttestmeshError):

@@ -70,6 +70,11 @@ requests_shed = _meter.create_counter(
 dead_letters = _meter.create_counter(
     "attestmesh_dead_letters", description="Messages dead-lettered, by stream and reason code"
 )
+outage_retries = _meter.create_counter(
+    "attestmesh_outage_retries",
+    description="Consumed messages handled again in place because the mesh's servers did not "
+    "answer (a failover), by stream and reason code: not counted against the delivery limit",
+)
 service_restarts = _meter.create_counter(
     "attestmesh_service_restarts",
     description="Service processes restarted by the supervisor, by service and exit reason",
@@ -96,6 +101,7 @@ NAMES = (
     "attestmesh_revocations_received_total",
     "attestmesh_dead_letters_total",
     "attestmesh_requests_shed_total",
+    "attestmesh_outage_retries_total",
     "attestmesh_service_restarts_total",
     "attestmesh_verification_seconds",
     "attestmesh_attestation_seconds",

@@ -48,7 +48,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
 
-from services.mesh.errors import BusError
+from services.mesh.errors import BusError, Unavailable
 from services.mesh.kv import (
     KEY_EXISTS,
     LIST_FAILED,
@@ -62,6 +62,8 @@ from services.mesh.pace import Pace
 _UNAVAILABLE = (
     nats.errors.TimeoutError,
     nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.NoStreamResponseError,
@@ -71,6 +73,7 @@ _UNAVAILABLE = (
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
+_SERVICE_UNAVAILABLE = 503
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
@@ -79,6 +82,7 @@ _MARKER_REASON = "Nats-Marker-Reason"
 
 
 class _ApiError(msgspec.Struct):
+    code: int = 0
     err_code: int = 0
 
 
@@ -111,6 +115,27 @@ class _PubAck(msgspec.Struct):
 
 
 _Reply = TypeVar("_Reply", _MessageReply, _PubAck)
+
+
+def _answer_error(error: _ApiError) -> BusError:
+    """A server's error answer: 503 (no leader, JetStream not ready) is a failover to wait
+    out, anything else the server's refusal."""
+    if error.code == _SERVICE_UNAVAILABLE:
+        return Unavailable("kv.unavailable", f"{error.err_code}")
+    return BusError("kv.api_error", f"{error.err_code}")
+
+
+def _api_error(exc: nats.js.errors.APIError) -> BusError:
+    """nats-py's API error, told apart the same way (its 503 is an ``APIError`` too)."""
+    if exc.code == _SERVICE_UNAVAILABLE:
+        return Unavailable("kv.unavailable", f"{exc.err_code}")
+    return BusError("kv.api_error", f"{exc.code}")
+
+
+def _list_failure(exc: Exception, step: str) -> BusError:
+    """A listing that failed at ``step``: waiting can help only if nobody answered."""
+    unanswered = isinstance(exc, (*_UNAVAILABLE, TimeoutError))
+    return (Unavailable if unanswered else BusError)(LIST_FAILED, f"{step}: {type(exc).__name__}")
 
 
 def _headers(block: bytes) -> dict[str, str]:
@@ -178,7 +203,7 @@ class NatsKeyValue:
             reply = await js._nc.request(subject, payload, timeout=js._timeout, headers=headers)
             return msgspec.json.decode(reply.data, type=reply_type)
         except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            raise Unavailable("kv.unavailable", type(exc).__name__) from None
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise BusError("kv.api_error", f"{what} is malformed") from None
 
@@ -194,7 +219,7 @@ class NatsKeyValue:
         if answer.error is not None:
             if answer.error.err_code == _NO_MESSAGE_FOUND:
                 return None
-            raise BusError("kv.api_error", f"{answer.error.err_code}")
+            raise _answer_error(answer.error)
         found = answer.message
         return found if found is not None and found.seq > 0 else None
 
@@ -221,7 +246,7 @@ class NatsKeyValue:
         if answer.error is not None:
             if answer.error.err_code in _WRONG_LAST_SEQUENCE:
                 raise WriteConflictError(conflict, "the key is not at the expected revision")
-            raise BusError("kv.api_error", f"{answer.error.err_code}")
+            raise _answer_error(answer.error)
         if answer.seq <= 0:
             raise BusError("kv.api_error", "the publish acknowledgement names no revision")
         return answer.seq
@@ -238,9 +263,9 @@ class NatsKeyValue:
         except nats.js.errors.APIError as exc:
             if exc.err_code == 10071:
                 raise WriteConflictError(KEY_EXISTS, "key exists") from None
-            raise BusError("kv.api_error", f"{exc.code}") from None
+            raise _api_error(exc) from None
         except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            raise Unavailable("kv.unavailable", type(exc).__name__) from None
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         return await self._write(validate_key(key), value, last_revision, REVISION_CONFLICT)
@@ -253,9 +278,9 @@ class NatsKeyValue:
         except nats.js.errors.APIError as exc:
             if exc.err_code == 10071:
                 raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-            raise BusError("kv.api_error", f"{exc.code}") from None
+            raise _api_error(exc) from None
         except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            raise Unavailable("kv.unavailable", type(exc).__name__) from None
 
     async def purge_before(self, prefix: str, revision: int) -> None:
         # A filtered stream purge up to a sequence: KV revisions are stream sequences.
@@ -263,9 +288,9 @@ class NatsKeyValue:
         try:
             await self._kv._js.purge_stream(self._kv._stream, seq=revision, subject=subject)
         except nats.js.errors.APIError as exc:
-            raise BusError("kv.api_error", f"{exc.code}") from None
+            raise _api_error(exc) from None
         except _UNAVAILABLE as exc:
-            raise BusError("kv.unavailable", type(exc).__name__) from None
+            raise Unavailable("kv.unavailable", type(exc).__name__) from None
 
     async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """Every live key (under ``prefix``, a key and a dot, if given: the server then
@@ -315,11 +340,12 @@ class NatsKeyValue:
             )
             info = msgspec.json.decode(reply.data, type=_StreamInfoReply)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(LIST_FAILED, f"stream info: {type(exc).__name__}") from None
+            raise _list_failure(exc, "stream info") from None
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise BusError(LIST_FAILED, "stream info reply is malformed") from None
         if info.error is not None:
-            raise BusError(LIST_FAILED, f"stream info: error {info.error.err_code}")
+            kind = Unavailable if info.error.code == _SERVICE_UNAVAILABLE else BusError
+            raise kind(LIST_FAILED, f"stream info: error {info.error.err_code}")
         if info.state is None:
             raise BusError(LIST_FAILED, "stream info carries no state")
         found = info.state.subjects or {}
@@ -338,9 +364,9 @@ class NatsKeyValue:
         try:
             return await self._stored({"seq": 1, "next_by_subj": f"{wanted}>"}) is None
         except BusError as exc:
-            raise BusError(LIST_FAILED, exc.reason) from None
+            raise type(exc)(LIST_FAILED, exc.reason) from None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(LIST_FAILED, f"stored message: {type(exc).__name__}") from None
+            raise _list_failure(exc, "stored message") from None
 
     async def _live(self, subject: str) -> bool:
         """Whether the last message on ``subject`` is a value, not a delete or purge marker."""
@@ -353,7 +379,7 @@ class NatsKeyValue:
                 raise BusError(LIST_FAILED, f"last message: error {exc.err_code}") from None
             return False  # removed by age or a stream purge since the stream info
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError(LIST_FAILED, f"last message: {type(exc).__name__}") from None
+            raise _list_failure(exc, "last message") from None
         if msg.subject != subject:
             raise BusError(LIST_FAILED, "the server answered for another subject")
         return not _is_marker(msg.headers)

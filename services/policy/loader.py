@@ -25,7 +25,7 @@ from typing import Any
 import nats.errors
 
 from services.mesh import events, subjects, telemetry
-from services.mesh.errors import BusError, PolicyError
+from services.mesh.errors import BusError, PolicyError, Unavailable
 from services.mesh.keys import TrustedKeys
 from services.mesh.kv import KeyValue
 from services.policy import refvalues, release_policy
@@ -76,6 +76,9 @@ class Loader:
         self.engine: PolicyEngine | None = None
         self.read_failed = False
         """The last reload could not read the buckets: what blocks decisions may pass."""
+        self.read_unanswered = False
+        """That failure was a server not answering (a failover), not a refusal such as a
+        missing bucket: worth waiting out before spending a verdict's deliveries on it."""
         self.blocked: str | None = UNAVAILABLE
         """Set: every decision is a deny with this reason (nothing good is known, or the
         buckets cannot be read right now)."""
@@ -98,18 +101,18 @@ class Loader:
         try:
             entry = await self.policies.get(POLICY_KEY)
         except _READ_ERRORS as exc:
-            self._block(UNAVAILABLE, f"reading the policy failed: {_describe(exc)}")
+            self._read_failure(UNAVAILABLE, "reading the policy failed", exc)
             return
         try:
             stored = await refvalues.read_all(self.refs)
         except _READ_ERRORS as exc:
-            self._block(REFVALUES_UNAVAILABLE, f"reading reference values failed: {_describe(exc)}")
+            self._read_failure(REFVALUES_UNAVAILABLE, "reading reference values failed", exc)
             return
         if not self._primed:
             try:
                 await self._prime()
             except _READ_ERRORS as exc:
-                self._block(UNAVAILABLE, f"reading KV history failed: {_describe(exc)}")
+                self._read_failure(UNAVAILABLE, "reading KV history failed", exc)
                 return
         self.read_failed = False
         policy = self.policy_ledger.offer(POLICY_KEY, entry[0] if entry else None)
@@ -202,6 +205,10 @@ class Loader:
             refvalues={f: d.version for f, d in refs.items()},
         )
         return True
+
+    def _read_failure(self, reason: str, what: str, exc: Exception) -> None:
+        self.read_unanswered = isinstance(exc, (Unavailable, nats.errors.TimeoutError))
+        self._block(reason, f"{what}: {_describe(exc)}")
 
     def _block(self, reason: str, detail: str) -> None:
         if self.blocked != reason:

@@ -24,7 +24,7 @@ import nats.errors
 import nats.js.errors
 
 from services.mesh import events, subjects
-from services.mesh.errors import BusError, PolicyError
+from services.mesh.errors import BusError, PolicyError, Unavailable
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
 from services.policy import documents
@@ -202,6 +202,10 @@ async def key_history(bucket: Any, family: str) -> list[bytes]:
         entries = await bucket.history(family)
     except nats.js.errors.NoKeysError:
         return []
+    except nats.js.errors.APIError as exc:
+        if exc.code == 503:
+            raise Unavailable("kv.unavailable", f"{exc.err_code}") from None
+        raise BusError("kv.api_error", f"{exc.code}") from None
     except (nats.errors.Error, TimeoutError) as exc:
-        raise BusError("kv.unavailable", type(exc).__name__) from None
+        raise Unavailable("kv.unavailable", type(exc).__name__) from None
     return [entry.value for entry in entries if entry.value]

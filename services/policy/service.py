@@ -33,11 +33,11 @@ from services.mesh import events, metrics, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import (
     AttestmeshError,
-    BusError,
     ConfigError,
     ParseError,
     PolicyError,
     Rejected,
+    Unavailable,
     VerificationError,
 )
 from services.mesh.keys import SigningKey, TrustedKeys
@@ -118,7 +118,7 @@ class PolicyService:
         try:
             bucket_ttl = (await nonce_bucket.status()).ttl
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusError("bus.unavailable", f"nonces bucket: {type(exc).__name__}") from None
+            raise Unavailable("bus.unavailable", f"nonces bucket: {type(exc).__name__}") from None
         try:
             lifetime = lifetime_for(self.nonce_ttl, bucket_ttl)
         except ValueError as exc:
@@ -387,16 +387,20 @@ class PolicyService:
             raise
 
     async def defer_while_unreadable(self, msg: Msg) -> None:
-        """While the buckets cannot be read (a server failing over), hand a fresh verdict
-        back for redelivery instead of denying it: a deny would revoke an honest node over
-        the mesh's own hiccup. Its last delivery is decided (denied, blocked) as before, and
-        this runs before the nonce is spent, so a redelivery can still use it."""
-        assert self.loader is not None
-        if not self.loader.read_failed:
+        """While the buckets cannot be read (a server failing over), put a fresh verdict off
+        instead of denying it: a deny would revoke an honest node over the mesh's own hiccup.
+        When no server answered, the consumer waits that out in place before it redelivers
+        (:class:`Unavailable`); a refusal (a bucket gone) spends a delivery at once. The last
+        delivery is decided (denied, blocked) as before, and this runs before the nonce is
+        spent, so a later try can still use it."""
+        loader = self.loader
+        assert loader is not None
+        if not loader.read_failed:
             return
         await self.reload()
-        if self.loader.read_failed and msg.metadata.num_delivered < self.max_deliver:
-            raise PolicyError(self.loader.blocked or UNAVAILABLE, "deferred: state unreadable")
+        if loader.read_failed and msg.metadata.num_delivered < self.max_deliver:
+            kind = Unavailable if loader.read_unanswered else PolicyError
+            raise kind(loader.blocked or UNAVAILABLE, "deferred: state unreadable")
 
     @staticmethod
     def _document(verdict: events.Verdict, result: ear.Result) -> dict[str, Any]:

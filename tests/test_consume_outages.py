@@ -1,0 +1,190 @@
+"""`Bus.consume` waits a failover out in place: a message whose handler fails only because the
+mesh's own servers do not answer (:class:`Unavailable`) keeps its deliveries, so good evidence
+is not dead-lettered over an election; past the bus's ``retry_for`` it counts as any failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from services.mesh import events, subjects
+from services.mesh.bus import Bus
+from services.mesh.errors import BusError, Unavailable
+
+SUBJECT = subjects.evidence("snp", "outage-test")
+
+
+def _consuming(
+    bus: Bus,
+    durable: str,
+    handler: Callable[[Msg], Awaitable[None]],
+    stop: asyncio.Event,
+    **options: float,
+) -> asyncio.Task[None]:
+    return asyncio.create_task(
+        bus.consume(
+            stream=subjects.STREAM_EVIDENCE,
+            durable=durable,
+            subject=SUBJECT,
+            handler=handler,
+            stop=stop,
+            **options,  # type: ignore[arg-type]
+        )
+    )
+
+
+async def _dead_letters(bus: Bus) -> list[events.DeadLetter]:
+    """The dead letters filed so far (each test has a server of its own)."""
+    found: list[events.DeadLetter] = []
+    info = await bus.js.stream_info(subjects.STREAM_DLQ)
+    if info.state.messages == 0:
+        return found
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            stored = await bus.js.get_msg(subjects.STREAM_DLQ, seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        found.append(events.decode(stored.data or b"", events.DeadLetter))
+    return found
+
+
+async def _settled(bus: Bus, durable: str) -> bool:
+    for _ in range(50):
+        info = await bus.js.consumer_info(subjects.STREAM_EVIDENCE, durable)
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_failover_longer_than_every_delivery_loses_nothing(bus: Bus) -> None:
+    """Eight failures in a row against a limit of two deliveries: the message is handled once
+    the servers answer again, on its first delivery, and nothing is dead-lettered."""
+    calls: list[int] = []
+    handled = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        calls.append(msg.metadata.num_delivered)
+        if len(calls) <= 8:
+            raise Unavailable("kv.unavailable", "no leader")
+        handled.set()
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "outage-waits", handler, stop, max_deliver=2)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        await asyncio.wait_for(handled.wait(), 30.0)
+        stop.set()
+        await asyncio.wait_for(consuming, 10.0)
+    finally:
+        consuming.cancel()
+    assert calls == [1] * 9
+    assert await _settled(bus, "outage-waits")
+    assert await _dead_letters(bus) == []
+
+
+async def test_the_message_stays_ours_past_its_ack_wait(bus: Bus) -> None:
+    """Waiting longer than ``ack_wait``: the consumer tells the server it is still working on
+    the message, so it is not handed out a second time meanwhile."""
+    calls: list[int] = []
+    handled = asyncio.Event()
+    started = asyncio.get_running_loop().time()
+
+    async def handler(msg: Msg) -> None:
+        calls.append(msg.metadata.num_delivered)
+        if asyncio.get_running_loop().time() - started < 3.5:
+            raise Unavailable("bus.unavailable", "TimeoutError")
+        handled.set()
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "outage-keeps", handler, stop, ack_wait=1.0, max_deliver=5)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        await asyncio.wait_for(handled.wait(), 30.0)
+        await asyncio.sleep(1.5)  # a redelivery, had the server lost patience, would show
+        stop.set()
+        await asyncio.wait_for(consuming, 10.0)
+    finally:
+        consuming.cancel()
+    assert len(calls) >= 3 and set(calls) == {1}, calls
+    assert await _settled(bus, "outage-keeps")
+
+
+async def test_an_outage_past_retry_for_spends_deliveries_then_dead_letters(bus: Bus) -> None:
+    """Waiting is bounded: past ``retry_for`` the failure is redelivered and counted, and at
+    the limit the message is dead-lettered with the outage's reason, not waited on forever."""
+    bus.retry_for = 0.5
+    calls: list[int] = []
+
+    async def handler(msg: Msg) -> None:
+        calls.append(msg.metadata.num_delivered)
+        raise Unavailable("kv.unavailable", "no leader")
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "outage-ends", handler, stop, max_deliver=2)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        letters: list[events.DeadLetter] = []
+        for _ in range(100):
+            letters = await _dead_letters(bus)
+            if letters:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(consuming, 10.0)
+    finally:
+        consuming.cancel()
+    assert [(x.reason, x.deliveries) for x in letters] == [("kv.unavailable", 2)]
+    assert set(calls) == {1, 2} and len(calls) > 2, calls
+
+
+async def test_any_other_bus_failure_spends_a_delivery_at_once(bus: Bus) -> None:
+    """Only an unanswered server is waited out: a server's refusal is not a failover."""
+    calls: list[int] = []
+
+    async def handler(msg: Msg) -> None:
+        calls.append(msg.metadata.num_delivered)
+        raise BusError("kv.api_error", "10059")
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "refusal-counts", handler, stop, max_deliver=2)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        letters: list[events.DeadLetter] = []
+        for _ in range(100):
+            letters = await _dead_letters(bus)
+            if letters:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(consuming, 10.0)
+    finally:
+        consuming.cancel()
+    assert calls == [1, 2]
+    assert [(x.reason, x.deliveries) for x in letters] == [("kv.api_error", 2)]
+
+
+async def test_stopping_ends_the_wait_and_hands_the_message_back(bus: Bus) -> None:
+    """A service told to stop during a failover does not sit out the rest of ``retry_for``:
+    the message goes back unacknowledged, for the next consumer."""
+    failing = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        failing.set()
+        raise Unavailable("kv.unavailable", "no leader")
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "outage-stops", handler, stop, max_deliver=5)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        await asyncio.wait_for(failing.wait(), 10.0)
+        stop.set()
+        await asyncio.wait_for(consuming, 5.0)
+    finally:
+        consuming.cancel()
+    info = await bus.js.consumer_info(subjects.STREAM_EVIDENCE, "outage-stops")
+    assert info.num_ack_pending + info.num_pending == 1
+    assert await _dead_letters(bus) == []
