@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from services.mesh import events, subjects
 from services.mesh.bus import Bus
-from services.mesh.errors import BusError, Unavailable
+from services.mesh.errors import BusError, Rejected, Unavailable
 
 SUBJECT = subjects.evidence("snp", "outage-test")
 
@@ -188,3 +188,36 @@ async def test_stopping_ends_the_wait_and_hands_the_message_back(bus: Bus) -> No
     info = await bus.js.consumer_info(subjects.STREAM_EVIDENCE, "outage-stops")
     assert info.num_ack_pending + info.num_pending == 1
     assert await _dead_letters(bus) == []
+
+
+async def test_a_dead_letter_that_cannot_be_filed_does_not_stop_the_consumer(bus: Bus) -> None:
+    """With the dead-letter stream gone, a poison message cannot be filed: that is logged and
+    the message handed back, and the consumer goes on with the next one rather than crash."""
+    bus.retry_for = 0.5
+    await bus.js.delete_stream(subjects.STREAM_DLQ)
+    handled: list[bytes] = []
+    done = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        handled.append(msg.data)
+        if msg.data == b"poison":
+            raise Rejected("policy.nonce_replayed", "replayed")
+        done.set()
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "dlq-gone", handler, stop, max_deliver=3)
+    try:
+        await bus.js.publish(SUBJECT, b"poison")
+        for _ in range(100):
+            if handled.count(b"poison") >= 2:
+                break
+            await asyncio.sleep(0.1)
+        await bus.js.publish(SUBJECT, b"good")
+        await asyncio.wait_for(done.wait(), 15.0)
+        assert not consuming.done()
+        stop.set()
+        await asyncio.wait_for(consuming, 10.0)
+    finally:
+        consuming.cancel()
+    assert handled.count(b"poison") >= 2  # handed back, not dropped on the first failure
+    assert handled[-1] == b"good"

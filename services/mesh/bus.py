@@ -589,7 +589,21 @@ class Bus:
             deliveries=deliveries,
             payload=msg.data[: events.MAX_MESSAGE_BYTES // 2],
         )
-        await self.publish(subjects.dlq(stream), letter)
+        try:
+            await self.publish(subjects.dlq(stream), letter)
+        except BusError as exc:
+            # Kept for another try if deliveries remain; at the limit the server drops it,
+            # and this line is all that is left of it. Either way the consumer carries on.
+            log.error(
+                "consume.dead_letter_failed",
+                stream=stream,
+                reason=reason,
+                deliveries=deliveries,
+                failure=exc.reason,
+            )
+            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
+                await msg.nak(delay=min(0.2 * 2**deliveries, 10.0))
+            return
         metrics.dead_letters.add(1, {"stream": stream, "reason": reason})
         log.warning("consume.dead_lettered", stream=stream, reason=reason, deliveries=deliveries)
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
