@@ -83,11 +83,11 @@ NONCE_TTL_MARGIN_S = 30.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 UNREACHABLE_RETRY_S = 0.2
+"""The pause while no server or no responder is there: failing then costs the services
+nothing, and a quick retry notices a restarted one at once."""
 OUTAGE_RETRY_MAX_S = 1.0
 """The longest pause between a consumer's in-place retries of a message while the mesh's
 servers do not answer: a recovered server is noticed within a second."""
-"""The pause while no server or no responder is there: failing then costs the services
-nothing, and a quick retry notices a restarted one at once."""
 _jitter = random.SystemRandom()
 
 
