@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -40,11 +39,12 @@ from services.collector.simulator.node import simulated_source, test_pki
 from services.mesh import authconf, identities, metrics, subjects, telemetry
 from services.mesh import config as config_mod
 from services.mesh.bus import Bus
-from services.mesh.cluster import LocalCluster, free_port, replicas_for
+from services.mesh.cluster import LocalCluster, replicas_for
 from services.mesh.config import Config
 from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.ports import free_port, port_free
 from services.mesh.server import NatsServer
 from services.policy import documents, refvalues, release_policy
 from services.policy.documents import OPERATOR
@@ -189,17 +189,6 @@ def _report(failure: Failure) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def port_free(port: int) -> bool:
-    """Whether a loopback port can be bound the way the metrics server binds it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def write_metrics_map(data_dir: Path, ports: dict[str, int]) -> Path:

@@ -25,9 +25,9 @@ from services.broker.store import KEYRING_KEY, SecretStore, open_keyring
 from services.mesh import config as config_mod
 from services.mesh import subjects
 from services.mesh.bus import Bus
-from services.mesh.cluster import free_port
 from services.mesh.keys import SigningKey
 from services.mesh.natskv import NatsKeyValue
+from services.mesh.ports import free_port
 from services.testing.brokerthread import running_broker
 from services.testing.natsauth import authenticated_server
 from tests.test_operator_secrets import SECRET, Mesh

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 from pathlib import Path
 
 from services.mesh.authconf import MEMBER_CONFIG
 from services.mesh.errors import ConfigError
 from services.mesh.keys import write_private
+from services.mesh.ports import free_port
 from services.mesh.server import ClusterRole, NatsServer
 
 MAX_SERVERS = 5
@@ -49,15 +49,6 @@ def server_urls(nats_url: str) -> list[str]:
     if not urls:
         raise ConfigError("config.invalid", "nats_url names no server")
     return urls
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` right now (the process that binds it does so within moments,
-    so the window for another process to take it is small)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 class LocalCluster:
