@@ -125,8 +125,9 @@ def _answer_error(error: _ApiError) -> BusError:
     return BusError("kv.api_error", f"{error.err_code}")
 
 
-def _api_error(exc: nats.js.errors.APIError) -> BusError:
-    """nats-py's API error, told apart the same way (its 503 is an ``APIError`` too)."""
+def api_error(exc: nats.js.errors.APIError) -> BusError:
+    """nats-py's API error from a bucket call, told apart the same way (its 503 is an
+    ``APIError`` too)."""
     if exc.code == _SERVICE_UNAVAILABLE:
         return Unavailable("kv.unavailable", f"{exc.err_code}")
     return BusError("kv.api_error", f"{exc.code}")
@@ -263,7 +264,7 @@ class NatsKeyValue:
         except nats.js.errors.APIError as exc:
             if exc.err_code == 10071:
                 raise WriteConflictError(KEY_EXISTS, "key exists") from None
-            raise _api_error(exc) from None
+            raise api_error(exc) from None
         except _UNAVAILABLE as exc:
             raise Unavailable("kv.unavailable", type(exc).__name__) from None
 
@@ -278,7 +279,7 @@ class NatsKeyValue:
         except nats.js.errors.APIError as exc:
             if exc.err_code == 10071:
                 raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-            raise _api_error(exc) from None
+            raise api_error(exc) from None
         except _UNAVAILABLE as exc:
             raise Unavailable("kv.unavailable", type(exc).__name__) from None
 
@@ -288,7 +289,7 @@ class NatsKeyValue:
         try:
             await self._kv._js.purge_stream(self._kv._stream, seq=revision, subject=subject)
         except nats.js.errors.APIError as exc:
-            raise _api_error(exc) from None
+            raise api_error(exc) from None
         except _UNAVAILABLE as exc:
             raise Unavailable("kv.unavailable", type(exc).__name__) from None
 

@@ -24,9 +24,10 @@ import nats.errors
 import nats.js.errors
 
 from services.mesh import events, subjects
-from services.mesh.errors import BusError, PolicyError, Unavailable
+from services.mesh.errors import PolicyError, Unavailable
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
+from services.mesh.natskv import api_error
 from services.policy import documents
 
 MAX_VALUES_PER_CLAIM = 10_000
@@ -203,9 +204,7 @@ async def key_history(bucket: Any, family: str) -> list[bytes]:
     except nats.js.errors.NoKeysError:
         return []
     except nats.js.errors.APIError as exc:
-        if exc.code == 503:
-            raise Unavailable("kv.unavailable", f"{exc.err_code}") from None
-        raise BusError("kv.api_error", f"{exc.code}") from None
+        raise api_error(exc) from None
     except (nats.errors.Error, TimeoutError) as exc:
         raise Unavailable("kv.unavailable", type(exc).__name__) from None
     return [entry.value for entry in entries if entry.value]
