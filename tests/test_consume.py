@@ -13,7 +13,7 @@ from services.mesh.bus import Bus
 SUBJECT = subjects.evidence("snp", "slow-test")
 
 
-async def _settled(bus: Bus, durable: str) -> bool:
+async def settled(bus: Bus, durable: str) -> bool:
     """Whether every message was acknowledged (an ack is a publish the server applies
     asynchronously, so look a few times; unacknowledged, it would stay pending 30 s)."""
     for _ in range(50):
@@ -59,7 +59,7 @@ async def test_a_slow_message_does_not_hold_up_the_next(bus: Bus) -> None:
     finally:
         consuming.cancel()
     assert handled == [b"second", b"first"]
-    assert await _settled(bus, "slow-test")
+    assert await settled(bus, "slow-test")
 
 
 async def test_stop_finishes_and_acknowledges_messages_in_flight(bus: Bus) -> None:
@@ -90,4 +90,4 @@ async def test_stop_finishes_and_acknowledges_messages_in_flight(bus: Bus) -> No
     release.set()
     await asyncio.wait_for(consuming, 10.0)
     assert finished == [b"in flight"]
-    assert await _settled(bus, "stop-test")
+    assert await settled(bus, "stop-test")
