@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.mesh import telemetry
 from services.mesh.bus import Bus
+from services.mesh.cluster import LocalCluster
 from services.mesh.server import NatsServer
 from services.testing.mesh import TestMesh
 from services.testing.vectors import roots_dir
@@ -28,6 +29,17 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Three nats-servers on loopback forming one JetStream cluster."""
+    running = LocalCluster(tmp_path / "cluster", size=3)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,17 +37,7 @@ def test_replicas_and_urls_follow_the_cluster_size() -> None:
         server_urls(" , ")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    running = LocalCluster(tmp_path / "cluster", size=3)
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-async def _connect(cluster: LocalCluster) -> Bus:
+async def connect_cluster(cluster: LocalCluster) -> Bus:
     """Connect and declare at R3 once the cluster has elected its JetStream meta leader."""
     bus = await Bus.connect(cluster.url, "test", wait=30.0)
     deadline = time.monotonic() + 30
@@ -115,7 +105,7 @@ async def _stream_ids(bus: Bus, subject: str, expected: int, deadline: float) ->
 async def test_losing_any_one_server_loses_no_acknowledged_message(
     cluster: LocalCluster,
 ) -> None:
-    bus = await _connect(cluster)
+    bus = await connect_cluster(cluster)
     try:
         info = await bus.js.stream_info(subjects.STREAM_EVIDENCE)
         assert info.config.num_replicas == 3

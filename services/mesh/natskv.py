@@ -75,7 +75,15 @@ MAX_LISTED_KEYS = 100_000
 _LIST_CONCURRENCY = 16
 _SERVICE_UNAVAILABLE = 503
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
-_WRONG_LAST_SEQUENCE = (10071, 10164)
+_WRONG_LAST_SEQUENCE = 10071
+_KEY_IN_FLIGHT = 10164
+"""A clustered stream's leader refuses a conditional write to a key while an earlier write
+to it is proposed but not yet applied: not a conflict with what a read shows (that write is
+not visible yet), so the same write is asked again once it lands."""
+IN_FLIGHT_WAIT_S = 2.0
+"""How long a write waits for an earlier one to the same key to land: past that, the stream
+cannot commit (no quorum), which is an outage, not a conflict."""
+_IN_FLIGHT_PAUSES = (0.002, 0.005, 0.01, 0.02, 0.05)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _KV_OPERATION = "KV-Operation"
 _MARKER_REASON = "Nats-Marker-Reason"
@@ -236,16 +244,33 @@ class NatsKeyValue:
         return value or None
 
     async def _write(self, key: str, value: bytes, last: int, conflict: str) -> int:
-        """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one)."""
-        answer = await self._ask(
-            self._kv._pre + key,
-            value,
-            _PubAck,
-            "the publish acknowledgement",
-            headers={_EXPECTED_LAST: str(last)},
-        )
+        """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one).
+
+        Why wait out a write in flight: a compare-and-set loop reads, writes and on conflict
+        reads again. Refused because an earlier write is still being replicated, it reads
+        the old value again, and a busy cluster's commits (a server lost, a replica catching
+        up) outlast any number of quick retries; seen as 16 refusals in 35 ms and a node's
+        round failed with ``broker.write_conflict``. Asked again once that write has landed,
+        it is decided against it: written, or a real conflict that a read then shows."""
+        loop = asyncio.get_running_loop()
+        gives_up = loop.time() + IN_FLIGHT_WAIT_S
+        waits = 0
+        while True:
+            answer = await self._ask(
+                self._kv._pre + key,
+                value,
+                _PubAck,
+                "the publish acknowledgement",
+                headers={_EXPECTED_LAST: str(last)},
+            )
+            if answer.error is None or answer.error.err_code != _KEY_IN_FLIGHT:
+                break
+            if loop.time() >= gives_up:
+                raise Unavailable("kv.unavailable", f"a write to {key} stayed in flight")
+            await asyncio.sleep(_IN_FLIGHT_PAUSES[min(waits, len(_IN_FLIGHT_PAUSES) - 1)])
+            waits += 1
         if answer.error is not None:
-            if answer.error.err_code in _WRONG_LAST_SEQUENCE:
+            if answer.error.err_code == _WRONG_LAST_SEQUENCE:
                 raise WriteConflictError(conflict, "the key is not at the expected revision")
             raise _answer_error(answer.error)
         if answer.seq <= 0:
