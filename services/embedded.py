@@ -123,7 +123,9 @@ class Mesh:
             seed = self.seeds.get(identity_of(name))
             if seed is not None:
                 env["ATTESTMESH_NATS_NKEY_SEED_FILE"] = str(seed)
-            env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports.setdefault(name, free_port()))
+            if name not in self.metrics_ports:
+                self.metrics_ports[name] = free_port(avoid=set(self.metrics_ports.values()))
+            env["ATTESTMESH_METRICS_PORT"] = str(self.metrics_ports[name])
             argv = [sys.executable, "-m", "services.cli", *args, "--config", str(self.config_path)]
             specs.append(ChildSpec(name, argv, env, self.log_dir / f"{name}.log"))
         self.supervisor = Supervisor(
@@ -137,7 +139,7 @@ class Mesh:
         port = int(spec.env["ATTESTMESH_METRICS_PORT"])
         if port_free(port):
             return spec
-        port = self.metrics_ports[spec.name] = free_port()
+        port = self.metrics_ports[spec.name] = free_port(avoid=set(self.metrics_ports.values()))
         write_metrics_map(Path(self.config.data_dir), self.metrics_ports)
         return dataclasses.replace(spec, env={**spec.env, "ATTESTMESH_METRICS_PORT": str(port)})
 

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from services.mesh import events, subjects
-from services.mesh.bus import Bus
+from services.mesh.bus import STOPPING_PUBLISH_S, Bus
 from services.mesh.errors import BusError, Rejected, Unavailable
 from tests.test_consume import settled
 
@@ -204,3 +204,30 @@ async def test_a_dead_letter_that_cannot_be_filed_does_not_stop_the_consumer(bus
         consuming.cancel()
     assert handled.count(b"poison") >= 2  # handed back, not dropped on the first failure
     assert handled.count(b"good") == 1
+
+
+async def test_stopping_on_a_last_delivery_files_it_without_waiting_out_the_outage(
+    bus: Bus,
+) -> None:
+    """Stopped during a failover on its last delivery, the message can only be filed as a
+    dead letter; with the dead-letter stream not answering either, that is tried briefly
+    (``STOPPING_PUBLISH_S``), not for the whole ``retry_for``, and counted as unfiled."""
+    await bus.js.delete_stream(subjects.STREAM_DLQ)
+    failing = asyncio.Event()
+
+    async def handler(msg: Msg) -> None:
+        failing.set()
+        raise Unavailable("kv.unavailable", "no leader")
+
+    stop = asyncio.Event()
+    consuming = _consuming(bus, "last-stops", handler, stop, max_deliver=1)
+    try:
+        await bus.js.publish(SUBJECT, b"evidence")
+        await asyncio.wait_for(failing.wait(), 10.0)
+        stop.set()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(consuming, bus.retry_for / 2)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        consuming.cancel()
+    assert waited >= STOPPING_PUBLISH_S * 0.9  # it did try to file it

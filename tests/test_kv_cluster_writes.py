@@ -26,6 +26,11 @@ pytestmark = pytest.mark.slow
 BUCKET = subjects.BUCKET_APPRAISALS
 
 
+async def _leader(bus: Bus) -> str | None:
+    info = await bus.js.stream_info(f"KV_{BUCKET}")
+    return info.cluster.leader if info.cluster else None
+
+
 @contextlib.contextmanager
 def _frozen(servers: list[NatsServer]) -> Iterator[None]:
     """The servers stop (SIGSTOP) for the block: the leader's proposals get no quorum."""
@@ -43,14 +48,15 @@ async def _on_the_leader(cluster: LocalCluster) -> tuple[Bus, NatsKeyValue, list
     """A bus connected to the bucket's stream leader alone, the bucket, and the followers."""
     setup = await connect_cluster(cluster)
     try:
-        info = await setup.js.stream_info(f"KV_{BUCKET}")
-        leader = info.cluster.leader if info.cluster else None
+        leader = await _leader(setup)
     finally:
         await setup.close()
     by_name = {s.cluster.server_name: s for s in cluster.servers if s.cluster is not None}
     assert leader in by_name, (leader, list(by_name))
     bus = await Bus.connect(by_name[leader].url, "test", wait=30.0)
     followers = [s for name, s in by_name.items() if name != leader]
+    # Freezing the followers holds writes only while this server still leads the stream.
+    assert await _leader(bus) == leader, "the stream changed leader during the set-up"
     return bus, NatsKeyValue(await bus.key_value(BUCKET)), followers
 
 

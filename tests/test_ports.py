@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from services.mesh import ports
 
 
@@ -44,3 +46,15 @@ def test_a_bound_port_is_not_free() -> None:
         # With no room outside the ephemeral range, the kernel picks: still a free port.
         port = ports.free_port(ephemeral=(1024, 65535))
         assert port != taken and ports.port_free(port)
+
+
+def test_ports_already_handed_out_are_not_handed_out_again() -> None:
+    """Three cluster routes or a dozen metrics ports are picked before any is bound."""
+    low, high = ports.ephemeral_range()
+    room = ports.candidates((low, high))
+    if not room:
+        pytest.skip("no room outside the ephemeral range on this machine")
+    taken = set(room[::2])
+    for _ in range(20):
+        port = ports.free_port(ephemeral=(low, high), avoid=taken)
+        assert port not in taken and port in room

@@ -33,7 +33,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from services.mesh import events, metrics, subjects, telemetry
+from services.mesh import events, metrics, outage, subjects, telemetry
 from services.mesh.cluster import server_urls
 from services.mesh.config import Config
 from services.mesh.errors import AttestmeshError, BusError, ParseError, Rejected, Unavailable
@@ -49,16 +49,9 @@ M = TypeVar("M", bound=events.Message)
 
 log = telemetry.logger("bus")
 
-_TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
+_TRANSIENT: tuple[type[Exception], ...] = (
+    *outage.UNANSWERED,
     nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-    asyncio.TimeoutError,
 )
 
 DAY = 24 * 3600.0
@@ -83,11 +76,13 @@ NONCE_TTL_MARGIN_S = 30.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 UNREACHABLE_RETRY_S = 0.2
+STOPPING_PUBLISH_S = 2.0
+"""How long a stopping consumer tries to file a dead letter: a restart during a failover
+must not wait out the whole outage first."""
+UNFILED = "consume.dead_letter_failed"
+"""The dead-letter count's reason for a dead letter the DLQ stream did not take."""
 """The pause while no server or no responder is there: failing then costs the services
 nothing, and a quick retry notices a restarted one at once."""
-OUTAGE_RETRY_MAX_S = 1.0
-"""The longest pause between a consumer's in-place retries of a message while the mesh's
-servers do not answer: a recovered server is noticed within a second."""
 _jitter = random.SystemRandom()
 
 
@@ -306,16 +301,15 @@ class Bus:
         while True:
             try:
                 return await op()
-            except _TRANSIENT as exc:
-                if time.monotonic() >= deadline:
-                    raise Unavailable("bus.unavailable", f"{type(exc).__name__}") from None
-                await asyncio.sleep(0.2)
             except nats.js.errors.APIError as exc:
-                if exc.code != 503:
+                if not outage.unanswered(exc):
                     raise BusError("bus.api_error", f"{exc.code}: {exc.description}") from None
-                if time.monotonic() >= deadline:
-                    raise Unavailable("bus.unavailable", f"503: {exc.description}") from None
-                await asyncio.sleep(0.2)
+                failure = f"{exc.code}/{exc.err_code or 0}"
+            except outage.UNANSWERED as exc:
+                failure = type(exc).__name__
+            if time.monotonic() >= deadline:
+                raise Unavailable("bus.unavailable", failure) from None
+            await asyncio.sleep(0.2)
 
     async def publish(
         self,
@@ -340,7 +334,9 @@ class Bus:
                 raise BusError("bus.api_error", "malformed publish acknowledgement") from None
             if ack.error is not None:
                 if ack.error.code == 503:
-                    raise nats.js.errors.ServiceUnavailableError(code=503)
+                    raise nats.js.errors.ServiceUnavailableError(
+                        code=503, err_code=ack.error.err_code
+                    )
                 raise BusError("bus.api_error", f"{ack.error.code}: {ack.error.err_code}")
             if ack.seq <= 0:
                 raise BusError("bus.api_error", "the publish acknowledgement names no sequence")
@@ -510,76 +506,55 @@ class Bus:
     ) -> None:
         deliveries = msg.metadata.num_delivered
         try:
-            await self._handle_through_outages(msg, stream, handler, stop, ack_wait)
+            await outage.handle_through(
+                handler, msg, stream=stream, stop=stop, ack_wait=ack_wait, budget=self.retry_for
+            )
         except (ParseError, Rejected) as exc:
             await self._dead_letter(msg, stream, exc.reason, deliveries, exc.detail)
             return
         except AttestmeshError as exc:
-            await self._retry_or_dead_letter(msg, stream, exc.reason, deliveries, max_deliver)
+            await self._retry_or_dead_letter(
+                msg, stream, exc.reason, deliveries=deliveries, max_deliver=max_deliver, stop=stop
+            )
             return
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the consumer
             log.error("consume.handler_crashed", stream=stream, error=type(exc).__name__)
+            reason = f"internal.{type(exc).__name__}"
             await self._retry_or_dead_letter(
-                msg, stream, f"internal.{type(exc).__name__}", deliveries, max_deliver
+                msg, stream, reason, deliveries=deliveries, max_deliver=max_deliver, stop=stop
             )
             return
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.ack()
 
-    async def _handle_through_outages(
+    async def _retry_or_dead_letter(
         self,
         msg: Msg,
         stream: str,
-        handler: Callable[[Msg], Awaitable[None]],
+        reason: str,
+        *,
+        deliveries: int,
+        max_deliver: int,
         stop: asyncio.Event,
-        ack_wait: float,
-    ) -> None:
-        """Run ``handler``; while it fails only because the mesh's own servers do not answer
-        (:class:`Unavailable`: a server lost, a stream electing a leader), run it again in
-        place, for up to this bus's ``retry_for``, keeping the message ours meanwhile (the
-        server is told so before each pause, and a pause is under half of ``ack_wait``).
-
-        Why: a delivery limit is a budget for messages that cannot be handled. Spent on a
-        failover instead (five quick redeliveries are over in seconds, an election on a
-        loaded machine can take longer), it dead-letters good evidence and its node never
-        gets a decision. Past ``retry_for``, or once ``stop`` is set, the failure is raised
-        and counts against the limit as any other would."""
-        gives_up = time.monotonic() + self.retry_for
-        attempt = 0
-        while True:
-            try:
-                await handler(msg)
-                return
-            except Unavailable as exc:
-                if stop.is_set() or time.monotonic() >= gives_up:
-                    raise
-                if attempt == 0:
-                    log.info("consume.waiting_out", stream=stream, reason=exc.reason)
-                failure = exc
-            except _TRANSIENT as exc:
-                if stop.is_set() or time.monotonic() >= gives_up:
-                    raise
-                failure = Unavailable("bus.unavailable", type(exc).__name__)
-            metrics.outage_retries.add(1, {"stream": stream, "reason": failure.reason})
-            with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
-                await msg.in_progress()
-            pause = min(backoff_s(attempt), OUTAGE_RETRY_MAX_S, ack_wait / 2)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
-            attempt += 1
-
-    async def _retry_or_dead_letter(
-        self, msg: Msg, stream: str, reason: str, deliveries: int, max_deliver: int
     ) -> None:
         if deliveries >= max_deliver:
-            await self._dead_letter(msg, stream, reason, deliveries)
+            # Stopping: filing it may not wait out the servers as long as running would.
+            patience = STOPPING_PUBLISH_S if stop.is_set() else None
+            await self._dead_letter(msg, stream, reason, deliveries, patience=patience)
             return
         log.info("consume.retry", stream=stream, reason=reason, deliveries=deliveries)
         with contextlib.suppress(*_TRANSIENT, nats.errors.MsgAlreadyAckdError):
             await msg.nak(delay=min(0.2 * 2**deliveries, 10.0))
 
     async def _dead_letter(
-        self, msg: Msg, stream: str, reason: str, deliveries: int, detail: str = ""
+        self,
+        msg: Msg,
+        stream: str,
+        reason: str,
+        deliveries: int,
+        detail: str = "",
+        *,
+        patience: float | None = None,
     ) -> None:
         letter = events.DeadLetter(
             stream=stream,
@@ -590,10 +565,12 @@ class Bus:
             payload=msg.data[: events.MAX_MESSAGE_BYTES // 2],
         )
         try:
-            await self.publish(subjects.dlq(stream), letter)
+            await self.publish(subjects.dlq(stream), letter, retry_for=patience)
         except BusError as exc:
             # Kept for another try if deliveries remain; at the limit the server drops it,
-            # and this line is all that is left of it. Either way the consumer carries on.
+            # and this line and the count are all that is left of it. Either way the
+            # consumer carries on.
+            metrics.dead_letters.add(1, {"stream": stream, "reason": UNFILED})
             log.error(
                 "consume.dead_letter_failed",
                 stream=stream,

@@ -69,7 +69,9 @@ class LocalCluster:
     ) -> None:
         if not 1 <= size <= MAX_SERVERS:
             raise ConfigError("cluster.size_invalid", f"1..{MAX_SERVERS} servers, not {size}")
-        ports = [free_port(host) for _ in range(size)]
+        ports: list[int] = []
+        for _ in range(size):
+            ports.append(free_port(host, avoid=ports))
         routes = tuple(f"nats://{host}:{port}" for port in ports)
         self.servers = []
         for i, port in enumerate(ports):

@@ -48,6 +48,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue as JsKeyValue
 
+from services.mesh import outage
 from services.mesh.errors import BusError, Unavailable
 from services.mesh.kv import (
     KEY_EXISTS,
@@ -59,21 +60,9 @@ from services.mesh.kv import (
 )
 from services.mesh.pace import Pace
 
-_UNAVAILABLE = (
-    nats.errors.TimeoutError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-)
-
-
 MAX_LISTED_KEYS = 100_000
 """The most subjects one stream-info reply carries; a bigger bucket fails to list, loudly."""
 _LIST_CONCURRENCY = 16
-_SERVICE_UNAVAILABLE = 503
 _NO_MESSAGE_FOUND = 10037  # as opposed to 10059, the whole stream is gone
 _WRONG_LAST_SEQUENCE = 10071
 _KEY_IN_FLIGHT = 10164
@@ -126,25 +115,21 @@ _Reply = TypeVar("_Reply", _MessageReply, _PubAck)
 
 
 def _answer_error(error: _ApiError) -> BusError:
-    """A server's error answer: 503 (no leader, JetStream not ready) is a failover to wait
-    out, anything else the server's refusal."""
-    if error.code == _SERVICE_UNAVAILABLE:
-        return Unavailable("kv.unavailable", f"{error.err_code}")
+    """A server's error answer: a failover to wait out, or the server's refusal."""
+    if outage.outage_answer(error.code, error.err_code):
+        return Unavailable("kv.unavailable", f"{error.code}/{error.err_code}")
     return BusError("kv.api_error", f"{error.err_code}")
 
 
-def api_error(exc: nats.js.errors.APIError) -> BusError:
-    """nats-py's API error from a bucket call, told apart the same way (its 503 is an
-    ``APIError`` too)."""
-    if exc.code == _SERVICE_UNAVAILABLE:
-        return Unavailable("kv.unavailable", f"{exc.err_code}")
-    return BusError("kv.api_error", f"{exc.code}")
+def _mapped(exc: Exception) -> BusError:
+    return outage.mapped(exc, unavailable="kv.unavailable", refused="kv.api_error")
 
 
 def _list_failure(exc: Exception, step: str) -> BusError:
     """A listing that failed at ``step``: waiting can help only if nobody answered."""
-    unanswered = isinstance(exc, (*_UNAVAILABLE, TimeoutError))
-    return (Unavailable if unanswered else BusError)(LIST_FAILED, f"{step}: {type(exc).__name__}")
+    failure = outage.mapped(exc, unavailable=LIST_FAILED, refused=LIST_FAILED)
+    failure.detail = f"{step}: {failure.detail}"
+    return failure
 
 
 def _headers(block: bytes) -> dict[str, str]:
@@ -211,7 +196,7 @@ class NatsKeyValue:
         try:
             reply = await js._nc.request(subject, payload, timeout=js._timeout, headers=headers)
             return msgspec.json.decode(reply.data, type=reply_type)
-        except _UNAVAILABLE as exc:
+        except outage.UNANSWERED as exc:
             raise Unavailable("kv.unavailable", type(exc).__name__) from None
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise BusError("kv.api_error", f"{what} is malformed") from None
@@ -243,8 +228,11 @@ class NatsKeyValue:
             raise BusError("kv.api_error", "the stored-message reply is malformed") from None
         return value or None
 
-    async def _write(self, key: str, value: bytes, last: int, conflict: str) -> int:
-        """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one).
+    async def _write(
+        self, key: str, value: bytes, last: int | None, conflict: str, *, delete: bool = False
+    ) -> int:
+        """Write ``value`` if ``key``'s last revision is ``last`` (0: it never held one;
+        ``None``: whatever it holds), or with ``delete`` a delete marker instead.
 
         Why wait out a write in flight: a compare-and-set loop reads, writes and on conflict
         reads again. Refused because an earlier write is still being replicated, it reads
@@ -252,16 +240,15 @@ class NatsKeyValue:
         up) outlast any number of quick retries; seen as 16 refusals in 35 ms and a node's
         round failed with ``broker.write_conflict``. Asked again once that write has landed,
         it is decided against it: written, or a real conflict that a read then shows."""
+        headers = {} if last is None else {_EXPECTED_LAST: str(last)}
+        if delete:
+            headers[_KV_OPERATION] = "DEL"
         loop = asyncio.get_running_loop()
         gives_up = loop.time() + IN_FLIGHT_WAIT_S
         waits = 0
         while True:
             answer = await self._ask(
-                self._kv._pre + key,
-                value,
-                _PubAck,
-                "the publish acknowledgement",
-                headers={_EXPECTED_LAST: str(last)},
+                self._kv._pre + key, value, _PubAck, "the publish acknowledgement", headers=headers
             )
             if answer.error is None or answer.error.err_code != _KEY_IN_FLIGHT:
                 break
@@ -278,45 +265,31 @@ class NatsKeyValue:
         return answer.seq
 
     async def create(self, key: str, value: bytes) -> int:
+        """Write ``value`` if ``key`` holds none: never written, or its last write a delete
+        (whose marker is then the revision the write is conditional on)."""
+        subject = self._kv._pre + validate_key(key)
         try:
-            return await self._write(validate_key(key), value, 0, KEY_EXISTS)
+            return await self._write(key, value, 0, KEY_EXISTS)
         except WriteConflictError:
-            pass  # present, or deleted: nats-py tells them apart
-        try:
-            return await self._kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise WriteConflictError(KEY_EXISTS, "key exists") from None
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == 10071:
-                raise WriteConflictError(KEY_EXISTS, "key exists") from None
-            raise api_error(exc) from None
-        except _UNAVAILABLE as exc:
-            raise Unavailable("kv.unavailable", type(exc).__name__) from None
+            found = await self._stored({"last_by_subj": subject})
+        if found is not None and found.subject == subject and self._value(found) is None:
+            return await self._write(key, value, found.seq, KEY_EXISTS)
+        raise WriteConflictError(KEY_EXISTS, "key exists")
 
     async def update(self, key: str, value: bytes, last_revision: int) -> int:
         return await self._write(validate_key(key), value, last_revision, REVISION_CONFLICT)
 
     async def delete(self, key: str, last_revision: int | None = None) -> None:
-        try:
-            await self._kv.delete(validate_key(key), last=last_revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == 10071:
-                raise WriteConflictError(REVISION_CONFLICT, "stale revision") from None
-            raise api_error(exc) from None
-        except _UNAVAILABLE as exc:
-            raise Unavailable("kv.unavailable", type(exc).__name__) from None
+        last = last_revision if last_revision else None  # 0 or none: unconditional
+        await self._write(validate_key(key), b"", last, REVISION_CONFLICT, delete=True)
 
     async def purge_before(self, prefix: str, revision: int) -> None:
         # A filtered stream purge up to a sequence: KV revisions are stream sequences.
         subject = f"{self._kv._pre}{validate_prefix(prefix)}>"
         try:
             await self._kv._js.purge_stream(self._kv._stream, seq=revision, subject=subject)
-        except nats.js.errors.APIError as exc:
-            raise api_error(exc) from None
-        except _UNAVAILABLE as exc:
-            raise Unavailable("kv.unavailable", type(exc).__name__) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise _mapped(exc) from None
 
     async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """Every live key (under ``prefix``, a key and a dot, if given: the server then
@@ -370,8 +343,11 @@ class NatsKeyValue:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise BusError(LIST_FAILED, "stream info reply is malformed") from None
         if info.error is not None:
-            kind = Unavailable if info.error.code == _SERVICE_UNAVAILABLE else BusError
-            raise kind(LIST_FAILED, f"stream info: error {info.error.err_code}")
+            failure = _answer_error(info.error)
+            detail = f"stream info: error {info.error.err_code}"
+            if isinstance(failure, Unavailable):
+                raise Unavailable(LIST_FAILED, detail)
+            raise BusError(LIST_FAILED, detail)
         if info.state is None:
             raise BusError(LIST_FAILED, "stream info carries no state")
         found = info.state.subjects or {}
@@ -389,8 +365,10 @@ class NatsKeyValue:
             return False
         try:
             return await self._stored({"seq": 1, "next_by_subj": f"{wanted}>"}) is None
+        except Unavailable as exc:
+            raise Unavailable(LIST_FAILED, exc.reason) from None
         except BusError as exc:
-            raise type(exc)(LIST_FAILED, exc.reason) from None
+            raise BusError(LIST_FAILED, exc.reason) from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise _list_failure(exc, "stored message") from None
 

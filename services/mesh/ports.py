@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -54,15 +55,24 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1", *, ephemeral: tuple[int, int] | None = None) -> int:
-    """A port free on ``host`` now, outside the ephemeral range where there is room (a
-    random one, so that concurrent pickers rarely meet); else one the kernel picks."""
+def free_port(
+    host: str = "127.0.0.1",
+    *,
+    ephemeral: tuple[int, int] | None = None,
+    avoid: Collection[int] = (),
+) -> int:
+    """A port free on ``host`` now and not in ``avoid`` (ports already handed out but not
+    bound yet), outside the ephemeral range where there is room (a random one, so that
+    concurrent pickers rarely meet); else one the kernel picks."""
     choices = candidates(ephemeral or ephemeral_range())
     for _ in range(_ATTEMPTS if choices else 0):
         port = _pick.choice(choices)
-        if port_free(port, host):
+        if port not in avoid and port_free(port, host):
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        chosen: int = probe.getsockname()[1]
-    return chosen
+    for _ in range(_ATTEMPTS):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            chosen: int = probe.getsockname()[1]
+        if chosen not in avoid:
+            return chosen
+    raise OSError(f"no free port on {host}")

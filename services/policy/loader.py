@@ -24,8 +24,8 @@ from typing import Any
 
 import nats.errors
 
-from services.mesh import events, subjects, telemetry
-from services.mesh.errors import BusError, PolicyError, Unavailable
+from services.mesh import events, outage, subjects, telemetry
+from services.mesh.errors import BusError, PolicyError
 from services.mesh.keys import TrustedKeys
 from services.mesh.kv import KeyValue
 from services.policy import refvalues, release_policy
@@ -97,7 +97,9 @@ class Loader:
         return [REFVALUES_UNAVAILABLE, refusal] if refusal else []
 
     async def reload(self) -> None:
-        self.read_failed = True
+        """Read both buckets and rebuild. ``read_failed`` changes only once the reads are
+        over: replicas' handlers reload concurrently, and one must not see another's read
+        half done as a failure."""
         try:
             entry = await self.policies.get(POLICY_KEY)
         except _READ_ERRORS as exc:
@@ -207,7 +209,8 @@ class Loader:
         return True
 
     def _read_failure(self, reason: str, what: str, exc: Exception) -> None:
-        self.read_unanswered = isinstance(exc, (Unavailable, nats.errors.TimeoutError))
+        self.read_failed = True
+        self.read_unanswered = outage.unanswered(exc)
         self._block(reason, f"{what}: {_describe(exc)}")
 
     def _block(self, reason: str, detail: str) -> None:

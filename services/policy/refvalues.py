@@ -23,11 +23,10 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from services.mesh import events, subjects
-from services.mesh.errors import PolicyError, Unavailable
+from services.mesh import events, outage, subjects
+from services.mesh.errors import PolicyError
 from services.mesh.keys import SigningKey, TrustedKeys
 from services.mesh.kv import KeyValue, WriteConflictError
-from services.mesh.natskv import api_error
 from services.policy import documents
 
 MAX_VALUES_PER_CLAIM = 10_000
@@ -203,8 +202,6 @@ async def key_history(bucket: Any, family: str) -> list[bytes]:
         entries = await bucket.history(family)
     except nats.js.errors.NoKeysError:
         return []
-    except nats.js.errors.APIError as exc:
-        raise api_error(exc) from None
     except (nats.errors.Error, TimeoutError) as exc:
-        raise Unavailable("kv.unavailable", type(exc).__name__) from None
+        raise outage.mapped(exc, unavailable="kv.unavailable", refused="kv.api_error") from None
     return [entry.value for entry in entries if entry.value]

@@ -29,7 +29,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from services.mesh import events, metrics, subjects, telemetry
+from services.mesh import events, metrics, outage, subjects, telemetry
 from services.mesh.bus import Bus
 from services.mesh.errors import (
     AttestmeshError,
@@ -118,7 +118,9 @@ class PolicyService:
         try:
             bucket_ttl = (await nonce_bucket.status()).ttl
         except (nats.errors.Error, TimeoutError) as exc:
-            raise Unavailable("bus.unavailable", f"nonces bucket: {type(exc).__name__}") from None
+            failure = outage.mapped(exc, unavailable="bus.unavailable", refused="bus.api_error")
+            failure.detail = f"nonces bucket: {failure.detail}"
+            raise failure from None
         try:
             lifetime = lifetime_for(self.nonce_ttl, bucket_ttl)
         except ValueError as exc:
