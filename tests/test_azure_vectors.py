@@ -35,7 +35,6 @@ pytestmark = [
 ]
 
 VECTORS = list(iter_vectors("az-snp-vtpm")) if vectors_root() is not None else []
-TDX_VECTORS = list(iter_vectors("az-tdx-vtpm")) if vectors_root() is not None else []
 BY_ID = {v.id: v for v in VECTORS}
 RAW = "azsnp-trustee-hcl-report-raw"
 V1 = "azsnp-trustee-evidence-v1"
@@ -71,19 +70,6 @@ def test_vector_verifies_as_expected(vector: Vector, store: TrustStore) -> None:
         assert appraisal.claims["vm_configuration"]["secure-boot"] is True
     else:
         assert appraisal.reasons
-
-
-@pytest.mark.skipif(
-    not TDX_VECTORS,
-    reason="the shared vectors hold no az-tdx-vtpm evidence yet (test_azure_cvm covers the format)",
-)
-def test_every_tdx_vector_verifies_as_expected(store: TrustStore) -> None:
-    """Runs whatever az-tdx-vtpm vectors the shared set holds."""
-    for vector in TDX_VECTORS:
-        appraisal = AzTdxVtpmVerifier().appraise(vector.evidence, verify_options(vector, store))
-        assert appraisal.status == Status(vector.expect["status"]), (vector.id, appraisal.reasons)
-        for name, value in vector.expect["claims"].items():
-            assert appraisal.claims[name] == value, (vector.id, name)
 
 
 @pytest.mark.parametrize(
