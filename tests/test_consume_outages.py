@@ -5,6 +5,7 @@ is not dead-lettered over an election; past the bus's ``retry_for`` it counts as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import nats.js.errors
@@ -19,23 +20,41 @@ from tests.test_consume import settled
 SUBJECT = subjects.evidence("snp", "outage-test")
 
 
-def _consuming(
-    bus: Bus,
-    durable: str,
-    handler: Callable[[Msg], Awaitable[None]],
-    stop: asyncio.Event,
-    **options: float,
-) -> asyncio.Task[None]:
-    return asyncio.create_task(
-        bus.consume(
+class _Consumer:
+    """``Bus.consume`` running on the test subject until :meth:`stopped` (or the block's end,
+    which cancels it: a failed test leaves nothing running)."""
+
+    def __init__(
+        self, bus: Bus, durable: str, handler: Callable[[Msg], Awaitable[None]], **options: float
+    ) -> None:
+        self.stop = asyncio.Event()
+        self._consume = bus.consume(
             stream=subjects.STREAM_EVIDENCE,
             durable=durable,
             subject=SUBJECT,
             handler=handler,
-            stop=stop,
+            stop=self.stop,
             **options,  # type: ignore[arg-type]
         )
-    )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Consumer:
+        self.task = asyncio.create_task(self._consume)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def stopped(self, timeout: float = 10.0) -> float:
+        """Set ``stop``, wait for ``consume`` to return; how long that took."""
+        assert self.task is not None
+        self.stop.set()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(self.task, timeout)
+        return asyncio.get_running_loop().time() - started
 
 
 async def _dead_letters(bus: Bus) -> list[events.DeadLetter]:
@@ -75,15 +94,10 @@ async def test_a_failover_longer_than_every_delivery_loses_nothing(bus: Bus) -> 
             raise Unavailable("kv.unavailable", "no leader")
         handled.set()
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "outage-waits", handler, stop, max_deliver=2)
-    try:
+    async with _Consumer(bus, "outage-waits", handler, max_deliver=2) as consumer:
         await bus.js.publish(SUBJECT, b"evidence")
         await asyncio.wait_for(handled.wait(), 30.0)
-        stop.set()
-        await asyncio.wait_for(consuming, 10.0)
-    finally:
-        consuming.cancel()
+        await consumer.stopped()
     assert calls == [1] * 6
     assert await settled(bus, "outage-waits")
     assert await _dead_letters(bus) == []
@@ -102,16 +116,11 @@ async def test_the_message_stays_ours_past_its_ack_wait(bus: Bus) -> None:
             raise Unavailable("bus.unavailable", "TimeoutError")
         handled.set()
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "outage-keeps", handler, stop, ack_wait=1.0, max_deliver=5)
-    try:
+    async with _Consumer(bus, "outage-keeps", handler, ack_wait=1.0, max_deliver=5) as consumer:
         await bus.js.publish(SUBJECT, b"evidence")
         await asyncio.wait_for(handled.wait(), 30.0)
         await asyncio.sleep(1.2)  # a redelivery, had the server lost patience, would show
-        stop.set()
-        await asyncio.wait_for(consuming, 10.0)
-    finally:
-        consuming.cancel()
+        await consumer.stopped()
     assert len(calls) >= 3 and set(calls) == {1}, calls
     assert await settled(bus, "outage-keeps")
 
@@ -134,15 +143,10 @@ async def test_a_failure_that_lasts_spends_deliveries_then_dead_letters(
         calls.append(msg.metadata.num_delivered)
         raise failure
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "failure-lasts", handler, stop, max_deliver=2)
-    try:
+    async with _Consumer(bus, "failure-lasts", handler, max_deliver=2) as consumer:
         await bus.js.publish(SUBJECT, b"evidence")
         letters = await _first_dead_letters(bus)
-        stop.set()
-        await asyncio.wait_for(consuming, 10.0)
-    finally:
-        consuming.cancel()
+        await consumer.stopped()
     assert [(x.reason, x.deliveries) for x in letters] == [(failure.reason, 2)]
     if isinstance(failure, Unavailable):
         assert set(calls) == {1, 2} and len(calls) > 2, calls
@@ -159,15 +163,10 @@ async def test_stopping_ends_the_wait_and_hands_the_message_back(bus: Bus) -> No
         failing.set()
         raise Unavailable("kv.unavailable", "no leader")
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "outage-stops", handler, stop, max_deliver=5)
-    try:
+    async with _Consumer(bus, "outage-stops", handler, max_deliver=5) as consumer:
         await bus.js.publish(SUBJECT, b"evidence")
         await asyncio.wait_for(failing.wait(), 10.0)
-        stop.set()
-        await asyncio.wait_for(consuming, 5.0)
-    finally:
-        consuming.cancel()
+        await consumer.stopped(5.0)
     info = await bus.js.consumer_info(subjects.STREAM_EVIDENCE, "outage-stops")
     assert info.num_ack_pending + info.num_pending == 1
     assert await _dead_letters(bus) == []
@@ -187,9 +186,7 @@ async def test_a_dead_letter_that_cannot_be_filed_does_not_stop_the_consumer(bus
             raise Rejected("policy.nonce_replayed", "replayed")
         done.set()
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "dlq-gone", handler, stop, max_deliver=3)
-    try:
+    async with _Consumer(bus, "dlq-gone", handler, max_deliver=3) as consumer:
         await bus.js.publish(SUBJECT, b"poison")
         for _ in range(100):
             if handled.count(b"poison") >= 2:
@@ -197,11 +194,8 @@ async def test_a_dead_letter_that_cannot_be_filed_does_not_stop_the_consumer(bus
             await asyncio.sleep(0.1)
         await bus.js.publish(SUBJECT, b"good")
         await asyncio.wait_for(done.wait(), 15.0)
-        assert not consuming.done()
-        stop.set()
-        await asyncio.wait_for(consuming, 10.0)
-    finally:
-        consuming.cancel()
+        assert consumer.task is not None and not consumer.task.done()
+        await consumer.stopped()
     assert handled.count(b"poison") >= 2  # handed back, not dropped on the first failure
     assert handled.count(b"good") == 1
 
@@ -211,7 +205,7 @@ async def test_stopping_on_a_last_delivery_files_it_without_waiting_out_the_outa
 ) -> None:
     """Stopped during a failover on its last delivery, the message can only be filed as a
     dead letter; with the dead-letter stream not answering either, that is tried briefly
-    (``STOPPING_PUBLISH_S``), not for the whole ``retry_for``, and counted as unfiled."""
+    (``STOPPING_PUBLISH_S``), not for the whole ``retry_for``."""
     await bus.js.delete_stream(subjects.STREAM_DLQ)
     failing = asyncio.Event()
 
@@ -219,15 +213,8 @@ async def test_stopping_on_a_last_delivery_files_it_without_waiting_out_the_outa
         failing.set()
         raise Unavailable("kv.unavailable", "no leader")
 
-    stop = asyncio.Event()
-    consuming = _consuming(bus, "last-stops", handler, stop, max_deliver=1)
-    try:
+    async with _Consumer(bus, "last-stops", handler, max_deliver=1) as consumer:
         await bus.js.publish(SUBJECT, b"evidence")
         await asyncio.wait_for(failing.wait(), 10.0)
-        stop.set()
-        started = asyncio.get_running_loop().time()
-        await asyncio.wait_for(consuming, bus.retry_for / 2)
-        waited = asyncio.get_running_loop().time() - started
-    finally:
-        consuming.cancel()
+        waited = await consumer.stopped(bus.retry_for / 2)
     assert waited >= STOPPING_PUBLISH_S * 0.9  # it did try to file it

@@ -121,15 +121,13 @@ def _answer_error(error: _ApiError) -> BusError:
     return BusError("kv.api_error", f"{error.err_code}")
 
 
-def _mapped(exc: Exception) -> BusError:
-    return outage.mapped(exc, unavailable="kv.unavailable", refused="kv.api_error")
-
-
 def _list_failure(exc: Exception, step: str) -> BusError:
-    """A listing that failed at ``step``: waiting can help only if nobody answered."""
-    failure = outage.mapped(exc, unavailable=LIST_FAILED, refused=LIST_FAILED)
-    failure.detail = f"{step}: {failure.detail}"
-    return failure
+    """A listing that failed at ``step`` (a client error, or one already the mesh's own), as
+    ``kv.list_failed``: still an outage if nobody answered, so that waiting can help."""
+    if isinstance(exc, BusError):
+        failure = Unavailable if isinstance(exc, Unavailable) else BusError
+        return failure(LIST_FAILED, f"{step}: {exc.detail or exc.reason}")
+    return outage.mapped(exc, unavailable=LIST_FAILED, refused=LIST_FAILED, step=step)
 
 
 def _headers(block: bytes) -> dict[str, str]:
@@ -289,7 +287,7 @@ class NatsKeyValue:
         try:
             await self._kv._js.purge_stream(self._kv._stream, seq=revision, subject=subject)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise _mapped(exc) from None
+            raise outage.mapped(exc, unavailable="kv.unavailable", refused="kv.api_error") from None
 
     async def keys(self, prefix: str = "", *, pause_s: float = 0.0) -> list[str]:
         """Every live key (under ``prefix``, a key and a dot, if given: the server then
@@ -343,11 +341,7 @@ class NatsKeyValue:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise BusError(LIST_FAILED, "stream info reply is malformed") from None
         if info.error is not None:
-            failure = _answer_error(info.error)
-            detail = f"stream info: error {info.error.err_code}"
-            if isinstance(failure, Unavailable):
-                raise Unavailable(LIST_FAILED, detail)
-            raise BusError(LIST_FAILED, detail)
+            raise _list_failure(_answer_error(info.error), "stream info")
         if info.state is None:
             raise BusError(LIST_FAILED, "stream info carries no state")
         found = info.state.subjects or {}
@@ -365,11 +359,7 @@ class NatsKeyValue:
             return False
         try:
             return await self._stored({"seq": 1, "next_by_subj": f"{wanted}>"}) is None
-        except Unavailable as exc:
-            raise Unavailable(LIST_FAILED, exc.reason) from None
-        except BusError as exc:
-            raise BusError(LIST_FAILED, exc.reason) from None
-        except (nats.errors.Error, TimeoutError) as exc:
+        except (BusError, nats.errors.Error, TimeoutError) as exc:
             raise _list_failure(exc, "stored message") from None
 
     async def _live(self, subject: str) -> bool:

@@ -62,13 +62,15 @@ def unanswered(exc: BaseException) -> bool:
     return isinstance(exc, UNANSWERED)
 
 
-def mapped(exc: Exception, *, unavailable: str, refused: str) -> BusError:
+def mapped(exc: Exception, *, unavailable: str, refused: str, step: str = "") -> BusError:
     """A client error as the mesh's own: :class:`Unavailable` (reason ``unavailable``) if
-    nobody answered, else a refusal (reason ``refused``)."""
+    nobody answered, else a refusal (reason ``refused``); ``step`` names what failed."""
     if isinstance(exc, nats.js.errors.APIError):
         detail = f"{exc.code}/{exc.err_code or 0}"
     else:
         detail = type(exc).__name__
+    if step:
+        detail = f"{step}: {detail}"
     if unanswered(exc):
         return Unavailable(unavailable, detail)
     return BusError(refused, detail)

@@ -118,9 +118,9 @@ class PolicyService:
         try:
             bucket_ttl = (await nonce_bucket.status()).ttl
         except (nats.errors.Error, TimeoutError) as exc:
-            failure = outage.mapped(exc, unavailable="bus.unavailable", refused="bus.api_error")
-            failure.detail = f"nonces bucket: {failure.detail}"
-            raise failure from None
+            raise outage.mapped(
+                exc, unavailable="bus.unavailable", refused="bus.api_error", step="nonces bucket"
+            ) from None
         try:
             lifetime = lifetime_for(self.nonce_ttl, bucket_ttl)
         except ValueError as exc:
